@@ -1,0 +1,195 @@
+"""Per-block ratios (sparsity here; the same numbers can drive rank or bit budgets later).
+
+Every allocator returns one ratio per decoder block, within [0, MAX_RATIO], whose mean weighted by
+the block sizes equals the target exactly. None of them needs a model: OWL takes outlier shares
+and AlphaPruning takes per-block alphas, computed elsewhere from the model.
+
+    uniform   s_i = S
+    atp       s_i = S - beta (L-1)/2 + i beta      (Huang et al., ICML 2025: errors of early blocks
+                                                     are amplified by every later block)
+    owl       S +/- lambda, less pruning where more outliers        (Yin et al., 2024)
+    alpha     S +/- epsilon, more pruning where the spectrum's heavy-tail exponent is higher
+                                                                      (Lu et al., 2024)
+    explicit  a list of L ratios
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+import torch
+from pydantic import Field, model_validator
+
+from compress.config import Config
+from compress.errors import CompressError
+
+MAX_RATIO = 0.99
+
+
+# ---------------------------------------------------------------- configs
+
+
+class UniformAllocation(Config):
+    kind: Literal["uniform"] = "uniform"
+
+
+class AtpAllocation(Config):
+    kind: Literal["atp"] = "atp"
+    beta: float | Literal["auto"] = "auto"  # step between consecutive blocks; auto: search
+    trials: int = Field(default=5, ge=2)  # full prune+validate trials the search may spend (beta=0 is one)
+
+    @model_validator(mode="after")
+    def _nonnegative(self):
+        if self.beta != "auto" and self.beta < 0:
+            raise ValueError(f"beta must be >= 0 or 'auto', got {self.beta}")
+        return self
+
+
+class OwlAllocation(Config):
+    kind: Literal["owl"] = "owl"
+    M: float = Field(default=5.0, gt=0)  # a score is an outlier above M x the block's mean score
+    lam: float = Field(default=0.08, ge=0, lt=1)  # ratios spread over S +/- lam
+
+
+class AlphaAllocation(Config):
+    kind: Literal["alpha"] = "alpha"
+    epsilon: float = Field(default=0.3, ge=0, lt=1)  # ratios spread over S +/- epsilon
+
+
+class ExplicitAllocation(Config):
+    kind: Literal["explicit"] = "explicit"
+    ratios: list[Annotated[float, Field(ge=0, le=MAX_RATIO)]]
+
+
+Allocation = Annotated[
+    Union[UniformAllocation, AtpAllocation, OwlAllocation, AlphaAllocation, ExplicitAllocation],
+    Field(discriminator="kind"),
+]
+
+
+# ---------------------------------------------------------------- shared arithmetic
+
+
+def weighted_mean(ratios: torch.Tensor, sizes: torch.Tensor) -> float:
+    return float((ratios * sizes).sum() / sizes.sum())
+
+
+def fit_mean(ratios: torch.Tensor, sizes: torch.Tensor, target: float, lo: float = 0.0, hi: float = MAX_RATIO) -> torch.Tensor:
+    """Clip to [lo, hi], then shift the unclipped ratios equally until the size-weighted mean is target."""
+    if not lo <= target <= hi:
+        raise CompressError(f"target ratio {target} outside [{lo}, {hi}]")
+    r = ratios.double().clamp(lo, hi)
+    w = sizes.double()
+    for _ in range(100):
+        gap = target - float((r * w).sum() / w.sum())
+        if abs(gap) < 1e-12:
+            break
+        free = (r < hi) if gap > 0 else (r > lo)  # entries that can still move that way
+        r[free] += gap * w.sum() / w[free].sum()
+        r = r.clamp(lo, hi)
+    return r.float()
+
+
+def as_sizes(sizes, L: int) -> torch.Tensor:
+    return torch.ones(L) if sizes is None else torch.as_tensor(sizes, dtype=torch.float64)
+
+
+def minmax(x: torch.Tensor) -> torch.Tensor:
+    """Scale to [0, 1]; constant input maps to 0.5 (no information: everyone gets the target)."""
+    span = x.max() - x.min()
+    return torch.full_like(x, 0.5) if span == 0 else (x - x.min()) / span
+
+
+# ---------------------------------------------------------------- allocators
+
+
+def uniform(L: int, target: float) -> torch.Tensor:
+    return torch.full((L,), float(target))
+
+
+def atp_beta_max(L: int, target: float, hi: float = MAX_RATIO) -> float:
+    """Largest beta keeping every s_i in [0, hi]: beta <= 2 min(S, hi - S) / (L - 1)."""
+    return 0.0 if L < 2 else 2 * min(target, hi - target) / (L - 1)
+
+
+def atp(L: int, target: float, beta: float) -> torch.Tensor:
+    """s_i = S - beta (L-1)/2 + i beta, i = 0..L-1: mean exactly S, rising with depth."""
+    ratios = target - beta * (L - 1) / 2 + beta * torch.arange(L, dtype=torch.float64)
+    if beta < 0 or ratios.min() < -1e-12 or ratios.max() >= 1:
+        legal = 2 * min(target, 1 - target) / max(L - 1, 1)
+        raise CompressError(
+            f"atp: beta={beta} gives block ratios from {ratios.min():.4f} to {ratios.max():.4f}; "
+            f"with L={L} blocks and sparsity {target} beta must be in [0, {legal:.6g}) so that 0 <= s_i < 1"
+        )
+    return ratios.clamp(min=0).float()
+
+
+def owl(outlier_shares, target: float, lam: float, sizes=None) -> torch.Tensor:
+    """OWL: blocks with a larger share of outlier scores keep more weights.
+
+    outlier_shares (L,): per block, the share of Wanda scores above M x their mean.
+    """
+    D = torch.as_tensor(outlier_shares, dtype=torch.float64)
+    ratios = target + lam - 2 * lam * minmax(D)  # most outliers -> S - lam, fewest -> S + lam
+    return fit_mean(ratios, as_sizes(sizes, len(D)), target)
+
+
+def alpha(block_alphas, target: float, epsilon: float, sizes=None) -> torch.Tensor:
+    """AlphaPruning: higher heavy-tail exponent (less trained structure) -> more pruning.
+
+    Mapped linearly onto [S - eps, S + eps], then scaled so the size-weighted mean is S (as the
+    paper does), then clipped with the mean kept.
+    """
+    a = torch.as_tensor(block_alphas, dtype=torch.float64)
+    w = as_sizes(sizes, len(a))
+    ratios = target - epsilon + 2 * epsilon * minmax(a)
+    if (ratios * w).sum() > 0:
+        ratios = ratios * (target * w.sum() / (ratios * w).sum())
+    return fit_mean(ratios, w, target)
+
+
+def explicit(ratios, L: int) -> torch.Tensor:
+    if len(ratios) != L:
+        raise CompressError(f"allocation.ratios has {len(ratios)} entries; the model has {L} blocks")
+    return torch.tensor(ratios, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- measurements allocators use
+
+
+def hill_alpha(W: torch.Tensor) -> float:
+    """Heavy-tail exponent of the eigenvalue spectrum of W^T W (Hill estimator, xmin at the median),
+    as AlphaPruning computes it."""
+    eigs = torch.linalg.svdvals(W.float()).double() ** 2
+    eigs = torch.sort(eigs[eigs > 1e-5]).values
+    if len(eigs) < 4:
+        return float("nan")
+    i = len(eigs) // 2  # xmin in the middle of the spectrum
+    tail = torch.log(eigs[i:])
+    n = len(tail)
+    return float(1 + n / (tail.sum() - n * tail[0]))
+
+
+def outlier_share(scores: list[torch.Tensor], M: float) -> float:
+    """Share of a block's scores above M x their mean (OWL's layerwise outlier distribution)."""
+    flat = torch.cat([s.flatten() for s in scores])
+    return float((flat > M * flat.mean()).float().mean())
+
+
+# ---------------------------------------------------------------- N:M per block
+
+
+def quantize_ratios(ratios: torch.Tensor, m: int) -> list[int]:
+    """Zeros per group of m for each block (so block i gets pattern (m - z_i):m).
+
+    Ratios are rounded to multiples of 1/m by largest remainder, so the total number of zeros is
+    the closest possible to the target's (blocks of one model have equal sizes); at least one
+    weight per group stays.
+    """
+    exact = [float(r) * m for r in ratios]
+    zeros = [int(e) for e in exact]  # floor, ratios are >= 0
+    missing = round(sum(exact)) - sum(zeros)
+    by_remainder = sorted(range(len(exact)), key=lambda i: zeros[i] - exact[i])  # largest remainder first
+    for i in by_remainder[:missing]:
+        zeros[i] += 1
+    return [min(z, m - 1) for z in zeros]

