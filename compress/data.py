@@ -67,7 +67,7 @@ class Segments:
             "source": self.source,
             "nsamples": self.nsamples,
             "seqlen": self.seqlen,
-            "part": [round(x, 6) for x in self.part],
+            "part": list(self.part),
             "part_tokens": self.part_tokens,
         }
 
@@ -166,7 +166,7 @@ def role_parts(configs: dict[Role, SegmentsConfig]) -> dict[Role, tuple[float, f
         total = sum(ROLE_SHARE[r] for r in roles)
         start = 0.0
         for role in roles:
-            end = 1.0 if role == roles[-1] else start + ROLE_SHARE[role] / total
+            end = 1.0 if role == roles[-1] else round(start + ROLE_SHARE[role] / total, 6)
             parts[role] = (start, end)
             start = end
     return parts

@@ -13,25 +13,28 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
-# One row per architecture: the config keys that make a 2-block model of hidden size 32.
+# One row per architecture: the config of a model with hidden size 32 and `layers` blocks.
+ATTENTION = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
 TINY_CONFIGS = {
-    "llama": dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2),
-    "mistral": dict(model_type="mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2),
-    "qwen2": dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2),
-    "gemma": dict(model_type="gemma", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=8),
-    "gemma3_text": dict(model_type="gemma3_text", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=16,
-                        layer_types=["sliding_attention", "full_attention"]),
-    "opt": dict(model_type="opt", hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                word_embed_proj_dim=32),
-    "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=256),
+    "llama": lambda L: dict(model_type="llama", num_hidden_layers=L, **ATTENTION),
+    "mistral": lambda L: dict(model_type="mistral", num_hidden_layers=L, **ATTENTION),
+    "qwen2": lambda L: dict(model_type="qwen2", num_hidden_layers=L, **ATTENTION),
+    "gemma": lambda L: dict(model_type="gemma", num_hidden_layers=L, head_dim=8, **ATTENTION),
+    # Gemma 3 alternates sliding-window and full attention: blocks get different masks
+    "gemma3_text": lambda L: dict(model_type="gemma3_text", num_hidden_layers=L, head_dim=8, sliding_window=8,
+                                  layer_types=["sliding_attention", "full_attention"] * (L // 2) + ["sliding_attention"] * (L % 2),
+                                  **ATTENTION),
+    "gemma3": lambda L: dict(model_type="gemma3", mm_tokens_per_image=4,
+                             text_config=dict(num_hidden_layers=L, head_dim=8, sliding_window=8, vocab_size=VOCAB, **ATTENTION),
+                             vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                num_attention_heads=2, image_size=28, patch_size=14)),
+    "opt": lambda L: dict(model_type="opt", hidden_size=32, ffn_dim=64, num_hidden_layers=L, num_attention_heads=4,
+                          word_embed_proj_dim=32),
+    "gpt2": lambda L: dict(model_type="gpt2", n_embd=32, n_layer=L, n_head=4, n_positions=256,
+                           bos_token_id=0, eos_token_id=0),
 }
+VOCAB = 256
 
-TEXT = (ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else ""
 
 
 def build_tokenizer(vocab_size: int = 256) -> PreTrainedTokenizerFast:
@@ -53,12 +56,12 @@ def tokenizer():
     return build_tokenizer()
 
 
-def tiny_model(arch: str = "llama", vocab_size: int = 256, seed: int = 0):
+def tiny_model(arch: str = "llama", layers: int = 2, seed: int = 0):
     from transformers import AutoConfig
 
     torch.manual_seed(seed)
-    kwargs = dict(TINY_CONFIGS[arch])
-    config = AutoConfig.for_model(kwargs.pop("model_type"), vocab_size=vocab_size, **kwargs)
+    kwargs = TINY_CONFIGS[arch](layers)
+    config = AutoConfig.for_model(kwargs.pop("model_type"), vocab_size=VOCAB, **kwargs)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.eval()
 

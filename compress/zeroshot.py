@@ -1,0 +1,319 @@
+"""Offline zero-shot accuracy of an in-memory causal LM on six local task files.
+
+Route: lm-eval 0.4.13 scores everything. Its `HFLM` wraps the model and tokenizer we already hold,
+and each task is an lm-eval `ConfigurableTask` built from a local YAML file in `compress/tasks/`
+(prompt template and metrics, copied from lm-eval's own task files) plus a `custom_dataset`
+callable that hands lm-eval the docs parsed here from local files, so nothing touches the hub.
+lm-eval therefore does the tokenisation (context and continuation encoded together, the
+continuation's tokens taken from the end; trailing context spaces moved to the continuation),
+the batching (right padding, sorted by length) and the metrics. We only add:
+
+* `softmax_dtype=float32`, so log-softmax runs in float32 whatever the model's dtype (the forward
+  pass itself runs in the model's own dtype: we do not cast a caller's model);
+* `torch.inference_mode()` and `model.eval()` around the run (the training flag is restored);
+* `bootstrap_iters=0`: no stderr bootstrap, which would cost more than the scoring on CPU.
+
+Data formats (see ../shared/data/README.md):
+
+* `piqa.jsonl`, `arc-easy.jsonl`, `arc-challenge.jsonl`, `openbookqa.jsonl`, `winogrande.jsonl`:
+  one JSON object a line with `centerpiece` (the question / goal / sentence), `options` (list of
+  strings) and `correct_options_idx` (list holding the gold index).
+* `hellaswag-val.txt`: 6 lines per item: context, gold index (0-3), 4 endings.
+
+Prompts, as lm-eval builds them:
+
+* piqa, arc_easy, arc_challenge: "Question: {centerpiece}\\nAnswer:", continuation " {option}".
+* openbookqa: the question stem as is, continuation " {option}".
+* winogrande (partial evaluation): contexts are the sentence up to "_" filled with each option,
+  the shared continuation is " " + the text after "_" (stripped); acc only, so acc_norm is None.
+* hellaswag: lm-eval builds `preprocess(activity_label + ": " + ctx_a + " " +
+  ctx_b.capitalize())`. The context line in this file already is `activity_label: ctx_a ctx_b`
+  (the label is there) with lm-eval's "[title]" -> ". " rewrite applied, but ctx_b is not
+  capitalised and the split between ctx_a and ctx_b is lost. We rebuild it this way: when the
+  text after the last sentence end (". ", "! ", "? ") starts with a lower-case letter, that
+  fragment is taken as ctx_b and capitalised with `str.capitalize()` (3,236 of the 10,042 items,
+  all ActivityNet ones; WikiHow items have an empty ctx_b). lm-eval's `preprocess` then runs on
+  the context and on each ending, as in lm-eval.
+
+Metrics are lm-eval's: acc is the argmax of summed log-likelihoods; acc_norm the argmax of the
+log-likelihood divided by the option's length. Note that lm-eval 0.4.13 measures that length in
+characters (`len(choice)`, its `acc_bytes` uses bytes); the two differ only for the few options
+with non-ASCII characters (62 in piqa, 28 in arc-easy, 27 in arc-challenge).
+
+`limit` keeps the first `limit` items of each file, so runs are deterministic.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from compress.errors import CompressError
+
+TASKS: tuple[str, ...] = ("piqa", "arc_easy", "arc_challenge", "openbookqa", "winogrande", "hellaswag")
+
+DATA_FILES: dict[str, str] = {
+    "piqa": "piqa.jsonl",
+    "arc_easy": "arc-easy.jsonl",
+    "arc_challenge": "arc-challenge.jsonl",
+    "openbookqa": "openbookqa.jsonl",
+    "winogrande": "winogrande.jsonl",
+    "hellaswag": "hellaswag-val.txt",
+}
+
+JSONL_FORMAT = (
+    "one JSON object a line with keys centerpiece (str), options (list of str) and "
+    "correct_options_idx (list holding the gold index)"
+)
+HELLASWAG_FORMAT = "6 lines per item: context, gold index (0-3), then the 4 endings"
+
+TASK_DIR = Path(__file__).with_name("tasks")
+
+# Tasks whose lm-eval definition reports acc only.
+_ACC_ONLY = {"winogrande"}
+
+
+class DataError(CompressError, ValueError):
+    """A task file is missing or malformed; the message names the file and the expected format."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the local files into the docs the YAML templates expect
+# ---------------------------------------------------------------------------------------------
+
+
+def load_docs(task: str, data_dir: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """Docs for one task, first `limit` items: {query, choices, gold} or, for winogrande,
+    {contexts, target, gold}."""
+    _check_task(task)
+    path = Path(data_dir) / DATA_FILES[task]
+    expected = HELLASWAG_FORMAT if task == "hellaswag" else JSONL_FORMAT
+    if not path.is_file():
+        raise DataError(f"{task}: data file {path} not found; expected {expected}")
+    if task == "hellaswag":
+        docs = _read_hellaswag(path)
+    elif task == "winogrande":
+        docs = [_winogrande_doc(row, f"{path}:{n}") for n, row in _read_jsonl(path)]
+    else:
+        docs = [_choice_doc(row) for _, row in _read_jsonl(path)]
+    if not docs:
+        raise DataError(f"{task}: {path} holds no items; expected {expected}")
+    return docs if limit is None else docs[:limit]
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) for each non-blank line, with the keys and types checked."""
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{n}: not JSON ({err.msg}); expected {JSONL_FORMAT}") from err
+        if not _valid_row(row):
+            raise DataError(f"{path}:{n}: bad item; expected {JSONL_FORMAT}")
+        rows.append((n, row))
+    return rows
+
+
+def _valid_row(row: Any) -> bool:
+    if not isinstance(row, dict):
+        return False
+    options, gold = row.get("options"), row.get("correct_options_idx")
+    return (
+        isinstance(row.get("centerpiece"), str)
+        and isinstance(options, list)
+        and len(options) >= 2
+        and all(isinstance(o, str) for o in options)
+        and isinstance(gold, list)
+        and len(gold) == 1
+        and isinstance(gold[0], int)
+        and 0 <= gold[0] < len(options)
+    )
+
+
+def _choice_doc(row: dict[str, Any]) -> dict[str, Any]:
+    return {"query": row["centerpiece"], "choices": row["options"], "gold": row["correct_options_idx"][0]}
+
+
+def _winogrande_doc(row: dict[str, Any], where: str) -> dict[str, Any]:
+    """Partial evaluation, as lm-eval's preprocess_winogrande: each option fills the prefix, and
+    the text after the blank is the one continuation scored."""
+    sentence = row["centerpiece"]
+    if "_" not in sentence:
+        raise DataError(f'{where}: winogrande centerpiece has no "_" blank for the options to fill')
+    blank = sentence.index("_")
+    return {
+        "contexts": [sentence[:blank] + option for option in row["options"]],
+        "target": sentence[blank + 1 :].strip(),
+        "gold": row["correct_options_idx"][0],
+    }
+
+
+def _read_hellaswag(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    lines = text.rstrip("\n").split("\n") if text.strip() else []
+    if len(lines) % 6:
+        raise DataError(f"{path}: {len(lines)} lines, not a multiple of 6; expected {HELLASWAG_FORMAT}")
+    docs = []
+    for start in range(0, len(lines), 6):
+        context, gold, *endings = lines[start : start + 6]
+        if gold.strip() not in {"0", "1", "2", "3"}:
+            raise DataError(f"{path}:{start + 2}: gold index {gold!r} is not 0-3; expected {HELLASWAG_FORMAT}")
+        docs.append(
+            {
+                "query": hellaswag_query(context),
+                "choices": [hellaswag_preprocess(e) for e in endings],
+                "gold": int(gold),
+            }
+        )
+    return docs
+
+
+# The lower-case fragment after the last sentence end: ctx_b, which lm-eval capitalises.
+_CTX_B = re.compile(r"(?<=[.!?] )[a-z][^.!?]*$")
+
+
+def hellaswag_query(context: str) -> str:
+    """lm-eval's HellaSwag query from the file's `label: ctx_a ctx_b` line (see module doc)."""
+    fragment = _CTX_B.search(context)
+    if fragment:
+        context = context[: fragment.start()] + fragment.group().capitalize()
+    return hellaswag_preprocess(context)
+
+
+def hellaswag_preprocess(text: str) -> str:
+    """lm-eval 0.4.13 tasks/hellaswag/utils.py `preprocess`, verbatim (the brackets are WikiHow
+    artifacts)."""
+    text = text.strip()
+    text = text.replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    text = text.replace("  ", " ")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring through lm-eval
+# ---------------------------------------------------------------------------------------------
+
+
+def zero_shot(
+    model,
+    tokenizer,
+    tasks: Sequence[str],
+    data_dir: Path,
+    limit: int | None = None,
+    batch_size: int = 16,
+) -> dict:
+    """Zero-shot acc / acc_norm per task, their mean acc, and the wall time in seconds.
+
+    Returns {"tasks": {name: {"acc", "acc_norm" (None for winogrande), "n"}}, "mean_acc", "seconds"}.
+    """
+    start = time.perf_counter()
+    if not tasks:
+        raise CompressError(f"zero-shot: no tasks given; choose from {', '.join(TASKS)}")
+    if limit is not None and limit < 1:
+        raise CompressError(f"zero-shot: limit must be a positive number of items, got {limit}")
+    # Read every file first, so that a bad file fails before any scoring time is spent.
+    docs = {task: load_docs(task, data_dir, limit) for task in tasks}
+    results = run_lm_eval(model, tokenizer, docs, batch_size=batch_size)
+    per_task = {task: _task_metrics(results, task) for task in tasks}
+    return {
+        "tasks": per_task,
+        "mean_acc": sum(m["acc"] for m in per_task.values()) / len(per_task),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def run_lm_eval(model, tokenizer, docs: dict[str, list[dict[str, Any]]], batch_size: int = 16) -> dict:
+    """lm-eval's full result dict (with per-doc `samples`) for the given docs of each task."""
+    lm_eval = _import_lm_eval()
+    # An empty manager: the default one indexes all of lm-eval's built-in tasks (slow).
+    task_dict = lm_eval.TaskManager(include_defaults=False).load(
+        [_lm_eval_task(lm_eval, task, task_docs) for task, task_docs in docs.items()]
+    )
+    was_training = model.training  # HFLM switches the model to eval mode; we switch it back
+    try:
+        lm = lm_eval.HFLM(
+            pretrained=model,
+            tokenizer=_tokenizer_for_lm_eval(tokenizer),
+            batch_size=batch_size,
+            softmax_dtype=torch.float32,
+        )
+        model.eval()
+        with torch.inference_mode():
+            return lm_eval.evaluate(lm, task_dict, bootstrap_iters=0, log_samples=True)
+    finally:
+        model.train(was_training)
+
+
+def _lm_eval_task(lm_eval, task: str, docs: list[dict[str, Any]]):
+    """A ConfigurableTask from compress/tasks/<task>.yaml, fed our docs instead of a hub dataset."""
+    config = yaml.safe_load((TASK_DIR / f"{task}.yaml").read_text(encoding="utf-8"))
+    # lm-eval calls custom_dataset(**metadata, **dataset_kwargs) and expects a DatasetDict.
+    config["custom_dataset"] = functools.partial(_as_dataset_dict, docs)
+    return lm_eval.ConfigurableTask(config=config)
+
+
+def _as_dataset_dict(docs: list[dict[str, Any]], **_metadata):
+    import datasets  # an lm-eval dependency
+
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)})
+
+
+def _tokenizer_for_lm_eval(tokenizer):
+    """HFLM gives a tokenizer without a pad token one (possibly a new special token): hand it a
+    copy then, so the caller's tokenizer is never changed."""
+    if getattr(tokenizer, "pad_token", None) is None:
+        return copy.deepcopy(tokenizer)
+    return tokenizer
+
+
+def _task_metrics(results: dict, task: str) -> dict[str, Any]:
+    scores = results["results"][task]
+    return {
+        "acc": float(scores["acc,none"]),
+        "acc_norm": None if task in _ACC_ONLY else float(scores["acc_norm,none"]),
+        "n": int(results["n-samples"][task]["effective"]),
+    }
+
+
+def _check_task(task: str) -> None:
+    if task not in DATA_FILES:
+        raise CompressError(f"zero-shot: unknown task {task!r}; choose from {', '.join(TASKS)}")
+
+
+class _LmEval:
+    """The few lm-eval entry points we use, imported on first use (lm-eval is an optional extra)."""
+
+    def __init__(self) -> None:
+        from lm_eval.api.task import ConfigurableTask
+        from lm_eval.evaluator import evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+
+        self.ConfigurableTask = ConfigurableTask
+        self.evaluate = evaluate
+        self.HFLM = HFLM
+        self.TaskManager = TaskManager
+
+
+@functools.cache
+def _import_lm_eval() -> _LmEval:
+    try:
+        return _LmEval()
+    except ImportError as err:
+        raise CompressError(
+            "zero-shot evaluation needs lm-eval 0.4.13: pip install 'atp-compress[eval]' "
+            f"(import failed: {err})"
+        ) from err

@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from compress.calibrate import capture_inputs, no_cache, run_block, sequential
+from compress.model import decoder_blocks
+from compress.stats import InputNorms
+from conftest import TINY_CONFIGS, tiny_model
+
+
+@pytest.mark.parametrize("arch", TINY_CONFIGS)
+def test_blockwise_outputs_equal_the_full_forward(arch):
+    """Running the blocks one at a time on captured inputs reproduces the model's own hidden
+    states, also where blocks get different masks (Gemma 3 sliding / full attention)."""
+    model = tiny_model(arch, layers=3)
+    tokens = torch.randint(0, 256, (3, 24))  # longer than the sliding window (8)
+    inputs = capture_inputs(model, tokens)
+    assert len(inputs.hidden) == 3 and inputs.hidden[0].shape == (1, 24, 32)
+    with torch.no_grad():
+        reference = model(tokens, output_hidden_states=True).hidden_states
+    hidden = inputs.hidden
+    blocks = decoder_blocks(model)
+    with no_cache(model):
+        for i in range(len(blocks) - 1):  # the last entry of hidden_states has the final norm applied
+            hidden = run_block(blocks[i], hidden, inputs.extras[i])
+            for k, h in enumerate(hidden):
+                assert torch.allclose(h, reference[i + 1][k : k + 1], atol=1e-5), f"block {i} segment {k}"
+
+
+def test_sequential_feeds_each_block_the_previous_compressed_outputs():
+    model = tiny_model("llama", layers=3)
+    tokens = torch.randint(0, 256, (2, 16))
+    inputs = capture_inputs(model, tokens)
+    blocks = decoder_blocks(model)
+    seen = {}
+
+    def observe(i, block):
+        seen[i] = InputNorms(32)
+        return {block.self_attn.q_proj: seen[i]}
+
+    def compress(i, block):
+        block.mlp.down_proj.weight.zero_()  # the MLP now adds nothing: the block is attention only
+        return True
+
+    sequential(model, inputs, observe, compress)
+    assert [seen[i].tokens for i in range(3)] == [32, 32, 32]  # 2 segments x 16 tokens per block
+    # block 1 saw the outputs of the *changed* block 0: recompute them by hand and compare
+    with no_cache(model):
+        expected = run_block(blocks[0], inputs.hidden, inputs.extras[0])
+        normed = [blocks[1].input_layernorm(h) for h in expected]
+    direct = InputNorms(32)
+    for x in normed:
+        direct.add(x)
+    assert torch.allclose(seen[1].norm2, direct.norm2, atol=1e-6)
+
+
+def test_no_cache_restores_state_on_error():
+    model = tiny_model("llama")
+    model.config.use_cache = True
+    model.train()
+    with pytest.raises(RuntimeError):
+        with no_cache(model):
+            assert model.config.use_cache is False and not model.training
+            raise RuntimeError
+    assert model.config.use_cache is True and model.training

@@ -1,0 +1,144 @@
+"""End to end on a tiny model folder: outputs, provenance, reload parity, atomic publishing, CLI."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from compress import engine
+from compress.errors import CompressError
+from compress.recipe import load_recipe
+from compress.stages import STAGES
+
+
+def recipe_file(tmp_path, folder, out, extra=""):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        name: tiny
+        model: {{source: {folder}}}
+        data:
+          calibration: {{source: python-docs, nsamples: 4, seqlen: 32}}
+          validation: {{source: python-docs, nsamples: 2, seqlen: 32}}
+          evaluation: {{source: python-docs, nsamples: 4, seqlen: 32}}
+        stages:
+          - kind: prune
+            method: wanda
+            sparsity: 0.6
+            allocation: {{kind: atp, beta: auto, trials: 3}}
+        output_dir: {out}
+        """) + extra)
+    return path
+
+
+def run(path, overrides=(), overwrite=False):
+    return engine.run(load_recipe(path, list(overrides)), path, list(overrides), overwrite)
+
+
+def test_run_writes_a_complete_loadable_output(tmp_path, tiny_folder):
+    out = tmp_path / "out"
+    path = recipe_file(tmp_path, tiny_folder, out)
+    result = run(path)
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "metadata.json", "results.json", "report.md",
+            "stage0_sparsity.png", "stage0_beta_search.png"} <= names
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+    results = json.loads((out / "results.json").read_text())
+    metadata = json.loads((out / "metadata.json").read_text())
+    stage = results["stages"][0]
+    assert [t["beta"] for t in stage["search"]][0] == 0.0 and len(stage["search"]) == 3
+    assert results["perplexity"]["dense"]["tokens"] == 4 * 31 == results["perplexity"]["compressed"]["tokens"]
+    assert results["export"]["parity"]["identical"] is True
+    assert metadata["recipe_sha256"] == load_recipe(path).sha256()
+    assert metadata["versions"]["torch"].startswith("2.") and "commit" in metadata["git"]
+    assert metadata["peak_rss_mb"] > 0 and metadata["timings"]["stage0_prune"] > 0
+    assert metadata["recipe"]["stages"][0]["allocation"]["kind"] == "atp"
+
+    # the saved model has exactly the recorded per-layer sparsity
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    for name, achieved in metadata["layer_achieved"]["0"].items():
+        W = reloaded.get_submodule(name).weight
+        assert (W == 0).float().mean().item() == pytest.approx(achieved, abs=1e-7)
+    assert stage["achieved"] == pytest.approx(0.6, abs=1 / 32)
+    assert result.output_dir == out
+
+
+def test_existing_output_needs_overwrite_and_failed_run_keeps_it(tmp_path, tiny_folder, monkeypatch):
+    out = tmp_path / "out"
+    path = recipe_file(tmp_path, tiny_folder, out, )
+    run(path, ["stages.0.allocation.beta=0.0"])
+    before = (out / "results.json").read_text()
+    with pytest.raises(CompressError, match="already exists; pass --overwrite"):
+        run(path)
+
+    def crash(model, ctx, cfg):
+        raise RuntimeError("stage crashed")
+
+    monkeypatch.setitem(STAGES, "prune", (STAGES["prune"][0], crash))
+    with pytest.raises(RuntimeError, match="stage crashed"):
+        run(path, overwrite=True)
+    assert (out / "results.json").read_text() == before  # the earlier run is untouched
+    assert not list(tmp_path.glob(".out.partial-*")) and not (tmp_path / "out.old").exists()
+
+
+def test_overwrite_replaces_after_success(tmp_path, tiny_folder):
+    out = tmp_path / "out"
+    path = recipe_file(tmp_path, tiny_folder, out)
+    run(path, ["stages.0.allocation.beta=0.0"])
+    run(path, ["stages.0.allocation.beta=0.0", "stages.0.sparsity=0.3"], overwrite=True)
+    assert json.loads((out / "results.json").read_text())["stages"][0]["target"] == 0.3
+    assert not (tmp_path / "out.old").exists()
+
+
+# ---------------------------------------------------------------- command line
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "compress", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+@pytest.mark.parametrize(
+    "recipe,message",
+    [
+        ("stages:\n  - kind: prune\n    sparsity: 2\n", "stages[0].sparsity: Input should be less than 1"),
+        ("stages:\n  - {kind: distill}\n", "'distill' found using 'kind' does not match any of the expected tags: 'prune'"),
+        ("data:\n  calibration: {source: nowhere.txt}\n", "data.calibration.source: nowhere.txt not found"),
+        ("model: {source: ./nowhere}\n", "model.source: ./nowhere does not exist"),
+        (
+            "stages:\n  - {kind: prune, sparsity: 0.7, allocation: {kind: atp, beta: 0.05}}\n",
+            "stages[0].allocation.beta: atp: beta=0.05 gives block ratios",
+        ),
+    ],
+)
+def test_validate_errors_are_one_line_exit_2(tmp_path, recipe, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(recipe)
+    result = cli("validate", str(path), cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr.replace("\n", " ") and "Traceback" not in result.stderr
+
+
+def test_validate_ok_and_run_refuses_missing_recipe(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text("stages:\n  - {kind: prune, sparsity: 0.5}\n")
+    ok = cli("validate", str(path), "--set", "stages.0.method=magnitude")
+    assert ok.returncode == 0 and "ok" in ok.stderr
+    missing = cli("run", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2 and "recipe file not found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_help_on_every_command():
+    for command in ("run", "validate", "eval"):
+        result = cli(command, "--help")
+        assert result.returncode == 0 and "Usage" in result.stdout
+
+
+def test_eval_command_reports_perplexity(tiny_folder):
+    result = cli("eval", str(tiny_folder), "--seqlen", "32", "--nsamples", "3", "-q")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["windows"] == 3 and report["tokens"] == 3 * 31 and report["ppl"] > 1

