@@ -12,6 +12,7 @@ buffers of (nsamples, seqlen, hidden).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -91,6 +92,7 @@ def capture_inputs(model: nn.Module, tokens: torch.Tensor) -> BlockInputs:
         hidden.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
         raise _StopForward
 
+    tokens = tokens.to(next(model.parameters()).device)
     with no_cache(model):
         handles = [b.register_forward_pre_hook(record_extras(i), with_kwargs=True) for i, b in enumerate(blocks)]
         with hooks(handles):
@@ -127,6 +129,7 @@ def sequential(
     observe: Observe,
     compress: Compress,
     desc: str = "blocks",
+    dtype: torch.dtype | None = None,
 ) -> None:
     """Walk the blocks in order: observe, compress, propagate (see the module docstring).
 
@@ -134,25 +137,53 @@ def sequential(
     activations, (1, seqlen, in_features) per segment. An empty dict skips the observation pass.
     compress(i, block) changes the block in place and returns whether it changed anything: an
     unchanged block reuses the outputs of the observation pass instead of running again.
+
+    dtype: run the forward passes in this dtype (bfloat16 matmuls are ~3x faster on CPUs with
+    native support) on a copy of each block; statistics still accumulate in float32 and the
+    weights change in the model's own dtype.
     """
     blocks = decoder_blocks(model)
-    hidden = inputs.hidden
+    hidden = [_cast(h, dtype) for h in inputs.hidden]
     with no_cache(model):
         for i, block in enumerate(tqdm(blocks, desc=desc, leave=False)):
+            extra = _cast(inputs.extras[i], dtype)
+            work = _working_copy(block, dtype)
             outputs = None
             watched = observe(i, block)
             if watched:
-                handles = [m.register_forward_hook(_feed(acc)) for m, acc in watched.items()]
+                names = {module: name for name, module in block.named_modules()}
+                handles = [work.get_submodule(names[m]).register_forward_hook(_feed(acc)) for m, acc in watched.items()]
                 with hooks(handles):
-                    outputs = run_block(block, hidden, inputs.extras[i])
+                    outputs = run_block(work, hidden, extra)
             changed = compress(i, block)
             if i == len(blocks) - 1:
                 break  # nothing reads the last block's outputs
+            if changed and work is not block:
+                work = _working_copy(block, dtype)
             if outputs is None:
-                outputs = run_block(block, hidden, inputs.extras[i])
+                outputs = run_block(work, hidden, extra)
             elif changed:
-                run_block(block, hidden, inputs.extras[i], out=outputs)
+                run_block(work, hidden, extra, out=outputs)
             hidden = outputs
+
+
+def _working_copy(block: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    if dtype is None or next(block.parameters()).dtype == dtype:
+        return block
+    return copy.deepcopy(block).to(dtype)
+
+
+def _cast(obj, dtype: torch.dtype | None):
+    """Floating tensors inside nested tuples/lists/dicts cast to dtype; everything else as is."""
+    if dtype is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_cast(x, dtype) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _cast(v, dtype) for k, v in obj.items()}
+    return obj
 
 
 def _feed(acc: Accumulator):

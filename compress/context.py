@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from compress.calibrate import BlockInputs, capture_inputs
@@ -15,6 +16,7 @@ from compress.errors import CompressError
 class StageContext:
     calibration: Segments | None
     validation: Segments | None  # for choosing hyperparameters; never the reported split
+    calibration_dtype: torch.dtype | None = None  # dtype of the block-wise forward passes; None: the model's
     stage_key: str = "stages"  # recipe key path of the running stage, for error messages
     _inputs: BlockInputs | None = field(default=None, repr=False)
 

@@ -25,10 +25,11 @@ from compress.data import build_segments
 from compress.errors import CompressError
 from compress.evaluate import perplexity
 from compress.export import hf
-from compress.model import decoder_blocks, load_model, model_type
+from compress.model import DTYPES, decoder_blocks, load_model, model_type
 from compress.recipe import Recipe
 from compress.report import write_report
 from compress.stages import STAGES
+from compress.zeroshot import zero_shot
 
 log = logging.getLogger("compress")
 
@@ -95,7 +96,7 @@ def run(recipe: Recipe, recipe_path: Path, overrides: list[str] = (), overwrite:
     with staging_dir(final) as tmp:
         with timer("load_model"):
             m = recipe.model
-            loaded = load_model(m.source, m.dtype, m.allow_pickle, m.trust_remote_code, m.revision)
+            loaded = load_model(m.source, m.dtype, m.allow_pickle, m.trust_remote_code, m.revision, m.device)
         model = loaded.model
         log.info("loaded %s (%s, %d blocks)", loaded.resolved, model_type(model), len(decoder_blocks(model)))
 
@@ -111,8 +112,14 @@ def run(recipe: Recipe, recipe_path: Path, overrides: list[str] = (), overwrite:
             with timer("eval_dense"):
                 ppl["dense"] = perplexity(model, segments["evaluation"].tokens, recipe.eval.batch_size, "dense ppl").as_dict()
             log.info("dense perplexity %.3f", ppl["dense"]["ppl"])
+        tasks: dict[str, dict | None] = {"dense": None, "compressed": None}
+        e = recipe.eval
+        if e.tasks and e.dense:
+            with timer("tasks_dense"):
+                tasks["dense"] = zero_shot(model, loaded.tokenizer, e.tasks, Path(e.tasks_dir), e.limit, e.tasks_batch_size)
+            log.info("dense zero-shot mean accuracy %.4f", tasks["dense"]["mean_acc"])
 
-        ctx = StageContext(segments["calibration"], segments.get("validation"))
+        ctx = StageContext(segments["calibration"], segments.get("validation"), DTYPES[recipe.calibration_dtype])
         records = []
         for k, stage in enumerate(recipe.stages):
             ctx.stage_key = f"stages[{k}]"
@@ -126,6 +133,10 @@ def run(recipe: Recipe, recipe_path: Path, overrides: list[str] = (), overwrite:
             with timer("eval_compressed"):
                 ppl["compressed"] = perplexity(model, segments["evaluation"].tokens, recipe.eval.batch_size, "compressed ppl").as_dict()
             log.info("compressed perplexity %.3f", ppl["compressed"]["ppl"])
+        if e.tasks and recipe.stages:
+            with timer("tasks_compressed"):
+                tasks["compressed"] = zero_shot(model, loaded.tokenizer, e.tasks, Path(e.tasks_dir), e.limit, e.tasks_batch_size)
+            log.info("compressed zero-shot mean accuracy %.4f", tasks["compressed"]["mean_acc"])
 
         export = {}
         if recipe.export.hf:
@@ -151,6 +162,8 @@ def run(recipe: Recipe, recipe_path: Path, overrides: list[str] = (), overwrite:
             },
             "data": {role: seg.describe() for role, seg in segments.items()},
             "perplexity": ppl,
+            "zero_shot": tasks,
+            "zero_shot_limit": e.limit,
             "stages": records,
             "size": {
                 "params": params,

@@ -36,8 +36,9 @@ def perplexity(model, tokens: torch.Tensor, batch_size: int = 1, desc: str = "pe
     start = time.perf_counter()
     total_nll = 0.0
     count = 0
+    device = next(model.parameters()).device
     with no_cache(model):
-        for batch in tqdm(tokens.split(batch_size), desc=desc, leave=False):
+        for batch in tqdm(tokens.to(device).split(batch_size), desc=desc, leave=False):
             logits = model(batch, use_cache=False).logits  # (b, seqlen, vocab)
             targets = batch[:, 1:]
             nll = F.cross_entropy(

@@ -87,9 +87,17 @@ def load_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     revision: str | None = None,
+    device: str = "cpu",
 ) -> LoadedModel:
-    """Load model and tokenizer in eval mode on the CPU, as a plain dense torch model."""
-    torch_dtype = DTYPES[dtype]
+    """Load model and tokenizer in eval mode, as a plain dense torch model on `device`."""
+    if device != "cpu" and not torch.cuda.is_available():
+        raise CompressError(f"model.device: '{device}' asked for, but this torch ({torch.__version__}) sees no CUDA device")
+    loaded = _load(source, DTYPES[dtype], allow_pickle, trust_remote_code, revision)
+    loaded.model.to(device)
+    return loaded
+
+
+def _load(source: str, torch_dtype, allow_pickle: bool, trust_remote_code: bool, revision) -> LoadedModel:
     if source in REGISTERED:
         gguf = resolve_registered(source)
         return _load_gguf(gguf, torch_dtype, source, kind="registered")

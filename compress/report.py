@@ -15,6 +15,10 @@ def _ppl(entry: dict | None) -> str:
     return "-" if entry is None else f"{entry['ppl']:.3f}"
 
 
+def _acc(entry: dict | None) -> str:
+    return "-" if entry is None else f"{entry['mean_acc']:.4f}"
+
+
 def plot_block_ratios(record: dict, path: Path) -> None:
     blocks = range(len(record["block_ratios"]))
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -55,15 +59,20 @@ def write_report(out: Path, results: dict) -> list[str]:
         f"Model: `{model['source']}` ({model['model_type']}, {model['blocks']} blocks, "
         f"{model['params'] / 1e6:.1f}M parameters)",
         "",
-        "| model | perplexity | windows x seqlen | nonzero params |",
-        "|---|---|---|---|",
+        "| model | perplexity | windows x seqlen | zero-shot mean acc | nonzero params |",
+        "|---|---|---|---|---|",
     ]
     ppl = results["perplexity"]
     evaluation = ppl.get("compressed") or ppl.get("dense")
     shape = f"{evaluation['windows']} x {evaluation['seqlen']}" if evaluation else "-"
     size = results["size"]
-    lines.append(f"| dense | {_ppl(ppl.get('dense'))} | {shape} | {size['params'] / 1e6:.2f}M |")
-    lines.append(f"| compressed | {_ppl(ppl.get('compressed'))} | {shape} | {size['nonzero'] / 1e6:.2f}M |")
+    zs = results.get("zero_shot", {})
+    lines.append(f"| dense | {_ppl(ppl.get('dense'))} | {shape} | {_acc(zs.get('dense'))} | {size['params'] / 1e6:.2f}M |")
+    lines.append(f"| compressed | {_ppl(ppl.get('compressed'))} | {shape} | {_acc(zs.get('compressed'))} | {size['nonzero'] / 1e6:.2f}M |")
+    for which in ("dense", "compressed"):
+        if zs.get(which):
+            per_task = ", ".join(f"{t} {m['acc']:.3f}" for t, m in zs[which]["tasks"].items())
+            lines.append(f"\nZero-shot acc ({which}, first {results['zero_shot_limit'] or 'all'} items per task): {per_task}")
     lines += ["", f"Evaluation text: {results['data']['evaluation']['source']} (part {results['data']['evaluation']['part']})", ""]
     for k, record in enumerate(results["stages"]):
         lines += [f"## Stage {k}: {record['kind']} ({record['method']}, {record['pattern']}, {record['allocation']['kind']})", ""]
@@ -94,11 +103,11 @@ def write_report(out: Path, results: dict) -> list[str]:
 
 def summary_table(results: dict) -> Table:
     table = Table(title=results["name"])
-    for column in ("model", "perplexity", "sparsity", "seconds"):
+    for column in ("model", "perplexity", "zero-shot acc", "sparsity", "seconds"):
         table.add_column(column, justify="right" if column != "model" else "left")
-    ppl = results["perplexity"]
-    table.add_row("dense", _ppl(ppl.get("dense")), "0", "-")
+    ppl, zs = results["perplexity"], results.get("zero_shot", {})
+    table.add_row("dense", _ppl(ppl.get("dense")), _acc(zs.get("dense")), "0", "-")
     sparsity = ", ".join(f"{r['achieved']:.3f}" for r in results["stages"]) or "-"
     stage_seconds = sum(r["seconds"] for r in results["stages"])
-    table.add_row("compressed", _ppl(ppl.get("compressed")), sparsity, f"{stage_seconds:.0f}")
+    table.add_row("compressed", _ppl(ppl.get("compressed")), _acc(zs.get("compressed")), sparsity, f"{stage_seconds:.0f}")
     return table

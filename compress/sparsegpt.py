@@ -21,7 +21,7 @@ def inverse_hessian_factor(H: torch.Tensor, dampening: float) -> tuple[torch.Ten
     Returns the factor and the damping fraction that finally worked (raised on a failed Cholesky).
     """
     diag_mean = torch.mean(torch.diag(H))
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for attempt in range(CHOLESKY_RETRIES + 1):
         frac = dampening * 10**attempt
         L, info = torch.linalg.cholesky_ex(H + frac * diag_mean * eye)
@@ -62,7 +62,7 @@ def sparsegpt_prune(
         if nm is None:
             saliency = W1**2 / d.unsqueeze(0) ** 2  # eq. 3, for the whole block of columns
             k = round(saliency.numel() * sparsity)
-            mask1 = torch.zeros(saliency.numel(), dtype=torch.bool)
+            mask1 = torch.zeros(saliency.numel(), dtype=torch.bool, device=W.device)
             if k > 0:
                 mask1[torch.topk(saliency.flatten(), k, largest=False).indices] = True
             mask1 = mask1.view_as(W1)

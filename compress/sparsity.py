@@ -33,7 +33,7 @@ def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
 def matrix_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Remove the round(sparsity * numel) lowest scores of the whole matrix."""
     k = round(sparsity * score.numel())
-    mask = torch.zeros(score.numel(), dtype=torch.bool)
+    mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
     if k > 0:
         mask[torch.topk(score.flatten(), k, largest=False).indices] = True
     return mask.view_as(score)

@@ -13,11 +13,14 @@ class InputNorms:
     (the constant cancels in every comparison made with it)."""
 
     def __init__(self, columns: int):
-        self.sum_sq = torch.zeros(columns, dtype=torch.float64)
+        self.columns = columns
+        self.sum_sq: torch.Tensor | None = None  # made on the device of the first input
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        if self.sum_sq is None:
+            self.sum_sq = torch.zeros(self.columns, dtype=torch.float64, device=x.device)
         self.sum_sq += (x * x).sum(dim=0, dtype=torch.float64)
         self.tokens += x.shape[0]
 
@@ -31,11 +34,14 @@ class Hessian:
     """H = 2/N * sum over tokens of x x^T (SparseGPT's add_batch, with N counted in tokens), float32."""
 
     def __init__(self, columns: int):
-        self.H = torch.zeros(columns, columns, dtype=torch.float32)
+        self.columns = columns
+        self.H: torch.Tensor | None = None  # made on the device of the first input
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        if self.H is None:
+            self.H = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=x.device)
         total = self.tokens + x.shape[0]
         self.H *= self.tokens / total  # keep a running mean: no overflow on long calibration
         x = x * (2.0 / total) ** 0.5

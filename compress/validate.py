@@ -27,6 +27,13 @@ def check_recipe(recipe: Recipe) -> list[str]:
             notes.append(f"data.{role}.source: '{data.source}' is downloaded with the datasets package (needs a network)")
         elif data.source not in BUILTIN_SOURCES and not resolve_path(data.source, None).is_file():
             raise CompressError(f"data.{role}.source: {data.source} not found")
+    if recipe.eval.tasks:
+        from compress.zeroshot import DATA_FILES
+
+        for task in recipe.eval.tasks:
+            path = resolve_path(recipe.eval.tasks_dir, None) / DATA_FILES[task]
+            if not path.is_file():
+                raise CompressError(f"eval.tasks_dir: {path} not found (needed by task {task})")
     blocks = count_blocks(source) if source in REGISTERED or resolve_path(source, None).exists() else None
     if blocks is None:
         return notes

@@ -21,7 +21,9 @@ def save_hf(model, tokenizer, folder: Path) -> list[str]:
 
 def check_parity(model, folder: Path, tokens: torch.Tensor) -> dict:
     """Reload the export and compare logits with the in-memory model on `tokens` (n, seqlen)."""
-    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=next(model.parameters()).dtype)
+    param = next(model.parameters())
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=param.dtype).to(param.device)
+    tokens = tokens.to(param.device)
     with no_cache(model), no_cache(reloaded):
         expected = model(tokens, use_cache=False).logits
         got = reloaded(tokens, use_cache=False).logits

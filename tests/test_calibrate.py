@@ -62,3 +62,25 @@ def test_no_cache_restores_state_on_error():
             assert model.config.use_cache is False and not model.training
             raise RuntimeError
     assert model.config.use_cache is True and model.training
+
+
+def test_bfloat16_passes_change_float32_weights_with_close_statistics():
+    tokens = torch.randint(0, 256, (2, 16))
+    norms = {}
+    for dtype in (None, torch.bfloat16):
+        model = tiny_model("llama", layers=2)
+        inputs = capture_inputs(model, tokens)
+        acc = {}
+
+        def observe(i, block):
+            acc[i] = InputNorms(64)
+            return {block.mlp.down_proj: acc[i]}
+
+        def compress(i, block):
+            block.mlp.down_proj.weight.mul_(0.5)
+            return True
+
+        sequential(model, inputs, observe, compress, dtype=dtype)
+        assert model.model.layers[1].mlp.down_proj.weight.dtype == torch.float32
+        norms[dtype] = acc[1].norm2
+    assert torch.allclose(norms[None], norms[torch.bfloat16], rtol=0.05, atol=1e-4)

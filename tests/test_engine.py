@@ -142,3 +142,33 @@ def test_eval_command_reports_perplexity(tiny_folder):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["windows"] == 3 and report["tokens"] == 3 * 31 and report["ppl"] > 1
+
+
+def test_run_with_zero_shot_tasks(tmp_path, tiny_folder):
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'atp-compress[eval]')")
+    from test_zeroshot import ITEMS, write_data
+
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    write_data(tasks_dir)
+    extra = f"eval: {{tasks: [piqa, winogrande], tasks_dir: {tasks_dir}, limit: 2}}\n"
+    out = tmp_path / "out"
+    path = recipe_file(tmp_path, tiny_folder, out, extra)
+    results = run(path, ["stages.0.allocation.beta=0.0"]).results
+    for which in ("dense", "compressed"):
+        zs = results["zero_shot"][which]
+        assert {t: m["n"] for t, m in zs["tasks"].items()} == {"piqa": 2, "winogrande": 2}
+        accs = [m["acc"] for m in zs["tasks"].values()]
+        assert all(a in (0.0, 0.5, 1.0) for a in accs) and zs["mean_acc"] == pytest.approx(sum(accs) / 2)
+    assert "zero-shot mean acc" in (out / "report.md").read_text()
+    assert len(ITEMS["piqa"]) > 2  # limit really cut the task
+
+
+def test_tasks_without_dir_is_a_recipe_error(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("eval: {tasks: [piqa]}\n")
+    with pytest.raises(CompressError, match=r"r\.yaml:1: eval: tasks_dir is required with tasks"):
+        load_recipe(path)
+    path.write_text("eval: {tasks: [mmlu], tasks_dir: x}\n")
+    with pytest.raises(CompressError, match=r"eval\.tasks\[0\]: Input should be 'piqa', 'arc_easy'"):
+        load_recipe(path)

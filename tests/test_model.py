@@ -94,7 +94,10 @@ def test_non_gguf_file(tmp_path):
 
 
 def test_hub_id_offline_is_a_clear_error(monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
     with pytest.raises(CompressError, match=r"could not be loaded as a hub id"):
         load_model("some-org/some-model-that-is-not-cached")
 

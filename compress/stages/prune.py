@@ -223,7 +223,7 @@ def prune_model(model, ctx: StageContext, cfg: PruneConfig, layers, plans: list[
                 notes.append(f"{name}: SparseGPT needed dampening {damp:g} (asked {cfg.dampening:g})")
         return bool(layers[i])
 
-    sequential(model, ctx.block_inputs(model), observe, compress, desc=f"{cfg.method} prune")
+    sequential(model, ctx.block_inputs(model), observe, compress, f"{cfg.method} prune", ctx.calibration_dtype)
 
 
 # ---------------------------------------------------------------- allocation
@@ -244,7 +244,7 @@ def owl_shares(model, ctx: StageContext, layers, M: float) -> list[float]:
         shares.append(allocate.outlier_share(scores, M) if scores else 0.0)
         return False  # nothing changed: the dense outputs feed the next block
 
-    sequential(model, ctx.block_inputs(model), observe, score, desc="owl outliers")
+    sequential(model, ctx.block_inputs(model), observe, score, "owl outliers", ctx.calibration_dtype)
     return shares
 
 
