@@ -28,6 +28,9 @@ from compress.model import decoder_blocks
 class Accumulator(Protocol):
     def add(self, x: torch.Tensor) -> None: ...
 
+    def share(self, other: "Accumulator") -> None:
+        """Take other's totals as this one's: both layers read the same input tensor."""
+
 
 @dataclass
 class BlockInputs:
@@ -135,6 +138,8 @@ def sequential(
 
     observe(i, block) returns {module: accumulator}; each accumulator gets the module's input
     activations, (1, seqlen, in_features) per segment. An empty dict skips the observation pass.
+    Layers that read the very same tensor (q/k/v, gate/up) are fed once: the others share() the
+    first one's totals, which saves most of SparseGPT's Hessian work.
     compress(i, block) changes the block in place and returns whether it changed anything: an
     unchanged block reuses the outputs of the observation pass instead of running again.
 
@@ -152,9 +157,14 @@ def sequential(
             watched = observe(i, block)
             if watched:
                 names = {module: name for name, module in block.named_modules()}
-                handles = [work.get_submodule(names[m]).register_forward_hook(_feed(acc)) for m, acc in watched.items()]
-                with hooks(handles):
+                acc = {work.get_submodule(names[m]): a for m, a in watched.items()}  # keyed by the copy that runs
+                leader = _same_input_leaders(work, acc, hidden[0], extra)
+                fed = [m for m in acc if leader[m] is m]
+                with hooks([m.register_forward_hook(_feed(acc[m])) for m in fed]):
                     outputs = run_block(work, hidden, extra)
+                for m in acc:
+                    if leader[m] is not m:
+                        acc[m].share(acc[leader[m]])
             changed = compress(i, block)
             if i == len(blocks) - 1:
                 break  # nothing reads the last block's outputs
@@ -165,6 +175,25 @@ def sequential(
             elif changed:
                 run_block(work, hidden, extra, out=outputs)
             hidden = outputs
+
+
+def _same_input_leaders(block: nn.Module, accumulators: dict, x: torch.Tensor, extra) -> dict:
+    """{module: the first module of the same kind of accumulator that reads the same input tensor},
+    from one segment's forward through the block."""
+    seen: list[tuple[nn.Module, torch.Tensor]] = []
+
+    def record(module, args, output):
+        seen.append((module, args[0]))
+
+    with hooks([m.register_forward_hook(record) for m in accumulators]):
+        run_block(block, [x], extra)
+    leader = {m: m for m in accumulators}  # not reached by the probe, or called twice: fed on its own
+    calls = [m for m, _ in seen]
+    for k, (module, inp) in enumerate(seen):
+        if calls.count(module) == 1:
+            kind = type(accumulators[module])
+            leader[module] = next(m for m, other in seen[: k + 1] if other is inp and type(accumulators[m]) is kind)
+    return leader
 
 
 def _working_copy(block: nn.Module, dtype: torch.dtype | None) -> nn.Module:

@@ -46,6 +46,8 @@ def sparsegpt_prune(
     W = W.float().clone()  # (rows, cols) working copy; the caller writes it back once
     H = H.float().clone()  # (cols, cols)
     rows, cols = W.shape
+    if nm is not None and cols % nm[1]:
+        raise CompressError(f"pattern {nm[0]}:{nm[1]} needs in_features divisible by {nm[1]}, got {cols}")
     dead = torch.diag(H) == 0  # inputs that were always zero carry no information
     H[dead, dead] = 1
     W[:, dead] = 0
@@ -53,35 +55,32 @@ def sparsegpt_prune(
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
+        # The block's columns as rows (count, rows): every per-column step below reads and writes
+        # contiguous memory, and one column costs two tensor ops.
+        W1 = W[:, i1:i2].t().contiguous()
         Hinv1 = Hinv[i1:i2, i1:i2]
-        d = torch.diag(Hinv1)  # (count,)
-
+        d = torch.diag(Hinv1).unsqueeze(1)  # (count, 1)
         if nm is None:
-            saliency = W1**2 / d.unsqueeze(0) ** 2  # eq. 3, for the whole block of columns
+            saliency = W1**2 / d**2  # eq. 3, for the whole block of columns
             k = round(saliency.numel() * sparsity)
-            mask1 = torch.zeros(saliency.numel(), dtype=torch.bool, device=W.device)
+            pruned = torch.zeros(saliency.numel(), dtype=W.dtype, device=W.device)
             if k > 0:
-                mask1[torch.topk(saliency.flatten(), k, largest=False).indices] = True
-            mask1 = mask1.view_as(W1)
+                pruned[torch.topk(saliency.flatten(), k, largest=False).indices] = 1
+            scale = pruned.view_as(W1) / d  # err = w * scale: w / [H^-1]_ii where pruned, 0 where kept
         else:
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+            scale = torch.zeros_like(W1)
+        Err1 = torch.empty_like(W1)
 
         for i in range(i2 - i1):
-            if nm is not None and i % nm[1] == 0:
+            if nm is not None and i % nm[1] == 0:  # choose the group's mask on the updated weights
                 n, m = nm
-                group = W1[:, i : i + m] ** 2 / d[i : i + m].unsqueeze(0) ** 2
-                mask1.scatter_(1, i + torch.topk(group, m - n, dim=1, largest=False).indices, True)
-            w = W1[:, i]
-            q = w.clone()
-            q[mask1[:, i]] = 0
-            Q1[:, i] = q
-            err = (w - q) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+                group = W1[i : i + m] ** 2 / d[i : i + m] ** 2  # (m, rows)
+                drop = torch.topk(group, m - n, dim=0, largest=False).indices
+                scale[i : i + m].scatter_(0, drop, 1.0)
+                scale[i : i + m] /= d[i : i + m]
+            torch.mul(W1[i], scale[i], out=Err1[i])
+            W1[i + 1 :].addr_(Hinv1[i, i + 1 :], Err1[i], alpha=-1)  # spread the error over later columns
 
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy update of the columns still to come
+        W[:, i1:i2] = (W1 * (scale == 0)).t()  # pruned weights exactly zero, kept ones as updated
+        W[:, i2:].addmm_(Err1.t(), Hinv[i1:i2, i2:], alpha=-1)  # lazy update of the columns still to come
     return W, damp_used

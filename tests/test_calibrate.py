@@ -3,7 +3,7 @@ import torch
 
 from compress.calibrate import capture_inputs, no_cache, run_block, sequential
 from compress.model import decoder_blocks
-from compress.stats import InputNorms
+from compress.stats import Hessian, InputNorms
 from conftest import TINY_CONFIGS, tiny_model
 
 
@@ -84,3 +84,31 @@ def test_bfloat16_passes_change_float32_weights_with_close_statistics():
         assert model.model.layers[1].mlp.down_proj.weight.dtype == torch.float32
         norms[dtype] = acc[1].norm2
     assert torch.allclose(norms[None], norms[torch.bfloat16], rtol=0.05, atol=1e-4)
+
+
+def test_layers_reading_one_tensor_share_one_fed_accumulator():
+    model = tiny_model("llama", layers=1)
+    inputs = capture_inputs(model, torch.randint(0, 256, (2, 16)))
+    block = decoder_blocks(model)[0]
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj"]
+    fed = []
+
+    class Counted(Hessian):
+        def add(self, x):
+            fed.append(self.name)
+            super().add(x)
+
+    acc = {name: Counted(block.get_submodule(name).in_features) for name in names}
+    for name, a in acc.items():
+        a.name = name
+
+    sequential(model, inputs, lambda i, b: {b.get_submodule(n): acc[n] for n in names}, lambda i, b: False)
+
+    assert sorted(set(fed)) == ["mlp.gate_proj", "self_attn.o_proj", "self_attn.q_proj"]  # one per input tensor
+    assert acc["self_attn.k_proj"].sum is acc["self_attn.q_proj"].sum and acc["mlp.up_proj"].tokens == 32
+    with no_cache(model):  # the shared totals are the ones feeding each layer on its own would give
+        normed = [block.input_layernorm(h) for h in inputs.hidden]
+    direct = Hessian(32)
+    for x in normed:
+        direct.add(x)
+    assert torch.allclose(acc["self_attn.v_proj"].H, direct.H, atol=1e-6)

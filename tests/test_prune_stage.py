@@ -9,6 +9,7 @@ from compress import allocate
 from compress.context import StageContext
 from compress.data import Segments
 from compress.errors import CompressError
+from compress.evaluate import perplexity
 from compress.model import block_linears, decoder_blocks, get_weight
 from compress.sparsity import is_nm
 from compress.stages import prune
@@ -128,6 +129,21 @@ def test_beta_search_logs_trials_and_starts_at_uniform():
     best = min(record.search, key=lambda t: (t["score"], t["beta"]))
     assert record.beta == best["beta"]
     assert record.block_ratios == pytest.approx(allocate.atp(4, 0.5, record.beta).tolist(), abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_beta_search_leaves_the_weights_a_direct_prune_with_that_beta_gives(method):
+    """The best trial's weights are kept instead of pruning again: they must be the same weights,
+    and score the validation perplexity the search logged for that beta."""
+    model = tiny_model("llama", layers=4)
+    searched = copy.deepcopy(model)
+    _, record = run(searched, method=method, sparsity=0.6, allocation={"kind": "atp", "beta": "auto", "trials": 4})
+    run(model, method=method, sparsity=0.6, allocation={"kind": "atp", "beta": record.beta})
+    for a, b in zip(decoder_blocks(searched), decoder_blocks(model)):
+        for (name, x), y in zip(block_linears(a).items(), block_linears(b).values()):
+            assert torch.equal(get_weight(x), get_weight(y)), name
+    chosen = next(t for t in record.search if t["beta"] == record.beta)
+    assert perplexity(searched, context().validation.tokens).ppl == pytest.approx(chosen["score"], rel=1e-6)
 
 
 def test_same_seed_same_masks():

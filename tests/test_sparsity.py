@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from compress.errors import CompressError
 from compress.sparsegpt import sparsegpt_prune
 from compress.sparsity import is_nm, matrix_mask, nm_mask, row_mask, wanda_score
 from compress.stats import Hessian, InputNorms
@@ -47,6 +48,21 @@ def test_input_norms_and_hessian_match_direct_formulas():
     flat = X.reshape(-1, 6)
     assert torch.allclose(norms.norm2, (flat**2).mean(0), atol=1e-6)
     assert torch.allclose(hess.H, 2 * flat.t() @ flat / flat.shape[0], atol=1e-5)
+    assert torch.equal(hess.H, hess.H.t())  # only the upper block triangle is accumulated
+
+
+def test_hessian_takes_bfloat16_and_strided_inputs():
+    X = torch.randn(2, 7, 12)
+    direct, strided = Hessian(6), Hessian(6)
+    for x in X:
+        half = x[:, ::2]  # every other column: a non-contiguous view
+        direct.add(half.contiguous().unsqueeze(0))
+        strided.add(half.unsqueeze(0))
+    assert torch.allclose(strided.H, direct.H, atol=1e-6)
+    bf16 = Hessian(12)
+    bf16.add(X.bfloat16())
+    exact = X.bfloat16().float().reshape(-1, 12)
+    assert torch.allclose(bf16.H, 2 * exact.t() @ exact / 14, atol=1e-5)
 
 
 def _layer_problem(rows=16, cols=64, tokens=512, seed=0):
@@ -87,3 +103,13 @@ def test_sparsegpt_handles_dead_inputs():
     H[:, 3] = 0
     pruned, damp = sparsegpt_prune(W, H, 0.5, blocksize=16)
     assert torch.isfinite(pruned).all() and pruned[:, 3].eq(0).all() and damp == 0.01
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_nm_needs_columns_in_whole_groups(method):
+    W, X, H = _layer_problem(cols=60)  # 60 inputs: 7 groups of 8 and 4 left over
+    with pytest.raises(CompressError, match="divisible by 8, got 60"):
+        if method == "sparsegpt":
+            sparsegpt_prune(W, H, 0.5, nm=(4, 8), blocksize=32)
+        else:
+            nm_mask(W.abs(), 4, 8)

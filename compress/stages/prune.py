@@ -7,6 +7,7 @@ Entry point: apply(model, ctx, cfg) -> (model, PruneRecord).
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -274,32 +275,55 @@ def allocate_ratios(model, ctx, cfg: PruneConfig, layers, beta: float | None) ->
 # ---------------------------------------------------------------- beta search
 
 
-def search_beta(model, ctx: StageContext, cfg: PruneConfig, layers, notes) -> tuple[float, list[dict]]:
-    """Golden-section search of ATP's beta, each trial a full prune scored on validation text."""
+def search_beta(model, ctx: StageContext, cfg: PruneConfig, layers, notes: list[str]) -> tuple[float, list[dict]]:
+    """Golden-section search of ATP's beta, each trial a full prune scored on validation text.
+
+    Leaves the model pruned with the chosen beta: the best trial's weights are kept (on the CPU,
+    like the dense copy trials start from), so the winner is never pruned twice.
+    """
     if ctx.validation is None:
         raise CompressError(f"{ctx.stage_key}.allocation.beta: 'auto' needs validation data (data.validation)")
     L, S = len(layers), cfg.target
-    dense = {name: get_weight(m).clone() for block in layers for name, m in block.items()}
     modules = {name: m for block in layers for name, m in block.items()}
+    dense = snapshot(modules)
     scores: dict[tuple, float] = {}  # N:M rounding can map several betas to one plan: score it once
-
-    def restore():
-        for name, W in dense.items():
-            set_weight(modules[name], W)
+    best: dict = {"score": math.inf}
 
     def trial(beta: float) -> float:
         plans = plan_blocks(allocate.atp(L, S, beta), cfg.pattern)
         key = tuple(plans)
         if key not in scores:
-            restore()
-            prune_model(model, ctx, cfg, layers, plans, notes)
+            restore(modules, dense)
+            trial_notes: list[str] = []
+            prune_model(model, ctx, cfg, layers, plans, trial_notes)
             scores[key] = perplexity(model, ctx.validation.tokens, desc="validation").ppl
             log.info("  beta=%.5f  validation ppl %.3f", beta, scores[key])
+            if scores[key] < best["score"]:
+                best.update(score=scores[key], key=key, notes=trial_notes, weights=snapshot(modules, into=best.get("weights")))
         return scores[key]
 
-    best, trials = golden_section(trial, 0.0, allocate.atp_beta_max(L, S), cfg.allocation.trials)
-    restore()
-    return best, [t.as_dict() for t in trials]
+    beta, trials = golden_section(trial, 0.0, allocate.atp_beta_max(L, S), cfg.allocation.trials)
+    if best.get("key") == tuple(plan_blocks(allocate.atp(L, S, beta), cfg.pattern)):
+        restore(modules, best["weights"])
+        notes.extend(best["notes"])
+    else:  # every trial scored inf (diverged): prune once more with the beta returned
+        restore(modules, dense)
+        prune_model(model, ctx, cfg, layers, plan_blocks(allocate.atp(L, S, beta), cfg.pattern), notes)
+    return beta, [t.as_dict() for t in trials]
+
+
+def snapshot(modules: dict[str, nn.Module], into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """CPU copies of the modules' weights (written into `into` when given, to reuse its memory)."""
+    if into is None:
+        return {name: get_weight(m).detach().to("cpu", copy=True) for name, m in modules.items()}
+    for name, m in modules.items():
+        into[name].copy_(get_weight(m))
+    return into
+
+
+def restore(modules: dict[str, nn.Module], weights: dict[str, torch.Tensor]) -> None:
+    for name, W in weights.items():
+        set_weight(modules[name], W)
 
 
 # ---------------------------------------------------------------- entry point
@@ -313,11 +337,12 @@ def apply(model, ctx: StageContext, cfg: PruneConfig) -> tuple[nn.Module, PruneR
     if isinstance(cfg.allocation, allocate.AtpAllocation):
         beta = cfg.allocation.beta
         if beta == "auto":
-            beta, search = search_beta(model, ctx, cfg, layers, notes)
+            beta, search = search_beta(model, ctx, cfg, layers, notes)  # leaves the model pruned
             log.info("chosen beta %.5f from %d trials", beta, len(search))
     ratios = allocate_ratios(model, ctx, cfg, layers, beta)
     plans = plan_blocks(ratios, cfg.pattern)
-    prune_model(model, ctx, cfg, layers, plans, notes)
+    if search is None:
+        prune_model(model, ctx, cfg, layers, plans, notes)
     return model, measure(cfg, layers, ratios, plans, beta, search, skipped, notes, time.perf_counter() - start)
 
 
