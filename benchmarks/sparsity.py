@@ -36,15 +36,18 @@ ALLOCATIONS = {
     "atp": {"kind": "atp", "beta": "auto", "trials": 5},
     "owl": {"kind": "owl"},
     "alpha": {"kind": "alpha"},
+    "alpha-0.1": {"kind": "alpha", "epsilon": 0.1},  # opt-in: a narrower spread than the paper's 0.3
 }
+DEFAULT_ALLOCATORS = ["uniform", "atp", "owl", "alpha"]
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data")
+    p.add_argument("--model", default="smollm2-135m", help="model.source of every run (a folder loads without GGUF dequantisation)")
     p.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"])
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.6, 0.7])
-    p.add_argument("--allocators", nargs="+", default=list(ALLOCATIONS), choices=list(ALLOCATIONS))
+    p.add_argument("--allocators", nargs="+", default=DEFAULT_ALLOCATORS, choices=list(ALLOCATIONS))
     p.add_argument("--zero-shot-at", nargs="*", type=float, default=[0.7], help="sparsities that also get zero-shot tasks")
     p.add_argument("--limit", type=int, default=200, help="zero-shot items per task")
     p.add_argument("--calibration-dtype", default="float32", choices=["float32", "bfloat16"])
@@ -70,7 +73,7 @@ def recipe(args, name: str, stage: dict | None, zero_shot: bool) -> dict:
         "name": name,
         "seed": 0,
         "calibration_dtype": args.calibration_dtype,
-        "model": {"source": "smollm2-135m"},
+        "model": {"source": args.model},
         "data": data_section(args.data),
         "stages": [stage] if stage else [],
         "eval": {"perplexity": True, "dense": stage is None},
@@ -83,17 +86,22 @@ def recipe(args, name: str, stage: dict | None, zero_shot: bool) -> dict:
     return r
 
 
-def configurations(args) -> list[tuple[str, dict | None, bool]]:
-    configs = [] if args.no_dense else [(f"dense{args.tag}", None, True)]
+def configurations(args) -> list[tuple[str, str | None, dict | None, bool]]:
+    configs = [] if args.no_dense else [(f"dense{args.tag}", None, None, True)]
     for method in args.methods:
         for s in args.sparsities:
             for alloc in args.allocators:
                 stage = {"kind": "prune", "method": method, "sparsity": s, "allocation": ALLOCATIONS[alloc]}
-                configs.append((f"{method}-{int(s * 100)}-{alloc}{args.tag}", stage, s in args.zero_shot_at))
+                configs.append((f"{method}-{int(s * 100)}-{alloc}{args.tag}", alloc, stage, s in args.zero_shot_at))
     return configs
 
 
-def run_one(args, name: str, stage: dict | None, zero_shot: bool) -> dict:
+def allocator(row: dict) -> str | None:
+    """The allocator's name in ALLOCATIONS (rows written before names were stored: its kind)."""
+    return row.get("allocator") or (row["record"]["allocation"]["kind"] if row["record"] else None)
+
+
+def run_one(args, name: str, alloc: str | None, stage: dict | None, zero_shot: bool) -> dict:
     args.runs.mkdir(parents=True, exist_ok=True)
     path = args.runs / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe(args, name, stage, zero_shot), sort_keys=False))
@@ -110,6 +118,7 @@ def run_one(args, name: str, stage: dict | None, zero_shot: bool) -> dict:
         s.pop("layer_achieved", None)  # in metadata.json of the run; too long for the summary
     return {
         "name": name,
+        "allocator": alloc,
         "stage": stage,
         "perplexity": results["perplexity"]["compressed" if stage else "dense"],
         "zero_shot": results["zero_shot"]["compressed" if stage else "dense"],
@@ -155,7 +164,7 @@ def table(rows: list[dict]) -> str:
         lines.append(f"Dense: WikiText-2 perplexity {fmt(dense['perplexity']['ppl'])}"
                      + (f", zero-shot mean acc {zs['mean_acc']:.4f}" if zs else "") + ".")
         lines.append("")
-    allocators = [a for a in ALLOCATIONS if any(r["record"] and r["record"]["allocation"]["kind"] == a for r in rows)]
+    allocators = [a for a in ALLOCATIONS if any(allocator(r) == a for r in rows)]
     lines.append("WikiText-2 test perplexity (32 x 512 windows); zero-shot mean accuracy in brackets where measured.")
     lines.append("")
     lines.append("| method | sparsity | " + " | ".join(allocators) + " | ATP beta |")
@@ -164,7 +173,7 @@ def table(rows: list[dict]) -> str:
     for method, s in keys:
         cells = []
         for a in allocators:
-            r = next((r for r in rows if r["stage"] and (r["stage"]["method"], r["stage"]["sparsity"], r["record"]["allocation"]["kind"]) == (method, s, a)), None)
+            r = next((r for r in rows if r["stage"] and (r["stage"]["method"], r["stage"]["sparsity"], allocator(r)) == (method, s, a)), None)
             if r is None:
                 cells.append("-")
                 continue
@@ -172,7 +181,7 @@ def table(rows: list[dict]) -> str:
             if r["zero_shot"]:
                 cell += f" ({r['zero_shot']['mean_acc']:.4f})"
             cells.append(cell)
-        atp = next((r for r in rows if r["stage"] and (r["stage"]["method"], r["stage"]["sparsity"], r["record"]["allocation"]["kind"]) == (method, s, "atp")), None)
+        atp = next((r for r in rows if r["stage"] and (r["stage"]["method"], r["stage"]["sparsity"], allocator(r)) == (method, s, "atp")), None)
         lines.append(f"| {method} | {int(s * 100)}% | " + " | ".join(cells) + f" | {fmt(atp['record']['beta'], 4) if atp else '-'} |")
     lines += ["", "Cost per configuration (pruning seconds includes the beta search for ATP; peak RSS of the whole run):", "",
               "| configuration | prune s | search trials | wall s | peak RSS MB |", "|---|---|---|---|---|"]
@@ -204,12 +213,12 @@ def main() -> None:
     if args.dump_tokens:
         return dump_tokens(args)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    for name, stage, zero_shot in configurations(args):
+    for name, alloc, stage, zero_shot in configurations(args):
         target = RESULTS / f"{name}.json"
         if target.exists() and not args.force:
             continue
         print(f"{time.strftime('%H:%M:%S')} {name} ...", flush=True)
-        row = run_one(args, name, stage, zero_shot)
+        row = run_one(args, name, alloc, stage, zero_shot)
         target.write_text(json.dumps(row, indent=2) + "\n")
         print(f"    ppl {row['perplexity']['ppl']:.2f}, prune {row['prune_seconds']:.0f} s, wall {row['wall_seconds']:.0f} s", flush=True)
     rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
