@@ -101,6 +101,12 @@ def allocator(row: dict) -> str | None:
     return row.get("allocator") or (row["record"]["allocation"]["kind"] if row["record"] else None)
 
 
+def find(rows: list[dict], method: str, sparsity: float, alloc: str) -> dict | None:
+    """The row of one table cell, if measured."""
+    key = (method, sparsity, alloc)
+    return next((r for r in rows if r["stage"] and (r["stage"]["method"], r["stage"]["sparsity"], allocator(r)) == key), None)
+
+
 def run_one(args, name: str, alloc: str | None, stage: dict | None, zero_shot: bool) -> dict:
     args.runs.mkdir(parents=True, exist_ok=True)
     path = args.runs / f"{name}.yaml"
@@ -173,7 +179,7 @@ def table(rows: list[dict]) -> str:
     for method, s in keys:
         cells = []
         for a in allocators:
-            r = next((r for r in rows if r["stage"] and (r["stage"]["method"], r["stage"]["sparsity"], allocator(r)) == (method, s, a)), None)
+            r = find(rows, method, s, a)
             if r is None:
                 cells.append("-")
                 continue
@@ -181,7 +187,7 @@ def table(rows: list[dict]) -> str:
             if r["zero_shot"]:
                 cell += f" ({r['zero_shot']['mean_acc']:.4f})"
             cells.append(cell)
-        atp = next((r for r in rows if r["stage"] and (r["stage"]["method"], r["stage"]["sparsity"], allocator(r)) == (method, s, "atp")), None)
+        atp = find(rows, method, s, "atp")
         lines.append(f"| {method} | {int(s * 100)}% | " + " | ".join(cells) + f" | {fmt(atp['record']['beta'], 4) if atp else '-'} |")
     lines += ["", "Cost per configuration (pruning seconds includes the beta search for ATP; peak RSS of the whole run):", "",
               "| configuration | prune s | search trials | wall s | peak RSS MB |", "|---|---|---|---|---|"]

@@ -303,12 +303,13 @@ def search_beta(model, ctx: StageContext, cfg: PruneConfig, layers, notes: list[
         return scores[key]
 
     beta, trials = golden_section(trial, 0.0, allocate.atp_beta_max(L, S), cfg.allocation.trials)
-    if best.get("key") == tuple(plan_blocks(allocate.atp(L, S, beta), cfg.pattern)):
+    chosen = plan_blocks(allocate.atp(L, S, beta), cfg.pattern)
+    if best.get("key") == tuple(chosen):
         restore(modules, best["weights"])
         notes.extend(best["notes"])
     else:  # every trial scored inf (diverged): prune once more with the beta returned
         restore(modules, dense)
-        prune_model(model, ctx, cfg, layers, plan_blocks(allocate.atp(L, S, beta), cfg.pattern), notes)
+        prune_model(model, ctx, cfg, layers, chosen, notes)
     return beta, [t.as_dict() for t in trials]
 
 
