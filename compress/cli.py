@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -38,13 +39,20 @@ def user_errors(fn):
 
 
 def setup_logging(quiet: bool) -> None:
+    """quiet: warnings and the final table only, no progress bars (ours, transformers', lm-eval's)."""
+    if quiet:
+        # tqdm reads TQDM_* defaults when it is first imported, which happens after this point
+        os.environ["TQDM_DISABLE"] = "1"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        if "tqdm" in sys.modules:  # imported already (a caller's own code): no bar can be turned off
+            logging.getLogger("compress").warning("--quiet: tqdm was imported before the CLI; progress bars may show")
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False, show_time=False)],
         force=True,
     )
-    for noisy in ("transformers", "accelerate", "huggingface_hub"):
+    for noisy in ("transformers", "accelerate", "huggingface_hub", "lm-eval", "lm_eval"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
@@ -80,7 +88,7 @@ def validate(
     from compress.validate import check_recipe
 
     parsed = load_recipe(recipe, set_ or [])
-    for line in check_recipe(parsed):
+    for line in check_recipe(parsed, recipe):
         console.print(line, highlight=False)
     console.print(f"{recipe}: ok")
 
@@ -93,27 +101,53 @@ def eval_(
     seqlen: int = typer.Option(512, min=2, help="Window length in tokens."),
     nsamples: Optional[int] = typer.Option(None, min=1, help="Number of windows (default: all)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    bos: str = typer.Option("auto", help="BOS first in every window: auto (as the tokenizer does), true or false."),
     allow_pickle: bool = typer.Option(False, help="Allow .bin/.pt checkpoints."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Perplexity of a model on a whole text (every full window, or the first --nsamples)."""
+    setup_logging(quiet)
     from compress.data import SegmentsConfig, build_segments
+    from compress.engine import check_context
     from compress.evaluate import perplexity
     from compress.model import DTYPES, load_model
 
-    setup_logging(quiet)
     if dtype not in DTYPES:
         raise CompressError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    choices = {"auto": "auto", "true": True, "false": False}
+    if bos not in choices:
+        raise CompressError(f"--bos: expected auto, true or false, got {bos!r}")
     loaded = load_model(model, dtype, allow_pickle)
     # The whole source is the evaluation part: nothing here is used for calibration.
-    segments = build_segments({"evaluation": SegmentsConfig(source=data, seqlen=seqlen, nsamples=nsamples)}, loaded.tokenizer)
+    config = SegmentsConfig(source=data, seqlen=seqlen, nsamples=nsamples, bos=choices[bos])
+    segments = build_segments({"evaluation": config}, loaded.tokenizer)
+    try:
+        check_context(segments, loaded.model)
+    except CompressError as err:
+        raise CompressError(str(err).replace("data.evaluation.seqlen", "--seqlen")) from None
     result = perplexity(loaded.model, segments["evaluation"].tokens)
-    print(json.dumps({"model": model, "data": data, **result.as_dict()}, indent=2))
+    print(json.dumps({"model": model, "data": data, "bos": segments["evaluation"].bos, **result.as_dict()}, indent=2))
 
 
 def main() -> None:
-    app()
+    """The CLI, with typer's own usage errors (a bad option value, a missing argument) printed as
+    one line with exit status 2, like every other user error."""
+    command = typer.main.get_command(app)
+    if len(sys.argv) == 1:  # no command: the help, and the usage-error status
+        command.main(["--help"], standalone_mode=False)
+        sys.exit(2)
+    try:
+        code = command.main(standalone_mode=False)
+    except typer.TyperException as err:  # usage errors (bad parameter, no such command / option)
+        ctx = getattr(err, "ctx", None)
+        where = ctx.command_path if ctx is not None else "compress"
+        console.print(f"[bold red]error:[/] {where}: {err.format_message()} (see {where} --help)", highlight=False, soft_wrap=True)
+        code = getattr(err, "exit_code", 2)
+    except typer.Abort:
+        console.print("interrupted")
+        code = 130
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ class StageContext:
     validation: Segments | None  # for choosing hyperparameters; never the reported split
     calibration_dtype: torch.dtype | None = None  # dtype of the block-wise forward passes; None: the model's
     stage_key: str = "stages"  # recipe key path of the running stage, for error messages
+    scratch_dir: Path | None = None  # where stages may spill large temporary state; None: the system temp
     _inputs: BlockInputs | None = field(default=None, repr=False)
 
     def block_inputs(self, model: nn.Module) -> BlockInputs:

@@ -9,6 +9,10 @@ calibration, validation for validation, test for evaluation). A local or built-i
 several roles is tokenised once and cut into contiguous, disjoint parts in the order calibration,
 validation, evaluation, sized by ROLE_SHARE. The validation part chooses hyperparameters (beta);
 the evaluation part is the one reported.
+
+BOS: models trained with BOS at position 0 (Gemma above all) score far worse on windows that start
+mid-stream without it. With `bos` on (by default when the tokenizer adds BOS itself), every window
+is BOS + (seqlen - 1) text tokens; the BOS position is never a prediction target.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ BUILTIN_SOURCES = ("python-docs",)
 DATASET_SOURCES = ("wikitext2", "c4")
 TEXT_SUFFIXES = (".txt", ".raw", ".md", ".text")
 C4_DOCUMENTS = 5000  # enough for 128 x 2048 tokens; joining a whole C4 shard would take GBs
+# Text is tokenised in pieces of about this many characters: a fast tokenizer's whole-text
+# encoding holds ~600 bytes per token (offsets, alignments), 800 MB for the 6 MB Brown corpus.
+CHUNK_CHARS = 1 << 16
 
 
 class SegmentsConfig(Config):
@@ -43,6 +50,7 @@ class SegmentsConfig(Config):
     seqlen: int = Field(default=512, gt=1)
     seed: int = 0
     text_field: str = "text"  # for .jsonl sources
+    bos: bool | Literal["auto"] = "auto"  # BOS first in every window; auto: when the tokenizer adds it
 
 
 @dataclass
@@ -52,6 +60,7 @@ class Segments:
     source: str
     part: tuple[float, float]  # fraction of the source's tokens this role drew from
     part_tokens: int  # tokens in that part
+    bos: bool = False  # every window starts with the BOS token
 
     @property
     def nsamples(self) -> int:
@@ -69,6 +78,7 @@ class Segments:
             "seqlen": self.seqlen,
             "part": list(self.part),
             "part_tokens": self.part_tokens,
+            "bos": self.bos,
         }
 
 
@@ -95,22 +105,29 @@ def resolve_path(source: str, base_dir: Path | None) -> Path:
     return path
 
 
-def _read_file(path: Path, text_field: str, role: Role) -> str:
+def check_file_source(path: Path, role: Role) -> None:
+    """A local source must be an existing .txt/.jsonl (or .raw/.md/.text) file."""
+    if path.is_dir():
+        raise CompressError(f"data.{role}.source: {path} is a folder; expected a .txt/.jsonl file")
     if not path.is_file():
         raise CompressError(
             f"data.{role}.source: {path} not found (expected a .txt/.jsonl file, "
             f"or one of {', '.join(BUILTIN_SOURCES + DATASET_SOURCES)})"
         )
+    if path.suffix != ".jsonl" and path.suffix not in TEXT_SUFFIXES:
+        raise CompressError(f"data.{role}.source: {path}: unknown file type '{path.suffix}' (use .txt or .jsonl)")
+
+
+def _read_file(path: Path, text_field: str, role: Role) -> str:
+    check_file_source(path, role)
     if path.suffix == ".jsonl":
         return "\n\n".join(_jsonl_texts(path, text_field, role))
-    if path.suffix in TEXT_SUFFIXES:
-        return path.read_text(encoding="utf-8", errors="replace")
-    raise CompressError(f"data.{role}.source: {path}: unknown file type '{path.suffix}' (use .txt or .jsonl)")
+    return path.read_text(encoding="utf-8", errors="replace")  # a stray byte must not stop a run
 
 
 def _jsonl_texts(path: Path, text_field: str, role: Role) -> list[str]:
     texts = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -146,9 +163,83 @@ def _read_dataset(name: str, role: Role) -> str:
 
 
 def tokenize(text: str, tokenizer) -> torch.Tensor:
-    """One long stream of token ids, without special tokens (segments start mid-stream anyway)."""
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    """One long stream of token ids, without special tokens (windows start mid-stream anyway).
+
+    Long text is encoded piece by piece, cut after a newline that a non-space character follows;
+    where the tokenizer treats such a cut differently from the whole text (SentencePiece's
+    dummy prefix, say) it is encoded whole, so the stream is always the whole text's.
+    """
+    if len(text) <= CHUNK_CHARS or not _cuts_are_neutral(tokenizer):
+        return torch.tensor(_ids(text, tokenizer), dtype=torch.long)
+    return torch.tensor([i for piece in _pieces(text) for i in _ids(piece, tokenizer)], dtype=torch.long)
+
+
+def _ids(text: str, tokenizer) -> list[int]:
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def _pieces(text: str, size: int = CHUNK_CHARS) -> list[str]:
+    pieces, start = [], 0
+    while start < len(text):
+        cut = _next_cut(text, start + size)
+        pieces.append(text[start:cut])
+        start = cut
+    return pieces
+
+
+def _next_cut(text: str, at: int) -> int:
+    """First position >= at right after a newline where a piece may end; or the end of the text.
+
+    A whitespace run is never cut except right before its last space when a letter follows
+    (" \n Robert": cut before " Robert", which is a pre-token of its own); otherwise a piece
+    ending in whitespace would be pre-tokenised differently from the same text mid-stream.
+    """
+    while at < len(text):
+        newline = text.find("\n", max(at - 1, 1))
+        if newline < 0 or newline + 2 >= len(text):
+            return len(text)
+        after = text[newline + 1 : newline + 3]
+        word_next = not after[0].isspace() and not text[newline - 1].isspace()
+        space_word_next = after[0] == " " and after[1].isalpha()
+        if word_next or space_word_next:
+            return newline + 1
+        at = newline + 2
+    return len(text)
+
+
+CUT_PROBES = (
+    "The cat sat.\nA dog ran.",
+    "x = 1\n\nprint(x)\nx = 2",
+    "one two\n3 four",
+    "word \nWord\nword",
+    "é\nü ok",
+    "= Title = \n The end\n  Two spaces",
+    "word\n The\n 2 x",
+)
+
+
+def _cuts_are_neutral(tokenizer) -> bool:
+    """Whether encoding the pieces of a text equals encoding it whole, on a few probe texts."""
+    for probe in CUT_PROBES:
+        cut = _next_cut(probe, 1)
+        if _ids(probe, tokenizer) != _ids(probe[:cut], tokenizer) + _ids(probe[cut:], tokenizer):
+            return False
+    return True
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS first by default, i.e. what tokenizer("x") does."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    ids = tokenizer("x")["input_ids"]
+    return bos is not None and len(ids) > 0 and ids[0] == bos
+
+
+def resolve_bos(cfg: "SegmentsConfig", role: Role, tokenizer) -> bool:
+    if cfg.bos == "auto":
+        return adds_bos(tokenizer)
+    if cfg.bos and getattr(tokenizer, "bos_token_id", None) is None:
+        raise CompressError(f"data.{role}.bos: true, but the tokenizer has no BOS token; use auto or false")
+    return cfg.bos
 
 
 def role_parts(configs: dict[Role, SegmentsConfig]) -> dict[Role, tuple[float, float]]:
@@ -201,20 +292,25 @@ def build_segments(
         stream = streams[key]
         lo, hi = parts[role]
         part = stream[int(lo * len(stream)) : int(hi * len(stream))]
-        result[role] = Segments(_cut(part, role, cfg), role, cfg.source, (lo, hi), len(part))
+        bos = resolve_bos(cfg, role, tokenizer)
+        windows = _cut(part, role, cfg, cfg.seqlen - bos)
+        if bos:
+            windows = torch.cat([torch.full((len(windows), 1), tokenizer.bos_token_id), windows], dim=1)
+        result[role] = Segments(windows, role, cfg.source, (lo, hi), len(part), bos)
     return result
 
 
-def _cut(part: torch.Tensor, role: Role, cfg: SegmentsConfig) -> torch.Tensor:
+def _cut(part: torch.Tensor, role: Role, cfg: SegmentsConfig, length: int) -> torch.Tensor:
+    """Windows of `length` text tokens (seqlen, or seqlen - 1 when BOS goes first)."""
     where = f"data.{role}: source '{cfg.source}' gives this role {len(part)} tokens"
     if role == "calibration":
-        if len(part) < cfg.seqlen:
+        if len(part) < length:
             raise CompressError(f"{where}, fewer than one segment of seqlen {cfg.seqlen}")
-        return random_windows(part, cfg.nsamples or 128, cfg.seqlen, cfg.seed)
-    available = len(part) // cfg.seqlen
+        return random_windows(part, cfg.nsamples or 128, length, cfg.seed)
+    available = len(part) // length
     if available == 0 or (cfg.nsamples is not None and cfg.nsamples > available):
         raise CompressError(
             f"{where}: room for {available} windows of {cfg.seqlen}, asked for {cfg.nsamples or 'at least 1'}; "
             "lower nsamples or seqlen, or give a longer source"
         )
-    return consecutive_windows(part, cfg.nsamples, cfg.seqlen)
+    return consecutive_windows(part, cfg.nsamples, length)

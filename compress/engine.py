@@ -6,6 +6,7 @@ earlier run.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from compress.data import build_segments
 from compress.errors import CompressError
 from compress.evaluate import perplexity
 from compress.export import hf
-from compress.model import DTYPES, decoder_blocks, load_model, model_type
+from compress.model import DTYPES, context_length, decoder_blocks, load_model, model_type
 from compress.recipe import Recipe
 from compress.report import write_report
 from compress.stages import STAGES
@@ -45,11 +46,30 @@ def output_dir_for(recipe: Recipe, recipe_path: Path) -> Path:
     return Path(recipe.output_dir) if recipe.output_dir else Path("runs") / recipe_path.stem
 
 
+def check_output_dir(final: Path, overwrite: bool | None) -> None:
+    """output_dir must be a folder we can create (or replace, with overwrite) beside its parent.
+    overwrite None: only the place is checked (validate)."""
+    if final.exists() and not final.is_dir():
+        raise CompressError(f"output_dir: {final} is a file, not a folder")
+    if final.exists() and overwrite is False:
+        raise CompressError(f"output_dir {final} already exists; pass --overwrite to replace it once the new run completes")
+    parent = final.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CompressError(f"output_dir: {final} cannot be created: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CompressError(f"output_dir: {final} cannot be created: {parent} is not writable")
+
+
 @contextmanager
 def staging_dir(final: Path):
     """A temporary folder next to `final`; removed if the body fails."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    except OSError as err:
+        raise CompressError(f"output_dir: cannot create a folder beside {final}: {err.strerror or err}") from err
     try:
         yield tmp
     except BaseException:
@@ -69,9 +89,13 @@ def publish(tmp: Path, final: Path) -> None:
         os.rename(tmp, final)
 
 
-class Timer:
+class Phases:
+    """Seconds and peak resident memory per phase of a run, so a report can say where the peak
+    memory was reached (the peak only ever grows: the phase that raised it holds it)."""
+
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self.peak_rss_mb: dict[str, float] = {}  # process peak at the end of each phase
 
     @contextmanager
     def __call__(self, name: str):
@@ -80,86 +104,116 @@ class Timer:
             yield
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+            self.peak_rss_mb[name] = round(runinfo.peak_rss_mb(), 1)
+
+    def memory(self) -> dict:
+        peak, phase, before = 0.0, "start", 0.0
+        for name, mb in self.peak_rss_mb.items():  # in the order the phases ended
+            if mb > before:
+                peak, phase = mb, name
+            before = max(before, mb)
+        return {"peak_rss_mb": peak, "peak_phase": phase, "peak_rss_mb_after": dict(self.peak_rss_mb)}
+
+
+def check_context(segments: dict, model) -> None:
+    """Windows longer than the model's context would run past its position embeddings."""
+    longest = context_length(model.config)
+    for role, seg in segments.items():
+        if longest is not None and seg.seqlen > longest:
+            raise CompressError(f"data.{role}.seqlen: {seg.seqlen} is beyond the model's context length ({longest} tokens)")
 
 
 def run(recipe: Recipe, recipe_path: Path, overrides: list[str] = (), overwrite: bool = False) -> RunResult:
     final = output_dir_for(recipe, recipe_path)
-    if final.exists() and not overwrite:
-        raise CompressError(f"output_dir {final} already exists; pass --overwrite to replace it once the new run completes")
+    check_output_dir(final, overwrite)
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    timer = Timer()
+    phases = Phases()
     name = recipe.name or recipe_path.stem
+    e = recipe.eval
 
     with staging_dir(final) as tmp:
-        with timer("load_model"):
+        with phases("load_model"):
             m = recipe.model
             loaded = load_model(m.source, m.dtype, m.allow_pickle, m.trust_remote_code, m.revision, m.device)
         model = loaded.model
-        log.info("loaded %s (%s, %d blocks)", loaded.resolved, model_type(model), len(decoder_blocks(model)))
+        blocks = len(decoder_blocks(model))
+        log.info("loaded %s (%s, %d blocks)", loaded.resolved, model_type(model), blocks)
 
-        with timer("data"):
+        with phases("data"):
             d = recipe.data
             configs = {"calibration": d.calibration, "validation": d.validation, "evaluation": d.evaluation}
-            if not recipe.eval.perplexity:
+            if not e.perplexity:
                 configs.pop("evaluation")
             segments = build_segments(configs, loaded.tokenizer)
+            check_context(segments, model)
 
+        # With no stages the dense model is the result: it is measured once, as dense.
+        measure_dense, measure_final = e.dense or not recipe.stages, bool(recipe.stages)
         ppl: dict[str, dict | None] = {"dense": None, "compressed": None}
-        if recipe.eval.perplexity and recipe.eval.dense:
-            with timer("eval_dense"):
-                ppl["dense"] = perplexity(model, segments["evaluation"].tokens, recipe.eval.batch_size, "dense ppl").as_dict()
-            log.info("dense perplexity %.3f", ppl["dense"]["ppl"])
         tasks: dict[str, dict | None] = {"dense": None, "compressed": None}
-        e = recipe.eval
-        if e.tasks and e.dense:
-            with timer("tasks_dense"):
-                tasks["dense"] = zero_shot(model, loaded.tokenizer, e.tasks, Path(e.tasks_dir), e.limit, e.tasks_batch_size)
-            log.info("dense zero-shot mean accuracy %.4f", tasks["dense"]["mean_acc"])
+        eval_bos = segments["evaluation"].bos if e.perplexity else None
 
-        ctx = StageContext(segments["calibration"], segments.get("validation"), DTYPES[recipe.calibration_dtype])
+        def evaluate(which: str) -> None:
+            if e.perplexity:
+                with phases(f"eval_{which}"):
+                    ppl[which] = perplexity(model, segments["evaluation"].tokens, e.batch_size, f"{which} ppl").as_dict()
+                log.info("%s perplexity %.3f", which, ppl[which]["ppl"])
+            if e.tasks:
+                with phases(f"tasks_{which}"):
+                    tasks[which] = zero_shot(model, loaded.tokenizer, e.tasks, Path(e.tasks_dir), e.limit, e.tasks_batch_size, eval_bos)
+                log.info("%s zero-shot mean accuracy %.4f", which, tasks[which]["mean_acc"])
+
+        if measure_dense:
+            evaluate("dense")
+
+        scratch = tmp / ".scratch"  # spilled snapshots (beta search); never published
+        ctx = StageContext(segments["calibration"], segments.get("validation"), DTYPES[recipe.calibration_dtype], scratch_dir=scratch)
         records = []
         for k, stage in enumerate(recipe.stages):
             ctx.stage_key = f"stages[{k}]"
             _, apply = STAGES[stage.kind]
-            with timer(f"stage{k}_{stage.kind}"):
+            with phases(f"stage{k}_{stage.kind}"):
                 model, record = apply(model, ctx, stage)
             records.append(record.as_dict())
             log.info("stage %d (%s) done: achieved %.4f in %.1f s", k, stage.kind, record.achieved, record.seconds)
+        shutil.rmtree(scratch, ignore_errors=True)
+        del ctx
 
-        if recipe.eval.perplexity and recipe.stages:
-            with timer("eval_compressed"):
-                ppl["compressed"] = perplexity(model, segments["evaluation"].tokens, recipe.eval.batch_size, "compressed ppl").as_dict()
-            log.info("compressed perplexity %.3f", ppl["compressed"]["ppl"])
-        if e.tasks and recipe.stages:
-            with timer("tasks_compressed"):
-                tasks["compressed"] = zero_shot(model, loaded.tokenizer, e.tasks, Path(e.tasks_dir), e.limit, e.tasks_batch_size)
-            log.info("compressed zero-shot mean accuracy %.4f", tasks["compressed"]["mean_acc"])
-
-        export = {}
-        if recipe.export.hf:
-            with timer("export_hf"):
-                export["files"] = hf.save_hf(model, loaded.tokenizer, tmp)
-                if recipe.export.check:
-                    probe = segments["calibration"].tokens[:2, :128]
-                    export["parity"] = hf.check_parity(model, tmp, probe)
-                    if not export["parity"]["identical"]:
-                        raise CompressError(f"export check failed: reloaded logits differ by {export['parity']['max_abs_logit_diff']:g}")
+        if measure_final:
+            evaluate("compressed")
 
         params = sum(p.numel() for p in model.parameters())
         nonzero = sum(int((p != 0).sum()) for p in model.parameters())
+        model_info = {
+            "source": loaded.source,
+            "resolved": loaded.resolved,
+            "kind": loaded.kind,
+            "model_type": model_type(model),
+            "blocks": blocks,
+            "params": params,
+        }
+        export = {}
+        if recipe.export.hf:
+            with phases("export_hf"):
+                export["files"] = hf.save_hf(model, loaded.tokenizer, tmp)
+            if recipe.export.check:
+                with phases("export_check"):
+                    probe = segments["calibration"].tokens[:2, :128]
+                    expected, dtype, device = hf.reference_logits(model, probe)
+                    # The in-memory model is no longer needed: free it before the reload, so the
+                    # check does not hold two models at once.
+                    loaded.model = model = None
+                    gc.collect()
+                    export["parity"] = hf.check_parity(tmp, probe, expected, dtype, device)
+                if not export["parity"]["identical"]:
+                    raise CompressError(f"export check failed: reloaded logits differ by {export['parity']['max_abs_logit_diff']:g}")
+
         results = {
             "name": name,
-            "model": {
-                "source": loaded.source,
-                "resolved": loaded.resolved,
-                "kind": loaded.kind,
-                "model_type": model_type(model),
-                "blocks": len(decoder_blocks(model)),
-                "params": params,
-            },
+            "model": model_info,
             "data": {role: seg.describe() for role, seg in segments.items()},
             "perplexity": ppl,
             "zero_shot": tasks,
@@ -171,7 +225,8 @@ def run(recipe: Recipe, recipe_path: Path, overrides: list[str] = (), overwrite:
                 "safetensors_mb": round(sum(f.stat().st_size for f in tmp.glob("*.safetensors")) / 2**20, 2),
             },
             "export": export,
-            "seconds": timer.seconds,
+            "seconds": phases.seconds,
+            "memory": phases.memory(),
         }
         write_report(tmp, results)
         metadata = {
@@ -185,7 +240,7 @@ def run(recipe: Recipe, recipe_path: Path, overrides: list[str] = (), overwrite:
             "git": runinfo.git_commit(),
             "machine": runinfo.machine(),
             "layer_achieved": {k: r["layer_achieved"] for k, r in enumerate(records)},
-            "timings": timer.seconds,
+            "timings": phases.seconds,
             "peak_rss_mb": round(runinfo.peak_rss_mb(), 1),
             "started": started,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),

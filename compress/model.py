@@ -11,6 +11,7 @@ layers of a block are found by type, in registration order, so new projections n
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,19 +98,46 @@ def load_model(
     return loaded
 
 
-def _load(source: str, torch_dtype, allow_pickle: bool, trust_remote_code: bool, revision) -> LoadedModel:
+def locate(source: str, allow_pickle: bool = False) -> tuple[str, Path | None]:
+    """(kind, path) of a model source, checked without reading weights: registered | gguf |
+    folder | hub (path None). A local path that cannot be a model is an error naming the reason."""
     if source in REGISTERED:
-        gguf = resolve_registered(source)
-        return _load_gguf(gguf, torch_dtype, source, kind="registered")
+        return "registered", resolve_registered(source)
     path = Path(source).expanduser()
-    if path.exists():
-        if path.is_file():
-            if path.suffix != ".gguf":
-                raise CompressError(f"model.source: {path} is a file but not a .gguf; give a GGUF file or an HF folder")
-            return _load_gguf(path, torch_dtype, source, kind="gguf")
-        return _load_folder(path, torch_dtype, source, allow_pickle, trust_remote_code)
-    if looks_like_path(source):
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise CompressError(f"model.source: {path} is a file but not a .gguf; give a GGUF file or an HF folder")
+        return "gguf", path
+    if path.is_dir():
+        _check_folder(path, allow_pickle)
+        return "folder", path
+    if path.exists() or looks_like_path(source):
         raise CompressError(f"model.source: {source} does not exist")
+    return "hub", None
+
+
+def _check_folder(path: Path, allow_pickle: bool) -> None:
+    if not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        hint = f"; to load a GGUF give the file itself, e.g. {ggufs[0]}" if ggufs else ""
+        raise CompressError(f"model.source: {path} has no config.json{hint}")
+    if not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        if not pickles:
+            raise CompressError(f"model.source: {path} holds no *.safetensors weights")
+        if not allow_pickle:
+            raise CompressError(
+                f"model.source: {path} has only pickle weights ({pickles[0]}); loading them can run code. "
+                "Set model.allow_pickle: true if you trust the folder"
+            )
+
+
+def _load(source: str, torch_dtype, allow_pickle: bool, trust_remote_code: bool, revision) -> LoadedModel:
+    kind, path = locate(source, allow_pickle)
+    if kind in ("registered", "gguf"):
+        return _load_gguf(path, torch_dtype, source, kind)
+    if kind == "folder":
+        return _load_folder(path, torch_dtype, source, trust_remote_code)
     return _load_hub(source, torch_dtype, allow_pickle, trust_remote_code, revision)
 
 
@@ -134,21 +162,8 @@ def _load_gguf(path: Path, dtype: torch.dtype, source: str, kind: str) -> Loaded
     return LoadedModel(_finish(model), tokenizer, source, str(path), kind)
 
 
-def _load_folder(path: Path, dtype, source, allow_pickle: bool, trust_remote_code: bool) -> LoadedModel:
-    if not (path / "config.json").is_file():
-        ggufs = sorted(path.glob("*.gguf"))
-        hint = f"; to load a GGUF give the file itself, e.g. {ggufs[0]}" if ggufs else ""
-        raise CompressError(f"model.source: {path} has no config.json{hint}")
+def _load_folder(path: Path, dtype, source, trust_remote_code: bool) -> LoadedModel:
     has_safetensors = any(path.glob("*.safetensors"))
-    if not has_safetensors:
-        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
-        if not pickles:
-            raise CompressError(f"model.source: {path} holds no *.safetensors weights")
-        if not allow_pickle:
-            raise CompressError(
-                f"model.source: {path} has only pickle weights ({pickles[0]}); loading them can run code. "
-                "Set model.allow_pickle: true if you trust the folder"
-            )
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, use_safetensors=has_safetensors, trust_remote_code=trust_remote_code
@@ -230,19 +245,52 @@ def in_features(module: nn.Module) -> int:
     return get_weight(module).shape[1]
 
 
-def count_blocks(source: str) -> int | None:
-    """Number of decoder blocks, read from metadata only (no weights); None for hub ids."""
-    path = resolve_registered(source) if source in REGISTERED else Path(source).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        from gguf import GGUFReader
+def read_config(source: str, trust_remote_code: bool = False, allow_pickle: bool = False):
+    """The model's config from local metadata alone (no weights); None for a hub id."""
+    from transformers import AutoConfig
 
-        fields = GGUFReader(path).fields
-        arch = fields["general.architecture"].contents()
-        return int(fields[f"{arch}.block_count"].contents())
-    if path.is_dir() and (path / "config.json").is_file():
-        from transformers import AutoConfig
+    kind, path = locate(source, allow_pickle)
+    if kind == "hub":
+        return None
+    try:
+        if kind == "folder":
+            return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, OSError, KeyError) as err:
+        raise CompressError(f"model.source: cannot read the config of {path}: {err}") from err
 
-        config = AutoConfig.from_pretrained(path)
-        config = getattr(config, "text_config", None) or config  # multimodal wrappers (gemma3)
-        return int(config.num_hidden_layers)
-    return None
+
+def skeleton(config, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The model built from its config on the meta device: every name and shape, no memory."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    check_supported(model)
+    return model
+
+
+def context_length(config) -> int | None:
+    """Longest sequence the model was built for (max_position_embeddings; GPT-2's n_positions)."""
+    config = getattr(config, "text_config", None) or config  # multimodal wrappers (gemma3)
+    return getattr(config, "max_position_embeddings", None)
+
+
+def select_linears(
+    model: nn.Module, targets: list[str], ignore: list[str], stage_key: str
+) -> tuple[list[dict[str, nn.Module]], list[str]]:
+    """Per block, the Linears whose full name matches a `targets` regex and no `ignore` regex;
+    and the names left out. Selecting nothing at all is an error naming the stage."""
+    prefix = block_prefix(model)
+    chosen, skipped = [], []
+    for i, block in enumerate(decoder_blocks(model)):
+        layers = {}
+        for rel, module in block_linears(block).items():
+            name = f"{prefix}.{i}.{rel}"
+            if any(re.search(t, name) for t in targets) and not any(re.search(x, name) for x in ignore):
+                layers[name] = module
+            else:
+                skipped.append(name)
+        chosen.append(layers)
+    if not any(chosen):
+        example = skipped[0] if skipped else f"{prefix}.0.<linear>"
+        raise CompressError(f"{stage_key}.targets/ignore select no Linear layer (names look like '{example}')")
+    return chosen, skipped

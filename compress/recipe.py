@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from compress.config import Config
 from compress.data import SegmentsConfig
@@ -30,6 +31,13 @@ class ModelSection(Config):
     trust_remote_code: bool = False
     revision: str | None = None
 
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+            raise ValueError("device must be cpu, cuda or cuda:N")
+        return value
+
 
 class DataSection(Config):
     """validation and evaluation default to the calibration source: each role then reads its own
@@ -45,7 +53,7 @@ class DataSection(Config):
         if not isinstance(raw, dict):
             return raw
         calibration = raw.get("calibration") or {}
-        base = {k: calibration[k] for k in ("source", "seqlen", "text_field") if isinstance(calibration, dict) and k in calibration}
+        base = {k: calibration[k] for k in ("source", "seqlen", "text_field", "bos") if isinstance(calibration, dict) and k in calibration}
         raw = dict(raw)
         raw.setdefault("validation", {**base, "nsamples": 16})
         raw.setdefault("evaluation", dict(base))
@@ -101,17 +109,24 @@ class Recipe(Config):
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
+    if path.is_dir():
+        raise CompressError(f"recipe {path} is a folder; give a recipe .yaml file")
     if not path.is_file():
         raise CompressError(f"recipe file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CompressError(f"{path}: not a text (UTF-8) file: byte {err.object[err.start]:#04x} at offset {err.start}") from None
+    except OSError as err:
+        raise CompressError(f"recipe {path}: cannot read: {err.strerror or err}") from None
+    if not text.strip():
+        raise CompressError(f"{path}: the recipe is empty; write {{}} to run every default")
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise CompressError(f"{where}: not valid YAML: {getattr(err, 'problem', err)}") from err
-    if raw is None:
-        raw = {}
     if not isinstance(raw, dict):
         raise CompressError(f"{path}: a recipe is a mapping of sections (model, data, stages, ...), got {type(raw).__name__}")
     for item in overrides:
@@ -157,8 +172,9 @@ def describe_error(error: dict, raw, text: str, path: Path, count: int) -> str:
     where = f"{path}:{line}" if line else str(path)
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] not in ("missing", "extra_forbidden", "union_tag_invalid") and "input" in error:
-        if not isinstance(error["input"], (dict, list)):
-            message += f" (got {error['input']!r})"
+        given = error["input"]
+        if not isinstance(given, (dict, list)) and repr(given) not in message:
+            message += f" (got {given!r})"
     if error["type"] == "extra_forbidden":
         message = "unknown key"
     more = f" (and {count - 1} more problem{'s' if count > 2 else ''})" if count > 1 else ""

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+from rich.table import Table
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-from rich.table import Table  # noqa: E402
+
+def _pyplot():
+    """matplotlib, imported when the first plot is drawn (it costs ~30 MB and a second at start)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _ppl(entry: dict | None) -> str:
@@ -20,6 +26,7 @@ def _acc(entry: dict | None) -> str:
 
 
 def plot_block_ratios(record: dict, path: Path) -> None:
+    plt = _pyplot()
     blocks = range(len(record["block_ratios"]))
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.plot(blocks, record["block_ratios"], "o-", label="allocated")
@@ -36,6 +43,7 @@ def plot_block_ratios(record: dict, path: Path) -> None:
 
 
 def plot_search(record: dict, path: Path) -> None:
+    plt = _pyplot()
     trials = sorted(record["search"], key=lambda t: t["beta"])
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([t["beta"] for t in trials], [t["score"] for t in trials], "o-")
@@ -49,6 +57,18 @@ def plot_search(record: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _evaluation_lines(results: dict) -> list[str]:
+    """Where the perplexity numbers come from, or why there are none."""
+    evaluation = results["data"].get("evaluation")
+    if evaluation is None:
+        return ["Perplexity not measured (eval.perplexity: false)."]
+    bos = "BOS first" if evaluation.get("bos") else "no BOS"
+    return [
+        f"Perplexity on {evaluation['source']} (part {evaluation['part']} of its tokens): "
+        f"{evaluation['nsamples']} windows x {evaluation['seqlen']} tokens, {bos}."
+    ]
+
+
 def write_report(out: Path, results: dict) -> list[str]:
     """report.md and one plot per stage (and per beta search); returns the files written."""
     files = ["report.md"]
@@ -59,21 +79,24 @@ def write_report(out: Path, results: dict) -> list[str]:
         f"Model: `{model['source']}` ({model['model_type']}, {model['blocks']} blocks, "
         f"{model['params'] / 1e6:.1f}M parameters)",
         "",
-        "| model | perplexity | windows x seqlen | zero-shot mean acc | nonzero params |",
-        "|---|---|---|---|---|",
+        "| model | perplexity | zero-shot mean acc | nonzero params |",
+        "|---|---|---|---|",
     ]
     ppl = results["perplexity"]
-    evaluation = ppl.get("compressed") or ppl.get("dense")
-    shape = f"{evaluation['windows']} x {evaluation['seqlen']}" if evaluation else "-"
     size = results["size"]
     zs = results.get("zero_shot", {})
-    lines.append(f"| dense | {_ppl(ppl.get('dense'))} | {shape} | {_acc(zs.get('dense'))} | {size['params'] / 1e6:.2f}M |")
-    lines.append(f"| compressed | {_ppl(ppl.get('compressed'))} | {shape} | {_acc(zs.get('compressed'))} | {size['nonzero'] / 1e6:.2f}M |")
+    lines.append(f"| dense | {_ppl(ppl.get('dense'))} | {_acc(zs.get('dense'))} | {size['params'] / 1e6:.2f}M |")
+    if results["stages"]:
+        lines.append(f"| compressed | {_ppl(ppl.get('compressed'))} | {_acc(zs.get('compressed'))} | {size['nonzero'] / 1e6:.2f}M |")
+    lines += ["", *_evaluation_lines(results)]
     for which in ("dense", "compressed"):
         if zs.get(which):
             per_task = ", ".join(f"{t} {m['acc']:.3f}" for t, m in zs[which]["tasks"].items())
             lines.append(f"\nZero-shot acc ({which}, first {results['zero_shot_limit'] or 'all'} items per task): {per_task}")
-    lines += ["", f"Evaluation text: {results['data']['evaluation']['source']} (part {results['data']['evaluation']['part']})", ""]
+    memory = results.get("memory")
+    if memory:
+        lines += ["", f"Peak memory {memory['peak_rss_mb']:.0f} MB (resident), reached during {memory['peak_phase']}."]
+    lines.append("")
     for k, record in enumerate(results["stages"]):
         lines += [f"## Stage {k}: {record['kind']} ({record['method']}, {record['pattern']}, {record['allocation']['kind']})", ""]
         lines.append(f"Target sparsity {record['target']:.4f}, achieved {record['achieved']:.4f}, {record['seconds']:.1f} s.")

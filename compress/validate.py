@@ -1,51 +1,78 @@
 """`compress validate`: everything that can be checked without loading weights.
 
-Beyond the schema (recipe.py): the model and data files exist, and allocations that depend on the
-number of blocks (explicit lists, a fixed ATP beta) fit the model, read from its config alone.
+Beyond the schema (recipe.py): the model, data and task files exist and have the right kind, the
+output folder can be written, and everything that depends on the model is checked on a skeleton
+built from its config on the meta device (no weights, no memory): the architecture is supported,
+each stage's targets/ignore select some Linear layer, windows fit the context length, and
+allocations that depend on the number of blocks (explicit lists, a fixed ATP beta) fit it.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from compress import allocate
-from compress.data import BUILTIN_SOURCES, DATASET_SOURCES, resolve_path
+from compress.data import DATASET_SOURCES, BUILTIN_SOURCES, check_file_source, resolve_path
+from compress.engine import check_output_dir, output_dir_for
 from compress.errors import CompressError
-from compress.model import REGISTERED, looks_like_path, count_blocks
+from compress.model import context_length, decoder_blocks, read_config, select_linears, skeleton
 from compress.recipe import Recipe
 
 
-def check_recipe(recipe: Recipe) -> list[str]:
+def data_roles(recipe: Recipe) -> dict:
+    """The roles a run cuts text for (evaluation only when perplexity is measured)."""
+    roles = {"calibration": recipe.data.calibration, "validation": recipe.data.validation}
+    if recipe.eval.perplexity:
+        roles["evaluation"] = recipe.data.evaluation
+    return roles
+
+
+def check_recipe(recipe: Recipe, recipe_path: Path) -> list[str]:
     """Raise CompressError on the first problem; return notes worth showing."""
     notes = []
-    source = recipe.model.source
-    if source not in REGISTERED and not resolve_path(source, None).exists():
-        if looks_like_path(source):
-            raise CompressError(f"model.source: {source} does not exist")
-        notes.append(f"model.source: '{source}' is not local; it will be fetched from the hub (needs a network)")
-    for role in ("calibration", "validation", "evaluation"):
-        data = getattr(recipe.data, role)
+    m = recipe.model
+    config = read_config(m.source, m.trust_remote_code, m.allow_pickle)  # raises on a bad local path
+    if config is None:
+        notes.append(f"model.source: '{m.source}' is not local; it will be fetched from the hub (needs a network)")
+    roles = data_roles(recipe)
+    for role, data in roles.items():
         if data.source in DATASET_SOURCES:
             notes.append(f"data.{role}.source: '{data.source}' is downloaded with the datasets package (needs a network)")
-        elif data.source not in BUILTIN_SOURCES and not resolve_path(data.source, None).is_file():
-            raise CompressError(f"data.{role}.source: {data.source} not found")
+        elif data.source not in BUILTIN_SOURCES:
+            check_file_source(resolve_path(data.source, None), role)
     if recipe.eval.tasks:
         from compress.zeroshot import DATA_FILES
 
+        folder = resolve_path(recipe.eval.tasks_dir, None)
+        if not folder.is_dir():
+            raise CompressError(f"eval.tasks_dir: {folder} is not a folder")
         for task in recipe.eval.tasks:
-            path = resolve_path(recipe.eval.tasks_dir, None) / DATA_FILES[task]
-            if not path.is_file():
-                raise CompressError(f"eval.tasks_dir: {path} not found (needed by task {task})")
-    blocks = count_blocks(source) if source in REGISTERED or resolve_path(source, None).exists() else None
-    if blocks is None:
+            if not (folder / DATA_FILES[task]).is_file():
+                raise CompressError(f"eval.tasks_dir: {folder / DATA_FILES[task]} not found (needed by task {task})")
+    final = output_dir_for(recipe, recipe_path)
+    check_output_dir(final, overwrite=None)
+    if final.exists():
+        notes.append(f"output_dir: {final} exists; `compress run` needs --overwrite to replace it")
+    if config is None:
         return notes
+
+    model = skeleton(config, m.trust_remote_code)
+    blocks = len(decoder_blocks(model))
+    longest = context_length(config)
+    for role, data in roles.items():
+        if longest is not None and data.seqlen > longest:
+            raise CompressError(f"data.{role}.seqlen: {data.seqlen} is beyond the model's context length ({longest} tokens)")
     for k, stage in enumerate(recipe.stages):
+        where = f"stages[{k}]"
+        if hasattr(stage, "targets"):
+            select_linears(model, stage.targets, stage.ignore, where)
         alloc = getattr(stage, "allocation", None)
-        where = f"stages[{k}].allocation"
         if isinstance(alloc, allocate.ExplicitAllocation) and len(alloc.ratios) != blocks:
-            raise CompressError(f"{where}.ratios: {len(alloc.ratios)} entries, the model has {blocks} blocks")
+            raise CompressError(f"{where}.allocation.ratios: {len(alloc.ratios)} entries, the model has {blocks} blocks")
         if isinstance(alloc, allocate.AtpAllocation) and alloc.beta != "auto":
             try:
                 allocate.atp(blocks, stage.target, alloc.beta)
             except CompressError as err:
-                raise CompressError(f"{where}.beta: {err}") from None
-    notes.append(f"model: {blocks} decoder blocks")
+                raise CompressError(f"{where}.allocation.beta: {err}") from None
+    notes.append(f"model: {type(model).__name__}, {blocks} decoder blocks, context {longest} tokens")
     return notes

@@ -48,6 +48,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import logging
 import re
 import time
 from collections.abc import Sequence
@@ -58,6 +59,8 @@ import torch
 import yaml
 
 from compress.errors import CompressError
+
+log = logging.getLogger("compress")
 
 TASKS: tuple[str, ...] = ("piqa", "arc_easy", "arc_challenge", "openbookqa", "winogrande", "hellaswag")
 
@@ -214,10 +217,14 @@ def zero_shot(
     data_dir: Path,
     limit: int | None = None,
     batch_size: int = 16,
+    bos: bool | None = None,
 ) -> dict:
     """Zero-shot acc / acc_norm per task, their mean acc, and the wall time in seconds.
 
-    Returns {"tasks": {name: {"acc", "acc_norm" (None for winogrande), "n"}}, "mean_acc", "seconds"}.
+    bos: put BOS first in every request (lm-eval's add_bos_token); None: as the tokenizer does
+    by default, which is what lm-eval's HFLM does for Gemma and Llama tokenizers.
+    Returns {"tasks": {name: {"acc", "acc_norm" (None for winogrande), "n"}}, "mean_acc", "bos",
+    "seconds"}, where bos says whether the encoded requests really started with BOS.
     """
     start = time.perf_counter()
     if not tasks:
@@ -226,17 +233,22 @@ def zero_shot(
         raise CompressError(f"zero-shot: limit must be a positive number of items, got {limit}")
     # Read every file first, so that a bad file fails before any scoring time is spent.
     docs = {task: load_docs(task, data_dir, limit) for task in tasks}
-    results = run_lm_eval(model, tokenizer, docs, batch_size=batch_size)
+    results = run_lm_eval(model, tokenizer, docs, batch_size=batch_size, bos=bos)
     per_task = {task: _task_metrics(results, task) for task in tasks}
+    if bos is not None and results["bos"] != bos:
+        log.warning("zero-shot: asked for %s BOS, but lm-eval encodes with this tokenizer's own template (%s BOS)",
+                    "a" if bos else "no", "with" if results["bos"] else "without")
     return {
         "tasks": per_task,
         "mean_acc": sum(m["acc"] for m in per_task.values()) / len(per_task),
+        "bos": results["bos"],
         "seconds": time.perf_counter() - start,
     }
 
 
-def run_lm_eval(model, tokenizer, docs: dict[str, list[dict[str, Any]]], batch_size: int = 16) -> dict:
-    """lm-eval's full result dict (with per-doc `samples`) for the given docs of each task."""
+def run_lm_eval(model, tokenizer, docs: dict[str, list[dict[str, Any]]], batch_size: int = 16, bos: bool | None = None) -> dict:
+    """lm-eval's full result dict (with per-doc `samples`) for the given docs of each task, plus
+    "bos": whether lm-eval's encoding of a request starts with the BOS token."""
     lm_eval = _import_lm_eval()
     # An empty manager: the default one indexes all of lm-eval's built-in tasks (slow).
     task_dict = lm_eval.TaskManager(include_defaults=False).load(
@@ -249,10 +261,14 @@ def run_lm_eval(model, tokenizer, docs: dict[str, list[dict[str, Any]]], batch_s
             tokenizer=_tokenizer_for_lm_eval(tokenizer),
             batch_size=batch_size,
             softmax_dtype=torch.float32,
+            add_bos_token=bos,
         )
         model.eval()
         with torch.inference_mode():
-            return lm_eval.evaluate(lm, task_dict, bootstrap_iters=0, log_samples=True)
+            results = lm_eval.evaluate(lm, task_dict, bootstrap_iters=0, log_samples=True)
+        bos_id = getattr(lm.tokenizer, "bos_token_id", None)
+        results["bos"] = bos_id is not None and lm.tok_encode("Question")[:1] == [bos_id]
+        return results
     finally:
         model.train(was_training)
 

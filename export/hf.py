@@ -19,13 +19,20 @@ def save_hf(model, tokenizer, folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
-def check_parity(model, folder: Path, tokens: torch.Tensor) -> dict:
-    """Reload the export and compare logits with the in-memory model on `tokens` (n, seqlen)."""
+def reference_logits(model, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.dtype, torch.device]:
+    """The in-memory model's logits on `tokens` (n, seqlen), with the dtype and device to reload in."""
     param = next(model.parameters())
-    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=param.dtype).to(param.device)
-    tokens = tokens.to(param.device)
-    with no_cache(model), no_cache(reloaded):
-        expected = model(tokens, use_cache=False).logits
-        got = reloaded(tokens, use_cache=False).logits
+    with no_cache(model):
+        logits = model(tokens.to(param.device), use_cache=False).logits
+    return logits, param.dtype, param.device
+
+
+def check_parity(folder: Path, tokens: torch.Tensor, expected: torch.Tensor, dtype, device) -> dict:
+    """Reload the export and compare its logits with `expected` (from reference_logits).
+
+    Taking the expected logits first lets the caller free its model before the reload."""
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    with no_cache(reloaded):
+        got = reloaded(tokens.to(device), use_cache=False).logits
     diff = (expected.float() - got.float()).abs().max().item()
     return {"max_abs_logit_diff": diff, "identical": diff == 0.0, "tokens": int(tokens.numel())}

@@ -6,11 +6,13 @@ from compress.errors import CompressError
 from compress.model import (
     BLOCK_PATHS,
     block_linears,
-    count_blocks,
+    context_length,
     decoder_blocks,
     get_weight,
     load_model,
+    read_config,
     set_weight,
+    skeleton,
 )
 from conftest import TINY_CONFIGS, needs_default_model, tiny_model
 
@@ -54,7 +56,8 @@ def test_load_local_folder_and_count_blocks(tiny_folder):
     loaded = load_model(str(tiny_folder))
     assert loaded.kind == "folder" and len(decoder_blocks(loaded.model)) == 2
     assert not any(p.requires_grad for p in loaded.model.parameters())
-    assert count_blocks(str(tiny_folder)) == 2
+    meta = skeleton(read_config(str(tiny_folder)))  # names and shapes only, no weights
+    assert len(decoder_blocks(meta)) == 2 and next(meta.parameters()).is_meta
 
 
 def test_pickle_checkpoint_needs_opt_in(tmp_path, tokenizer):
@@ -108,4 +111,5 @@ def test_supported_table_covers_the_tested_architectures():
 
 @needs_default_model
 def test_registered_default_model_blocks_from_metadata():
-    assert count_blocks("smollm2-135m") == 30
+    config = read_config("smollm2-135m")  # the GGUF's metadata only
+    assert len(decoder_blocks(skeleton(config))) == 30 and context_length(config) == 8192

@@ -24,7 +24,7 @@ from compress.config import Config
 from compress.context import StageContext
 from compress.errors import CompressError
 from compress.evaluate import perplexity
-from compress.model import block_linears, block_prefix, decoder_blocks, get_weight, in_features, set_weight
+from compress.model import get_weight, in_features, select_linears, set_weight
 from compress.search import golden_section
 from compress.sparsegpt import sparsegpt_prune
 from compress.sparsity import fraction_zero, magnitude_score, matrix_mask, nm_mask, row_mask, wanda_score
@@ -143,22 +143,7 @@ class PruneRecord:
 
 def select_layers(model: nn.Module, cfg: PruneConfig, stage_key: str) -> tuple[list[dict[str, nn.Module]], list[str]]:
     """Per block, the Linears to prune by full name; and the names left out."""
-    prefix = block_prefix(model)
-    chosen, skipped = [], []
-    for i, block in enumerate(decoder_blocks(model)):
-        layers = {}
-        for rel, module in block_linears(block).items():
-            name = f"{prefix}.{i}.{rel}"
-            wanted = any(re.search(t, name) for t in cfg.targets) and not any(re.search(x, name) for x in cfg.ignore)
-            if wanted:
-                layers[name] = module
-            else:
-                skipped.append(name)
-        chosen.append(layers)
-    if not any(chosen):
-        example = skipped[0] if skipped else f"{prefix}.0.<linear>"
-        raise CompressError(f"{stage_key}.targets/ignore select no Linear layer (names look like '{example}')")
-    return chosen, skipped
+    return select_linears(model, cfg.targets, cfg.ignore, stage_key)
 
 
 def block_sizes(layers: list[dict[str, nn.Module]]) -> torch.Tensor:
