@@ -73,8 +73,9 @@ def _block_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def capture_inputs(model: nn.Module, tokens: torch.Tensor) -> BlockInputs:
-    """Block-0 inputs of every segment, and each block's extra arguments.
+def capture_inputs(model: nn.Module, tokens: torch.Tensor, dtype: torch.dtype | None = None) -> BlockInputs:
+    """Block-0 inputs of every segment (kept in `dtype`, the calibration passes' dtype, when
+    given: no second copy in the model's dtype), and each block's extra arguments.
 
     The extra arguments (attention mask, rotary embeddings, position ids) depend only on the
     segment length, not on its text, so one full forward of the first segment records them for
@@ -88,18 +89,24 @@ def capture_inputs(model: nn.Module, tokens: torch.Tensor) -> BlockInputs:
     def record_extras(index):
         def hook(module, args, kwargs):
             extras[index] = (tuple(args[1:]), dict(kwargs))
+            if index == len(blocks) - 1:
+                raise _StopForward  # the last block and the head need not run (no logits)
 
         return hook
 
     def record_hidden(module, args, kwargs):
-        hidden.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+        x = (args[0] if args else kwargs["hidden_states"]).detach()
+        hidden.append(x.clone() if dtype is None or x.dtype == dtype else x.to(dtype))
         raise _StopForward
 
     tokens = tokens.to(next(model.parameters()).device)
     with no_cache(model):
         handles = [b.register_forward_pre_hook(record_extras(i), with_kwargs=True) for i, b in enumerate(blocks)]
         with hooks(handles):
-            model(tokens[:1], use_cache=False)
+            try:
+                model(tokens[:1], use_cache=False)
+            except _StopForward:
+                pass
         assert all(e is not None for e in extras), "a block was not called in the forward pass"
         with hooks([blocks[0].register_forward_pre_hook(record_hidden, with_kwargs=True)]):
             for row in tokens:

@@ -65,11 +65,11 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and the final table."),
 ) -> None:
     """Run a recipe: compress, evaluate, export, and write a report into output_dir."""
+    setup_logging(quiet)  # before the imports below: they import tqdm
     from compress import engine
     from compress.recipe import load_recipe
     from compress.report import summary_table
 
-    setup_logging(quiet)
     overrides = set_ or []
     parsed = load_recipe(recipe, overrides)
     result = engine.run(parsed, recipe, overrides, overwrite)
@@ -120,11 +120,11 @@ def eval_(
     loaded = load_model(model, dtype, allow_pickle)
     # The whole source is the evaluation part: nothing here is used for calibration.
     config = SegmentsConfig(source=data, seqlen=seqlen, nsamples=nsamples, bos=choices[bos])
-    segments = build_segments({"evaluation": config}, loaded.tokenizer)
     try:
-        check_context(segments, loaded.model)
+        check_context({"evaluation": config}, loaded.model.config)
     except CompressError as err:
         raise CompressError(str(err).replace("data.evaluation.seqlen", "--seqlen")) from None
+    segments = build_segments({"evaluation": config}, loaded.tokenizer)
     result = perplexity(loaded.model, segments["evaluation"].tokens)
     print(json.dumps({"model": model, "data": data, "bos": segments["evaluation"].bos, **result.as_dict()}, indent=2))
 

@@ -28,5 +28,5 @@ class StageContext:
         if self.calibration is None:
             raise CompressError(f"{self.stage_key}: this stage needs calibration data (data.calibration)")
         if self._inputs is None:
-            self._inputs = capture_inputs(model, self.calibration.tokens)
+            self._inputs = capture_inputs(model, self.calibration.tokens, self.calibration_dtype)
         return self._inputs

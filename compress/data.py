@@ -178,10 +178,10 @@ def _ids(text: str, tokenizer) -> list[int]:
     return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
 
-def _pieces(text: str, size: int = CHUNK_CHARS) -> list[str]:
+def _pieces(text: str) -> list[str]:
     pieces, start = [], 0
     while start < len(text):
-        cut = _next_cut(text, start + size)
+        cut = _next_cut(text, start + CHUNK_CHARS)
         pieces.append(text[start:cut])
         start = cut
     return pieces

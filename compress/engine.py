@@ -58,8 +58,10 @@ def check_output_dir(final: Path, overwrite: bool | None) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise CompressError(f"output_dir: {final} cannot be created: {parent} is a file")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CompressError(f"output_dir: {final} cannot be created: {parent} is not writable")
+    try:  # the one sure test of writability (root passes os.access everywhere)
+        os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=parent))
+    except OSError as err:
+        raise CompressError(f"output_dir: {final} cannot be created: {parent} is not writable ({err.strerror or err})") from None
 
 
 @contextmanager
@@ -115,19 +117,35 @@ class Phases:
         return {"peak_rss_mb": peak, "peak_phase": phase, "peak_rss_mb_after": dict(self.peak_rss_mb)}
 
 
-def check_context(segments: dict, model) -> None:
-    """Windows longer than the model's context would run past its position embeddings."""
-    longest = context_length(model.config)
-    for role, seg in segments.items():
-        if longest is not None and seg.seqlen > longest:
-            raise CompressError(f"data.{role}.seqlen: {seg.seqlen} is beyond the model's context length ({longest} tokens)")
+def check_context(configs: dict, config) -> None:
+    """Windows longer than the model's context would run past its position embeddings.
+    configs: {role: SegmentsConfig}; config: the model's config."""
+    longest = context_length(config)
+    for role, data in configs.items():
+        if longest is not None and data.seqlen > longest:
+            raise CompressError(f"data.{role}.seqlen: {data.seqlen} is beyond the model's context length ({longest} tokens)")
 
 
 def run(recipe: Recipe, recipe_path: Path, overrides: list[str] = (), overwrite: bool = False) -> RunResult:
     final = output_dir_for(recipe, recipe_path)
     check_output_dir(final, overwrite)
-    if recipe.threads:
-        torch.set_num_threads(recipe.threads)
+    with torch_threads(recipe.threads):
+        return _run(recipe, recipe_path, final, list(overrides))
+
+
+@contextmanager
+def torch_threads(threads: int | None):
+    """torch's thread count for the run, restored afterwards (it is process-wide)."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str]) -> RunResult:
     torch.manual_seed(recipe.seed)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     phases = Phases()
@@ -147,8 +165,8 @@ def run(recipe: Recipe, recipe_path: Path, overrides: list[str] = (), overwrite:
             configs = {"calibration": d.calibration, "validation": d.validation, "evaluation": d.evaluation}
             if not e.perplexity:
                 configs.pop("evaluation")
+            check_context(configs, model.config)
             segments = build_segments(configs, loaded.tokenizer)
-            check_context(segments, model)
 
         # With no stages the dense model is the result: it is measured once, as dense.
         measure_dense, measure_final = e.dense or not recipe.stages, bool(recipe.stages)
@@ -186,7 +204,7 @@ def run(recipe: Recipe, recipe_path: Path, overrides: list[str] = (), overwrite:
             evaluate("compressed")
 
         params = sum(p.numel() for p in model.parameters())
-        nonzero = sum(int((p != 0).sum()) for p in model.parameters())
+        nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())  # (p != 0).sum() makes an int64 copy
         model_info = {
             "source": loaded.source,
             "resolved": loaded.resolved,

@@ -173,7 +173,7 @@ def describe_error(error: dict, raw, text: str, path: Path, count: int) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] not in ("missing", "extra_forbidden", "union_tag_invalid") and "input" in error:
         given = error["input"]
-        if not isinstance(given, (dict, list)) and repr(given) not in message:
+        if not isinstance(given, (dict, list)) and "got " not in message:  # never name the value twice
             message += f" (got {given!r})"
     if error["type"] == "extra_forbidden":
         message = "unknown key"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from compress import allocate
 from compress.data import DATASET_SOURCES, BUILTIN_SOURCES, check_file_source, resolve_path
-from compress.engine import check_output_dir, output_dir_for
+from compress.engine import check_context, check_output_dir, output_dir_for
 from compress.errors import CompressError
 from compress.model import context_length, decoder_blocks, read_config, select_linears, skeleton
 from compress.recipe import Recipe
@@ -58,10 +58,7 @@ def check_recipe(recipe: Recipe, recipe_path: Path) -> list[str]:
 
     model = skeleton(config, m.trust_remote_code)
     blocks = len(decoder_blocks(model))
-    longest = context_length(config)
-    for role, data in roles.items():
-        if longest is not None and data.seqlen > longest:
-            raise CompressError(f"data.{role}.seqlen: {data.seqlen} is beyond the model's context length ({longest} tokens)")
+    check_context(roles, config)
     for k, stage in enumerate(recipe.stages):
         where = f"stages[{k}]"
         if hasattr(stage, "targets"):
@@ -74,5 +71,5 @@ def check_recipe(recipe: Recipe, recipe_path: Path) -> list[str]:
                 allocate.atp(blocks, stage.target, alloc.beta)
             except CompressError as err:
                 raise CompressError(f"{where}.allocation.beta: {err}") from None
-    notes.append(f"model: {type(model).__name__}, {blocks} decoder blocks, context {longest} tokens")
+    notes.append(f"model: {type(model).__name__}, {blocks} decoder blocks, context {context_length(config)} tokens")
     return notes

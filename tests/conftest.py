@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,24 +37,34 @@ VOCAB = 256
 
 
 
-def build_tokenizer(vocab_size: int = 256) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained in a fraction of a second on local text: no hub, no files."""
+def build_tokenizer(vocab_size: int = 256, bos: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained in a fraction of a second on local text: no hub, no files.
+
+    bos: the tokenizer puts <bos> first by default, as Gemma's and Llama's do."""
     from pydoc_data.topics import topics
 
     corpus = [topics[k] for k in sorted(topics)][:20]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
+    special = ["<|endoftext|>", "<bos>"] if bos else ["<|endoftext|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    if not bos:
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    bos_id = tok.token_to_id("<bos>")
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<bos>")
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def bos_tokenizer():
+    return build_tokenizer(bos=True)
 
 
 def tiny_model(arch: str = "llama", layers: int = 2, seed: int = 0):

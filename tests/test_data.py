@@ -106,3 +106,62 @@ def test_named_dataset_without_datasets_package(monkeypatch):
 def test_wikitext_copy_has_crlf_normalised():
     text = read_text(str(SHARED_DATA / "wikitext2-test.raw"), "evaluation")
     assert "\r" not in text and " = Robert Boulter = " in text
+
+
+# ---------------------------------------------------------------- tokenising in pieces
+
+
+def test_pieces_give_the_whole_texts_tokens(tokenizer, monkeypatch):
+    """Long text is encoded piece by piece (memory), yet the stream equals the whole text's."""
+    import compress.data as data
+
+    text = read_text("python-docs", "calibration")[:200_000] + "\n= Heading = \n The end\nword\n  two\n"
+    whole = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    monkeypatch.setattr(data, "CHUNK_CHARS", 2000)
+    assert len(data._pieces(text)) > 50
+    assert torch.equal(data.tokenize(text, tokenizer), whole)
+
+
+def test_tokenizer_whose_pieces_differ_is_encoded_whole(monkeypatch):
+    """SentencePiece-style tokenizers add a prefix space to every call: cuts would add tokens, so
+    the text is encoded whole."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    import compress.data as data
+
+    spm = Tokenizer(models.BPE(unk_token="<unk>"))
+    spm.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
+    spm.train_from_iterator([read_text("python-docs", "calibration")[:50_000]], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=spm, unk_token="<unk>")
+    assert not data._cuts_are_neutral(tok)
+    text = "first line\nsecond line\n" * 500
+    monkeypatch.setattr(data, "CHUNK_CHARS", 100)
+    assert data.tokenize(text, tok).tolist() == tok(text, add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------- BOS first in every window
+
+
+def test_bos_auto_follows_the_tokenizer(tokenizer, bos_tokenizer):
+    configs = {
+        "calibration": SegmentsConfig(source="python-docs", nsamples=4, seqlen=32),
+        "evaluation": SegmentsConfig(source="python-docs", nsamples=3, seqlen=32),
+    }
+    with_bos = build_segments(configs, bos_tokenizer)
+    for seg in with_bos.values():
+        assert seg.bos and seg.tokens.shape[1] == 32
+        assert (seg.tokens[:, 0] == bos_tokenizer.bos_token_id).all()
+        assert (seg.tokens[:, 1:] != bos_tokenizer.bos_token_id).all()  # only at position 0
+        assert seg.describe()["bos"] is True
+    # evaluation windows are consecutive: BOS + the next 31 text tokens each
+    off = build_segments({role: cfg.model_copy(update={"bos": False}) for role, cfg in configs.items()}, bos_tokenizer)
+    assert not off["evaluation"].bos
+    assert torch.equal(with_bos["evaluation"].tokens[:, 1:].reshape(-1), off["evaluation"].tokens.reshape(-1)[: 3 * 31])
+    without = build_segments(configs, tokenizer)  # this tokenizer adds no BOS: auto means off
+    assert not without["calibration"].bos and not without["evaluation"].bos
+
+
+def test_bos_true_needs_a_bos_token(tokenizer):
+    with pytest.raises(CompressError, match=r"data.calibration.bos: true, but the tokenizer has no BOS token"):
+        build_segments({"calibration": SegmentsConfig(source="python-docs", nsamples=2, seqlen=16, bos=True)}, tokenizer)

@@ -172,3 +172,35 @@ def test_tasks_without_dir_is_a_recipe_error(tmp_path):
     path.write_text("eval: {tasks: [mmlu], tasks_dir: x}\n")
     with pytest.raises(CompressError, match=r"eval\.tasks\[0\]: Input should be 'piqa', 'arc_easy'"):
         load_recipe(path)
+
+
+def test_quiet_prints_no_progress_bars(tmp_path, tiny_folder):
+    out = tmp_path / "out"
+    path = recipe_file(tmp_path, tiny_folder, out)
+    loud = cli("run", str(path), "--set", "stages.0.allocation.beta=0.0")
+    assert loud.returncode == 0 and "%|" in loud.stderr  # bars show by default
+    quiet = cli("run", str(path), "--set", "stages.0.allocation.beta=0.0", "--overwrite", "-q")
+    assert quiet.returncode == 0, quiet.stderr
+    assert "%|" not in quiet.stderr and "it/s" not in quiet.stderr
+    assert "compressed" in quiet.stdout  # the final table
+
+
+def file_hash(path):
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_same_recipe_and_seed_give_bit_identical_weights(tmp_path, tiny_folder, method):
+    """Two runs of one recipe (beta search included), and a run on 1 thread instead of 2, write the
+    same model.safetensors byte for byte."""
+    hashes = {}
+    for name, threads in (("first", 2), ("second", 2), ("one-thread", 1)):
+        out = tmp_path / name
+        path = recipe_file(tmp_path, tiny_folder, out)
+        result = run(path, [f"stages.0.method={method}", f"threads={threads}"])
+        hashes[name] = file_hash(out / "model.safetensors")
+        assert result.metadata["machine"]["torch_threads"] == threads
+    assert hashes["first"] == hashes["second"]
+    assert hashes["first"] == hashes["one-thread"]

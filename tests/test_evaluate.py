@@ -29,3 +29,26 @@ def test_batch_size_does_not_change_perplexity():
     model = tiny_model("gpt2")
     tokens = torch.randint(0, 256, (4, 16))
     assert abs(perplexity(model, tokens, 1).nll - perplexity(model, tokens, 4).nll) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", "llama"])
+def test_bos_windows_perplexity_equals_token_by_token_with_bos(arch, bos_tokenizer):
+    """With a BOS-adding tokenizer every window is BOS + text; perplexity scores the text tokens
+    only, and equals a token-by-token computation that prepends BOS to each window's text."""
+    from compress.data import SegmentsConfig, build_segments
+
+    model = tiny_model(arch)
+    seg = build_segments({"evaluation": SegmentsConfig(source="python-docs", nsamples=3, seqlen=24)}, bos_tokenizer)["evaluation"]
+    assert seg.bos and (seg.tokens[:, 0] == bos_tokenizer.bos_token_id).all()
+    result = perplexity(model, seg.tokens)
+    bos = torch.tensor([bos_tokenizer.bos_token_id])
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for text in seg.tokens[:, 1:]:  # the 23 text tokens of each window
+            for t in range(len(text)):  # predict text[t] from BOS + text[:t]
+                prefix = torch.cat([bos, text[:t]]).unsqueeze(0)
+                logp = torch.log_softmax(model(prefix).logits[0, -1].double(), dim=-1)
+                nll -= logp[text[t]].item()
+                count += 1
+    assert result.tokens == count == 3 * 23
+    assert result.nll == pytest.approx(nll / count, rel=1e-5)

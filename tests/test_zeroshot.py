@@ -264,3 +264,28 @@ def test_real_files(model, tokenizer):
     assert load_docs("hellaswag", REAL_DATA, limit=1)[0]["query"] == "Roof shingle removal: A man is sitting on a roof. He"
     result = zero_shot(model, tokenizer, TASKS, REAL_DATA, limit=2)
     assert {t: r["n"] for t, r in result["tasks"].items()} == dict.fromkeys(TASKS, 2)
+
+
+@pytest.mark.parametrize("bos_first", [True, False])
+def test_requests_start_with_bos_when_the_tokenizer_adds_it(data_dir: Path, bos_first):
+    """lm-eval's HFLM encodes with the tokenizer's default template: a Gemma-style tokenizer that
+    adds BOS gets BOS first in every scored sequence; one that does not gets none."""
+    from conftest import build_tokenizer, tiny_model
+
+    tok = build_tokenizer(bos=bos_first)
+    model = tiny_model("gemma3_text")
+    firsts = []
+    def record(module, args, kwargs):
+        ids = args[0] if args else kwargs["input_ids"]
+        firsts.extend(ids[:, 0].tolist())
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        result = zero_shot(model, tok, ["piqa", "winogrande"], data_dir, batch_size=2)
+    finally:
+        handle.remove()
+    assert result["bos"] is bos_first and firsts
+    if bos_first:
+        assert set(firsts) == {tok.bos_token_id}
+    else:
+        assert tok.bos_token_id is None

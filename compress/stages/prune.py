@@ -27,6 +27,7 @@ from compress.evaluate import perplexity
 from compress.model import get_weight, in_features, select_linears, set_weight
 from compress.search import golden_section
 from compress.sparsegpt import sparsegpt_prune
+from compress.spill import WeightFile, ZeroMask, scratch_folder
 from compress.sparsity import fraction_zero, magnitude_score, matrix_mask, nm_mask, row_mask, wanda_score
 from compress.stats import Hessian, InputNorms
 
@@ -263,53 +264,53 @@ def allocate_ratios(model, ctx, cfg: PruneConfig, layers, beta: float | None) ->
 def search_beta(model, ctx: StageContext, cfg: PruneConfig, layers, notes: list[str]) -> tuple[float, list[dict]]:
     """Golden-section search of ATP's beta, each trial a full prune scored on validation text.
 
-    Leaves the model pruned with the chosen beta: the best trial's weights are kept (on the CPU,
-    like the dense copy trials start from), so the winner is never pruned twice.
+    Leaves the model pruned with the chosen beta, never pruning the winner twice. No whole copy of
+    the weights stays in memory (see compress/spill.py): the dense weights every trial starts
+    from are spilled to disk, and the best trial is kept as a bit mask where the method only zeroes
+    weights (magnitude, Wanda), or spilled to disk where it also updates them (SparseGPT).
     """
     if ctx.validation is None:
         raise CompressError(f"{ctx.stage_key}.allocation.beta: 'auto' needs validation data (data.validation)")
     L, S = len(layers), cfg.target
     modules = {name: m for block in layers for name, m in block.items()}
-    dense = snapshot(modules)
     scores: dict[tuple, float] = {}  # N:M rounding can map several betas to one plan: score it once
     best: dict = {"score": math.inf}
+    with scratch_folder(ctx.scratch_dir) as folder:
+        dense = WeightFile(folder / "dense.bin", modules)
+        dense.save()
+        best_weights = WeightFile(folder / "best.bin", modules)
 
-    def trial(beta: float) -> float:
-        plans = plan_blocks(allocate.atp(L, S, beta), cfg.pattern)
-        key = tuple(plans)
-        if key not in scores:
-            restore(modules, dense)
-            trial_notes: list[str] = []
-            prune_model(model, ctx, cfg, layers, plans, trial_notes)
-            scores[key] = perplexity(model, ctx.validation.tokens, desc="validation").ppl
-            log.info("  beta=%.5f  validation ppl %.3f", beta, scores[key])
-            if scores[key] < best["score"]:
-                best.update(score=scores[key], key=key, notes=trial_notes, weights=snapshot(modules, into=best.get("weights")))
-        return scores[key]
+        def trial(beta: float) -> float:
+            plans = plan_blocks(allocate.atp(L, S, beta), cfg.pattern)
+            key = tuple(plans)
+            if key not in scores:
+                if scores:
+                    dense.load()
+                trial_notes: list[str] = []
+                prune_model(model, ctx, cfg, layers, plans, trial_notes)
+                scores[key] = perplexity(model, ctx.validation.tokens, desc="validation").ppl
+                log.info("  beta=%.5f  validation ppl %.3f", beta, scores[key])
+                if scores[key] < best["score"]:
+                    if cfg.method == "sparsegpt":
+                        best_weights.save()
+                    else:
+                        best["mask"] = ZeroMask(modules)
+                    best.update(score=scores[key], key=key, notes=trial_notes)
+            return scores[key]
 
-    beta, trials = golden_section(trial, 0.0, allocate.atp_beta_max(L, S), cfg.allocation.trials)
-    chosen = plan_blocks(allocate.atp(L, S, beta), cfg.pattern)
-    if best.get("key") == tuple(chosen):
-        restore(modules, best["weights"])
-        notes.extend(best["notes"])
-    else:  # every trial scored inf (diverged): prune once more with the beta returned
-        restore(modules, dense)
-        prune_model(model, ctx, cfg, layers, chosen, notes)
+        beta, trials = golden_section(trial, 0.0, allocate.atp_beta_max(L, S), cfg.allocation.trials)
+        chosen = plan_blocks(allocate.atp(L, S, beta), cfg.pattern)
+        if best.get("key") == tuple(chosen):
+            if cfg.method == "sparsegpt":
+                best_weights.load()
+            else:
+                dense.load()
+                best["mask"].apply()
+            notes.extend(best["notes"])
+        else:  # every trial scored inf (diverged): prune once more with the beta returned
+            dense.load()
+            prune_model(model, ctx, cfg, layers, chosen, notes)
     return beta, [t.as_dict() for t in trials]
-
-
-def snapshot(modules: dict[str, nn.Module], into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """CPU copies of the modules' weights (written into `into` when given, to reuse its memory)."""
-    if into is None:
-        return {name: get_weight(m).detach().to("cpu", copy=True) for name, m in modules.items()}
-    for name, m in modules.items():
-        into[name].copy_(get_weight(m))
-    return into
-
-
-def restore(modules: dict[str, nn.Module], weights: dict[str, torch.Tensor]) -> None:
-    for name, W in weights.items():
-        set_weight(modules[name], W)
 
 
 # ---------------------------------------------------------------- entry point
