@@ -260,6 +260,19 @@ def read_config(source: str, trust_remote_code: bool = False, allow_pickle: bool
         raise CompressError(f"model.source: cannot read the config of {path}: {err}") from err
 
 
+def read_tokenizer(source: str, trust_remote_code: bool = False, allow_pickle: bool = False):
+    """The model's tokenizer from local files alone (no weights); None for a hub id."""
+    kind, path = locate(source, allow_pickle)
+    try:
+        if kind == "folder":
+            return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if kind in ("registered", "gguf"):
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, OSError, KeyError) as err:
+        raise CompressError(f"model.source: cannot read the tokenizer of {path}: {err}") from err
+    return None
+
+
 def skeleton(config, trust_remote_code: bool = False) -> PreTrainedModel:
     """The model built from its config on the meta device: every name and shape, no memory."""
     with torch.device("meta"):

@@ -92,7 +92,8 @@ def write_report(out: Path, results: dict) -> list[str]:
     for which in ("dense", "compressed"):
         if zs.get(which):
             per_task = ", ".join(f"{t} {m['acc']:.3f}" for t, m in zs[which]["tasks"].items())
-            lines.append(f"\nZero-shot acc ({which}, first {results['zero_shot_limit'] or 'all'} items per task): {per_task}")
+            bos = "BOS first" if zs[which].get("bos") else "no BOS"
+            lines.append(f"\nZero-shot acc ({which}, first {results['zero_shot_limit'] or 'all'} items per task, {bos}): {per_task}")
     memory = results.get("memory")
     if memory:
         lines += ["", f"Peak memory {memory['peak_rss_mb']:.0f} MB (resident), reached during {memory['peak_phase']}."]

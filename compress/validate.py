@@ -4,7 +4,8 @@ Beyond the schema (recipe.py): the model, data and task files exist and have the
 output folder can be written, and everything that depends on the model is checked on a skeleton
 built from its config on the meta device (no weights, no memory): the architecture is supported,
 each stage's targets/ignore select some Linear layer, windows fit the context length, and
-allocations that depend on the number of blocks (explicit lists, a fixed ATP beta) fit it.
+allocations that depend on the number of blocks (explicit lists, a fixed ATP beta) fit it; and
+the text is cut with the model's tokenizer, so a source too short for its windows fails here too.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from compress import allocate
-from compress.data import DATASET_SOURCES, BUILTIN_SOURCES, check_file_source, resolve_path
+from compress.data import BUILTIN_SOURCES, DATASET_SOURCES, build_segments, check_file_source, resolve_path
 from compress.engine import check_context, check_output_dir, output_dir_for
 from compress.errors import CompressError
-from compress.model import context_length, decoder_blocks, read_config, select_linears, skeleton
+from compress.model import context_length, decoder_blocks, read_config, read_tokenizer, select_linears, skeleton
 from compress.recipe import Recipe
 
 
@@ -59,10 +60,15 @@ def check_recipe(recipe: Recipe, recipe_path: Path) -> list[str]:
     model = skeleton(config, m.trust_remote_code)
     blocks = len(decoder_blocks(model))
     check_context(roles, config)
+    # Cutting the text needs only the tokenizer: too few windows, or bos on a tokenizer without
+    # one, fail here rather than after the model has loaded.
+    build_segments(roles, read_tokenizer(m.source, m.trust_remote_code, m.allow_pickle))
     for k, stage in enumerate(recipe.stages):
         where = f"stages[{k}]"
         if hasattr(stage, "targets"):
-            select_linears(model, stage.targets, stage.ignore, where)
+            layers, _ = select_linears(model, stage.targets, stage.ignore, where)
+            if hasattr(stage, "check_layers"):
+                stage.check_layers(layers, where)
         alloc = getattr(stage, "allocation", None)
         if isinstance(alloc, allocate.ExplicitAllocation) and len(alloc.ratios) != blocks:
             raise CompressError(f"{where}.allocation.ratios: {len(alloc.ratios)} entries, the model has {blocks} blocks")

@@ -193,14 +193,15 @@ def file_hash(path):
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_same_recipe_and_seed_give_bit_identical_weights(tmp_path, tiny_folder, method):
-    """Two runs of one recipe (beta search included), and a run on 1 thread instead of 2, write the
-    same model.safetensors byte for byte."""
+    """Two runs of one recipe (beta search included) write the same model.safetensors byte for
+    byte; Wanda (float32 calibration) also on 1 thread instead of 2. SparseGPT's Hessian sums
+    depend on how BLAS splits them over threads (README: Reproducibility)."""
     hashes = {}
-    for name, threads in (("first", 2), ("second", 2), ("one-thread", 1)):
+    runs = (("first", 2), ("second", 2)) + ((("one-thread", 1),) if method == "wanda" else ())
+    for name, threads in runs:
         out = tmp_path / name
         path = recipe_file(tmp_path, tiny_folder, out)
         result = run(path, [f"stages.0.method={method}", f"threads={threads}"])
         hashes[name] = file_hash(out / "model.safetensors")
         assert result.metadata["machine"]["torch_threads"] == threads
-    assert hashes["first"] == hashes["second"]
-    assert hashes["first"] == hashes["one-thread"]
+    assert len(set(hashes.values())) == 1, hashes

@@ -51,3 +51,22 @@ def test_real_model_run(quick_run):
     W = reloaded.model.layers[29].mlp.down_proj.weight
     assert (W == 0).float().mean().item() == pytest.approx(metadata["layer_achieved"]["0"]["model.layers.29.mlp.down_proj"])
     assert (W == 0).float().mean().item() == pytest.approx(0.5 + 0.01 * 29 / 2, abs=1 / 1536)
+
+
+@pytest.mark.slow
+def test_real_model_runs_are_bit_identical(quick_run):
+    """The same recipe and seed, run again (and on one thread instead of two), writes the same
+    weights byte for byte."""
+    import hashlib
+
+    from compress.recipe import load_recipe as load
+
+    def digest(folder):
+        return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+
+    path = quick_run.output_dir.parent / "real.yaml"
+    first = digest(quick_run.output_dir)
+    for threads in (2, 1):
+        overrides = [f"output_dir={quick_run.output_dir.parent / f'again-{threads}'}", f"threads={threads}"]
+        again = engine.run(load(path, overrides), path, overrides)
+        assert digest(again.output_dir) == first, f"threads={threads}"

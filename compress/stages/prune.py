@@ -104,6 +104,18 @@ class PruneConfig(Config):
             raise ValueError(f"blocksize {self.blocksize} must be a multiple of the pattern's M ({self.pattern.m})")
         return self
 
+    def check_layers(self, layers: list[dict[str, nn.Module]], stage_key: str) -> None:
+        """What only the model's shapes can tell (validate runs this on a meta-device skeleton)."""
+        if self.pattern is None:
+            return
+        for block in layers:
+            for name, module in block.items():
+                if in_features(module) % self.pattern.m:
+                    raise CompressError(
+                        f"{stage_key}.pattern: {self.pattern} needs in_features divisible by {self.pattern.m}; "
+                        f"{name} has {in_features(module)}"
+                    )
+
     @property
     def target(self) -> float:
         """The mean sparsity asked for, from sparsity, the N:M pattern, or the explicit ratios."""
@@ -319,6 +331,7 @@ def search_beta(model, ctx: StageContext, cfg: PruneConfig, layers, notes: list[
 def apply(model, ctx: StageContext, cfg: PruneConfig) -> tuple[nn.Module, PruneRecord]:
     start = time.perf_counter()
     layers, skipped = select_layers(model, cfg, ctx.stage_key)
+    cfg.check_layers(layers, ctx.stage_key)
     notes: list[str] = []
     beta, search = None, None
     if isinstance(cfg.allocation, allocate.AtpAllocation):
