@@ -193,3 +193,49 @@ def quantize_ratios(ratios: torch.Tensor, m: int) -> list[int]:
     for i in by_remainder[:missing]:
         zeros[i] += 1
     return [min(z, m - 1) for z in zeros]
+
+
+# ---------------------------------------------------------------- bit-widths per block
+
+BIT_WIDTHS = (2, 3, 4, 8)
+
+
+def atp_bits_beta_max(L: int, mean_bits: float, lo: int = BIT_WIDTHS[0], hi: int = BIT_WIDTHS[-1]) -> float:
+    """Largest beta keeping every b_i in [lo, hi]."""
+    return 0.0 if L < 2 else 2 * min(mean_bits - lo, hi - mean_bits) / (L - 1)
+
+
+def atp_bits(L: int, mean_bits: float, beta: float, sizes=None) -> list[int]:
+    """ATP for bit-widths: b_i = B + beta (L-1)/2 - i beta (more bits early, where errors are
+    amplified by every later block), rounded to widths in BIT_WIDTHS with size-weighted mean B."""
+    legal = atp_bits_beta_max(L, mean_bits)
+    if beta < 0 or beta > legal + 1e-12:
+        raise CompressError(
+            f"atp: beta={beta} gives bit-widths outside [{BIT_WIDTHS[0]}, {BIT_WIDTHS[-1]}]; "
+            f"with L={L} blocks and mean {mean_bits} bits beta must be in [0, {legal:.6g}]"
+        )
+    values = mean_bits + beta * (L - 1) / 2 - beta * torch.arange(L, dtype=torch.float64)
+    return round_to_widths(values.clamp(BIT_WIDTHS[0], BIT_WIDTHS[-1]), as_sizes(sizes, L), mean_bits)
+
+
+def round_to_widths(values: torch.Tensor, sizes: torch.Tensor, target: float, widths=BIT_WIDTHS) -> list[int]:
+    """Each value to the width below or above it, so that the size-weighted mean is as close to
+    target as the widths allow: all start below, then blocks move up in order of largest
+    remainder while that brings the mean closer (as N:M rounding does, for uneven steps)."""
+    w = [float(s) for s in as_sizes(sizes, len(values))]
+    below = [max(b for b in widths if b <= v + 1e-9) for v in values.tolist()]
+    above = [min(b for b in widths if b >= v - 1e-9) for v in values.tolist()]
+    chosen = list(below)
+    missing = target * sum(w) - sum(b * s for b, s in zip(chosen, w))  # bit budget still to spend
+    remainder = [(v - lo) / (hi - lo) if hi > lo else 0.0 for v, lo, hi in zip(values.tolist(), below, above)]
+    for i in sorted(range(len(values)), key=lambda i: -remainder[i]):
+        cost = (above[i] - below[i]) * w[i]
+        if cost > 0 and abs(missing - cost) < abs(missing):
+            chosen[i] = above[i]
+            missing -= cost
+    return chosen
+
+
+def weighted_bits(bits: list[int], sizes) -> float:
+    w = as_sizes(sizes, len(bits)).double()
+    return float((torch.tensor(bits, dtype=torch.float64) * w).sum() / w.sum())

@@ -52,7 +52,9 @@ def setup_logging(quiet: bool) -> None:
         handlers=[RichHandler(console=console, show_path=False, show_time=False)],
         force=True,
     )
-    for noisy in ("transformers", "accelerate", "huggingface_hub", "lm-eval", "lm_eval"):
+    # Libraries that log at import or per call (torchao, installed with gptqmodel, warns about
+    # CUDA-only kernels at import; torch about its own deprecations).
+    for noisy in ("transformers", "accelerate", "huggingface_hub", "lm-eval", "lm_eval", "torchao", "torch.utils._pytree", "gptqmodel"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 

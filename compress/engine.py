@@ -26,7 +26,8 @@ from compress.data import build_segments
 from compress.errors import CompressError
 from compress.evaluate import perplexity
 from compress.export import hf
-from compress.model import DTYPES, context_length, decoder_blocks, load_model, model_type
+from compress.model import DTYPES, block_linears, context_length, decoder_blocks, load_model, model_type
+from compress.quant import stored_bits
 from compress.recipe import Recipe
 from compress.report import write_report
 from compress.stages import STAGES
@@ -117,6 +118,46 @@ class Phases:
         return {"peak_rss_mb": peak, "peak_phase": phase, "peak_rss_mb_after": dict(self.peak_rss_mb)}
 
 
+def linear_size(model) -> dict:
+    """The Linear layers inside decoder blocks: how many weights, the share that is exactly zero,
+    and the bits per weight their checkpoint format stores (scales and zero points included)."""
+    modules = [m for block in decoder_blocks(model) for m in block_linears(block).values()]
+    weights = sum(m.weight.numel() for m in modules)
+    zeros = weights - sum(int(torch.count_nonzero(m.weight)) for m in modules)
+    return {
+        "block_linear_weights": weights,
+        "block_linear_sparsity": zeros / weights,
+        "block_linear_bits_per_weight": sum(stored_bits(m) for m in modules) / weights,
+    }
+
+
+def check_export(model, loaded, folder: Path, probe: torch.Tensor, info: dict) -> dict:
+    """Reload the export and compare: the saved weights decode to the in-memory ones (quantised
+    formats), and transformers' reload gives the same logits (exactly for dense, within the
+    format's kernel tolerance otherwise). Frees the in-memory model before the reload, so the
+    check never holds two models. Any mismatch fails the run."""
+    fmt = info["kind"]
+    expected, dtype, device = hf.reference_logits(model, probe)
+    out = {}
+    weights = hf.check_weights(model, folder, fmt)
+    if weights is not None:
+        out["weights"] = weights
+        if not weights["identical"]:
+            raise CompressError(f"export check failed: saved {fmt} weights differ from the model's by {weights['max_abs_weight_diff']:g}")
+    loaded.model = model = None
+    gc.collect()
+    parity = hf.check_logits(folder, probe, expected, dtype, device, fmt, info)
+    out["parity"] = parity
+    if not parity["checked"]:
+        log.warning("export check: %s", parity["reason"])
+    elif not parity["within_tolerance"]:
+        raise CompressError(
+            f"export check failed: reloaded {fmt} logits differ by {parity['max_abs_logit_diff']:g} "
+            f"(tolerance {parity['tolerance']:g})"
+        )
+    return out
+
+
 def check_context(configs: dict, config) -> None:
     """Windows longer than the model's context would run past its position embeddings.
     configs: {role: SegmentsConfig}; config: the model's config."""
@@ -196,8 +237,7 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str]) -
             with phases(f"stage{k}_{stage.kind}"):
                 model, record = apply(model, ctx, stage)
             records.append(record.as_dict())
-            log.info("stage %d (%s) done: achieved %.4f in %.1f s", k, stage.kind, record.achieved, record.seconds)
-        shutil.rmtree(scratch, ignore_errors=True)
+            log.info("stage %d (%s) done: %s in %.1f s", k, stage.kind, record.summary(), record.seconds)
         del ctx
 
         if measure_final:
@@ -205,6 +245,7 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str]) -
 
         params = sum(p.numel() for p in model.parameters())
         nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())  # (p != 0).sum() makes an int64 copy
+        linears = linear_size(model)
         model_info = {
             "source": loaded.source,
             "resolved": loaded.resolved,
@@ -216,18 +257,12 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str]) -
         export = {}
         if recipe.export.hf:
             with phases("export_hf"):
-                export["files"] = hf.save_hf(model, loaded.tokenizer, tmp)
+                export = hf.save(model, loaded.tokenizer, tmp, scratch)
             if recipe.export.check:
                 with phases("export_check"):
-                    probe = segments["calibration"].tokens[:2, :128]
-                    expected, dtype, device = hf.reference_logits(model, probe)
-                    # The in-memory model is no longer needed: free it before the reload, so the
-                    # check does not hold two models at once.
-                    loaded.model = model = None
-                    gc.collect()
-                    export["parity"] = hf.check_parity(tmp, probe, expected, dtype, device)
-                if not export["parity"]["identical"]:
-                    raise CompressError(f"export check failed: reloaded logits differ by {export['parity']['max_abs_logit_diff']:g}")
+                    export.update(check_export(model, loaded, tmp, segments["calibration"].tokens[:2, :128], export))
+                    model = None  # check_export freed it
+        shutil.rmtree(scratch, ignore_errors=True)
 
         results = {
             "name": name,
@@ -241,6 +276,7 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str]) -
                 "params": params,
                 "nonzero": nonzero,
                 "safetensors_mb": round(sum(f.stat().st_size for f in tmp.glob("*.safetensors")) / 2**20, 2),
+                **linears,
             },
             "export": export,
             "seconds": phases.seconds,
@@ -257,7 +293,8 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str]) -
             "versions": runinfo.versions(),
             "git": runinfo.git_commit(),
             "machine": runinfo.machine(),
-            "layer_achieved": {k: r["layer_achieved"] for k, r in enumerate(records)},
+            "layer_achieved": {k: r["layer_achieved"] for k, r in enumerate(records) if "layer_achieved" in r},
+            "layer_bits": {k: r["layer_bits"] for k, r in enumerate(records) if "layer_bits" in r},
             "timings": phases.seconds,
             "peak_rss_mb": round(runinfo.peak_rss_mb(), 1),
             "started": started,

@@ -99,39 +99,91 @@ def write_report(out: Path, results: dict) -> list[str]:
         lines += ["", f"Peak memory {memory['peak_rss_mb']:.0f} MB (resident), reached during {memory['peak_phase']}."]
     lines.append("")
     for k, record in enumerate(results["stages"]):
-        lines += [f"## Stage {k}: {record['kind']} ({record['method']}, {record['pattern']}, {record['allocation']['kind']})", ""]
-        lines.append(f"Target sparsity {record['target']:.4f}, achieved {record['achieved']:.4f}, {record['seconds']:.1f} s.")
-        if record.get("search"):
-            name = f"stage{k}_beta_search.png"
-            plot_search(record, out / name)
-            files.append(name)
-            lines += ["", "| beta | validation ppl | seconds |", "|---|---|---|"]
-            lines += [f"| {t['beta']:.5f} | {t['score']:.3f} | {t['seconds']:.1f} |" for t in record["search"]]
-            lines += ["", f"Chosen beta: {record['beta']:.5f}", "", f"![beta search]({name})"]
-        name = f"stage{k}_sparsity.png"
-        plot_block_ratios(record, out / name)
-        files.append(name)
-        lines += ["", f"![per-block sparsity]({name})", "", "| block | allocated | pattern | achieved |", "|---|---|---|---|"]
-        patterns = record.get("block_patterns") or [record["pattern"]] * len(record["block_ratios"])
-        for i, (r, p, a) in enumerate(zip(record["block_ratios"], patterns, record["block_achieved"])):
-            lines.append(f"| {i} | {r:.4f} | {p} | {a:.4f} |")
-        if record.get("notes"):
-            lines += ["", "Notes:"] + [f"- {n}" for n in record["notes"]]
-        lines.append("")
-    parity = results.get("export", {}).get("parity")
-    if parity:
-        lines.append(f"Export check: reloaded model's logits differ by at most {parity['max_abs_logit_diff']:g}.")
+        lines += STAGE_SECTIONS[record["kind"]](k, record, out, files) + [""]
+    lines += _export_lines(results.get("export", {}), results["size"])
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return files
 
 
+def _search_lines(k: int, record: dict, out: Path, files: list[str]) -> list[str]:
+    if not record.get("search"):
+        return []
+    name = f"stage{k}_beta_search.png"
+    plot_search(record, out / name)
+    files.append(name)
+    lines = ["", "| beta | validation ppl | seconds |", "|---|---|---|"]
+    lines += [f"| {t['beta']:.5f} | {t['score']:.3f} | {t['seconds']:.1f} |" for t in record["search"]]
+    return lines + ["", f"Chosen beta: {record['beta']:.5f}", "", f"![beta search]({name})"]
+
+
+def _notes(record: dict) -> list[str]:
+    return ["", "Notes:"] + [f"- {n}" for n in record["notes"]] if record.get("notes") else []
+
+
+def prune_section(k: int, record: dict, out: Path, files: list[str]) -> list[str]:
+    lines = [f"## Stage {k}: prune ({record['method']}, {record['pattern']}, {record['allocation']['kind']})", ""]
+    lines.append(f"Target sparsity {record['target']:.4f}, achieved {record['achieved']:.4f}, {record['seconds']:.1f} s.")
+    if record.get("quantize"):
+        q = record["quantize"]
+        lines.append(f"Kept weights quantised in the same pass (joint SparseGPT): int{q['bits']} g{q['group_size']} {'sym' if q['sym'] else 'asym'}.")
+    lines += _search_lines(k, record, out, files)
+    name = f"stage{k}_sparsity.png"
+    plot_block_ratios(record, out / name)
+    files.append(name)
+    lines += ["", f"![per-block sparsity]({name})", "", "| block | allocated | pattern | achieved |", "|---|---|---|---|"]
+    patterns = record.get("block_patterns") or [record["pattern"]] * len(record["block_ratios"])
+    for i, (r, p, a) in enumerate(zip(record["block_ratios"], patterns, record["block_achieved"])):
+        lines.append(f"| {i} | {r:.4f} | {p} | {a:.4f} |")
+    return lines + _notes(record)
+
+
+def quantize_section(k: int, record: dict, out: Path, files: list[str]) -> list[str]:
+    lines = [f"## Stage {k}: quantize ({record['method']}, {record['format']}, {record['allocation']['kind']})", ""]
+    lines.append(
+        f"Mean bit-width {record['achieved']:.3f} (target {record['target']:g}); {record['bits_per_weight']:.3f} bits per weight "
+        f"stored with scales and zero points; {record['seconds']:.1f} s."
+    )
+    lines.append(f"Zeros from earlier stages: {record['zeros_before']}, of which {record['zeros_kept']} still exactly zero; "
+                 f"{record['zeros_after']} zeros after quantising.")
+    sqnr = list(record.get("layer_sqnr_db", {}).values())
+    if sqnr:
+        lines.append(f"Layer output SQNR on the calibration inputs: min {min(sqnr):.1f} dB, mean {sum(sqnr) / len(sqnr):.1f} dB.")
+    lines += _search_lines(k, record, out, files)
+    if len(set(record["block_bits"])) > 1:
+        lines += ["", "| block | bits |", "|---|---|"] + [f"| {i} | {b} |" for i, b in enumerate(record["block_bits"])]
+    return lines + _notes(record)
+
+
+STAGE_SECTIONS = {"prune": prune_section, "quantize": quantize_section}
+
+
+def _export_lines(export: dict, size: dict) -> list[str]:
+    if not export:
+        return ["No export (export.hf: false)."]
+    lines = [f"## Export: {export['format']}", "", f"Files: {', '.join(export['files'])} ({size['safetensors_mb']:.1f} MB of safetensors)."]
+    lines.append(f"Decoder-block Linear layers: sparsity {size['block_linear_sparsity']:.4f}, {size['block_linear_bits_per_weight']:.3f} bits per weight as stored.")
+    weights = export.get("weights")
+    if weights:
+        lines.append(f"Saved weights decoded: {weights['layers']} quantised layers, largest difference from the model {weights['max_abs_weight_diff']:g}.")
+    parity = export.get("parity")
+    if parity and parity.get("checked"):
+        lines.append(f"Reloaded with {parity['loader']}: logits differ by at most {parity['max_abs_logit_diff']:g} "
+                     f"({parity['relative']:.2e} of the largest logit; tolerance {parity['tolerance']:g}).")
+    elif parity:
+        lines.append(f"Not reloaded through transformers: {parity['reason']}.")
+    return lines + [f"- {n}" for n in export.get("notes", [])]
+
+
 def summary_table(results: dict) -> Table:
     table = Table(title=results["name"])
-    for column in ("model", "perplexity", "zero-shot acc", "sparsity", "seconds"):
+    for column in ("model", "perplexity", "zero-shot acc", "sparsity", "bits/weight", "seconds"):
         table.add_column(column, justify="right" if column != "model" else "left")
-    ppl, zs = results["perplexity"], results.get("zero_shot", {})
-    table.add_row("dense", _ppl(ppl.get("dense")), _acc(zs.get("dense")), "0", "-")
-    sparsity = ", ".join(f"{r['achieved']:.3f}" for r in results["stages"]) or "-"
-    stage_seconds = sum(r["seconds"] for r in results["stages"])
-    table.add_row("compressed", _ppl(ppl.get("compressed")), _acc(zs.get("compressed")), sparsity, f"{stage_seconds:.0f}")
+    ppl, zs, size = results["perplexity"], results.get("zero_shot", {}), results["size"]
+    table.add_row("dense", _ppl(ppl.get("dense")), _acc(zs.get("dense")), "-", "-", "-")
+    if results["stages"]:
+        stage_seconds = sum(r["seconds"] for r in results["stages"])
+        table.add_row(
+            "compressed", _ppl(ppl.get("compressed")), _acc(zs.get("compressed")),
+            f"{size['block_linear_sparsity']:.3f}", f"{size['block_linear_bits_per_weight']:.2f}", f"{stage_seconds:.0f}",
+        )
     return table

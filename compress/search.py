@@ -9,10 +9,19 @@ spared, then rises once the last blocks are pruned too hard).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from compress.errors import CompressError
+from compress.evaluate import perplexity
+from compress.spill import WeightFile, ZeroMask, scratch_folder
+
+log = logging.getLogger("compress")
 
 INV_PHI = (math.sqrt(5) - 1) / 2  # 0.618...
 
@@ -60,3 +69,66 @@ def golden_section(f: Callable[[float], float], lo: float, hi: float, trials: in
                     f2 = score(x2)
     best = min(log, key=lambda t: (t.score, t.beta))
     return best.beta, log
+
+
+def search_beta(
+    model,
+    ctx,
+    modules: dict[str, nn.Module],
+    beta_max: float,
+    trials: int,
+    plan: Callable[[float], Hashable],
+    compress: Callable[[Hashable, list[str]], None],
+    zeros_only: bool,
+) -> tuple[float, list[dict], list[str]]:
+    """Golden-section search of ATP's beta for any stage: each trial compresses the whole model
+    with plan(beta) (compress(plan, notes)) and scores it on the validation windows.
+
+    Leaves the model compressed with the chosen beta, never compressing the winner twice; returns
+    beta, the trials and the winner's notes. No whole copy of the weights stays in memory (see
+    compress/spill.py): the weights every trial starts from are spilled to disk, and the best
+    trial is kept as a bit mask where the stage only zeroes weights (zeros_only: magnitude,
+    Wanda), or spilled to disk with the layers' quantisation state otherwise.
+    """
+    if ctx.validation is None:
+        raise CompressError(f"{ctx.stage_key}.allocation.beta: 'auto' needs validation data (data.validation)")
+    scores: dict[Hashable, float] = {}  # rounding can map several betas to one plan: score it once
+    best: dict = {"score": math.inf}
+    with scratch_folder(ctx.scratch_dir) as folder:
+        start = WeightFile(folder / "start.bin", modules)
+        start.save()
+        best_weights = WeightFile(folder / "best.bin", modules)
+
+        def trial(beta: float) -> float:
+            key = plan(beta)
+            if key not in scores:
+                if scores:
+                    start.load()
+                trial_notes: list[str] = []
+                compress(key, trial_notes)
+                scores[key] = perplexity(model, ctx.validation.tokens, desc="validation").ppl
+                log.info("  beta=%.5f  validation ppl %.3f", beta, scores[key])
+                if scores[key] < best["score"]:
+                    if zeros_only:
+                        best["mask"] = ZeroMask(modules)
+                    else:
+                        best_weights.save()
+                        best["states"] = {name: getattr(m, "quant_state", None) for name, m in modules.items()}
+                    best.update(score=scores[key], key=key, notes=trial_notes)
+            return scores[key]
+
+        beta, trials_done = golden_section(trial, 0.0, beta_max, trials)
+        chosen, notes = plan(beta), []
+        if best.get("key") == chosen:
+            if zeros_only:
+                start.load()
+                best["mask"].apply()
+            else:
+                best_weights.load()
+                for name, state in best["states"].items():
+                    modules[name].quant_state = state
+            notes = best["notes"]
+        else:  # every trial scored inf (diverged): compress once more with the beta returned
+            start.load()
+            compress(chosen, notes)
+    return beta, [t.as_dict() for t in trials_done], notes

@@ -68,9 +68,23 @@ class ZeroMask:
         self.modules = modules
         self.bits = {name: np.packbits((m.weight.data == 0).cpu().numpy().reshape(-1)) for name, m in modules.items()}
 
+    def mask(self, name: str) -> torch.Tensor:
+        """The bool mask of one module, shaped and placed like its weight."""
+        W = self.modules[name].weight.data
+        zero = np.unpackbits(self.bits[name], count=W.numel()).astype(bool).reshape(W.shape)
+        return torch.from_numpy(zero).to(W.device)
+
     def apply(self) -> None:
         """Zero the masked weights (of modules restored to their dense values)."""
         for name, m in self.modules.items():
-            W = m.weight.data
-            zero = np.unpackbits(self.bits[name], count=W.numel()).astype(bool).reshape(W.shape)
-            W[torch.from_numpy(zero).to(W.device)] = 0
+            m.weight.data[self.mask(name)] = 0
+
+    def counts(self) -> tuple[int, int, int]:
+        """Zeros in the mask, of those still zero in the modules now, and zeros now."""
+        masked = kept = now = 0
+        for name, m in self.modules.items():
+            zero, was = m.weight.data == 0, self.mask(name)
+            masked += int(was.sum())
+            kept += int((was & zero).sum())
+            now += int(zero.sum())
+        return masked, kept, now

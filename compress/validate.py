@@ -4,7 +4,8 @@ Beyond the schema (recipe.py): the model, data and task files exist and have the
 output folder can be written, and everything that depends on the model is checked on a skeleton
 built from its config on the meta device (no weights, no memory): the architecture is supported,
 each stage's targets/ignore select some Linear layer, windows fit the context length, and
-allocations that depend on the number of blocks (explicit lists, a fixed ATP beta) fit it; and
+each stage's own checks of the selected layers (check_layers: explicit lists and fixed ATP betas
+against the block count, N:M divisibility, ...); and
 the text is cut with the model's tokenizer, so a source too short for its windows fails here too.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compress import allocate
 from compress.data import BUILTIN_SOURCES, DATASET_SOURCES, build_segments, check_file_source, resolve_path
 from compress.engine import check_context, check_output_dir, output_dir_for
 from compress.errors import CompressError
@@ -64,18 +64,7 @@ def check_recipe(recipe: Recipe, recipe_path: Path) -> list[str]:
     # one, fail here rather than after the model has loaded.
     build_segments(roles, read_tokenizer(m.source, m.trust_remote_code, m.allow_pickle))
     for k, stage in enumerate(recipe.stages):
-        where = f"stages[{k}]"
-        if hasattr(stage, "targets"):
-            layers, _ = select_linears(model, stage.targets, stage.ignore, where)
-            if hasattr(stage, "check_layers"):
-                stage.check_layers(layers, where)
-        alloc = getattr(stage, "allocation", None)
-        if isinstance(alloc, allocate.ExplicitAllocation) and len(alloc.ratios) != blocks:
-            raise CompressError(f"{where}.allocation.ratios: {len(alloc.ratios)} entries, the model has {blocks} blocks")
-        if isinstance(alloc, allocate.AtpAllocation) and alloc.beta != "auto":
-            try:
-                allocate.atp(blocks, stage.target, alloc.beta)
-            except CompressError as err:
-                raise CompressError(f"{where}.allocation.beta: {err}") from None
+        layers, _ = select_linears(model, stage.targets, stage.ignore, f"stages[{k}]")
+        stage.check_layers(layers, f"stages[{k}]")  # allocation lengths, fixed betas, shapes
     notes.append(f"model: {type(model).__name__}, {blocks} decoder blocks, context {context_length(config)} tokens")
     return notes

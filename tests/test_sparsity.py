@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from compress.errors import CompressError
-from compress.sparsegpt import sparsegpt_prune
+from compress.obs import sparsegpt_prune
 from compress.sparsity import is_nm, matrix_mask, nm_mask, row_mask, wanda_score
 from compress.stats import Hessian, InputNorms
 
@@ -83,7 +83,7 @@ def _error(W, W_new, X):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sparsegpt_beats_magnitude_and_wanda_on_reconstruction(nm, seed):
     W, X, H = _layer_problem(seed=seed)
-    pruned, _ = sparsegpt_prune(W, H, 0.5, nm=nm, blocksize=32)
+    pruned, _, _ = sparsegpt_prune(W, H, 0.5, nm=nm, blocksize=32)
     magnitude, wanda = W.clone(), W.clone()
     if nm is None:
         magnitude[row_mask(W.abs(), 0.5)] = 0
@@ -101,7 +101,7 @@ def test_sparsegpt_handles_dead_inputs():
     W, X, H = _layer_problem(cols=32)
     H[3, :] = 0
     H[:, 3] = 0
-    pruned, damp = sparsegpt_prune(W, H, 0.5, blocksize=16)
+    pruned, damp, _ = sparsegpt_prune(W, H, 0.5, blocksize=16)
     assert torch.isfinite(pruned).all() and pruned[:, 3].eq(0).all() and damp == 0.01
 
 

@@ -1,11 +1,13 @@
 """Stage kinds: a plain table from the recipe's `kind` to (config class, apply function).
 
-To add a kind: write a module with a Config subclass (with `kind: Literal["..."]`) and
-`apply(model, ctx, cfg) -> (model, record)`, then add one line here.
+To add a kind: write a module with a Config subclass (with `kind: Literal["..."]`, `targets`,
+`ignore` and `check_layers(layers, stage_key)`) and `apply(model, ctx, cfg) -> (model, record)`,
+where the record has `as_dict()`, `summary()` and `seconds`; then add one line here.
 """
 
-from compress.stages import prune
+from compress.stages import prune, quantize
 
 STAGES = {
     "prune": (prune.PruneConfig, prune.apply),
+    "quantize": (quantize.QuantizeConfig, quantize.apply),
 }

@@ -7,7 +7,6 @@ Entry point: apply(model, ctx, cfg) -> (model, PruneRecord).
 from __future__ import annotations
 
 import logging
-import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,11 +22,10 @@ from compress.calibrate import sequential
 from compress.config import Config
 from compress.context import StageContext
 from compress.errors import CompressError
-from compress.evaluate import perplexity
 from compress.model import get_weight, in_features, select_linears, set_weight
-from compress.search import golden_section
-from compress.sparsegpt import sparsegpt_prune
-from compress.spill import WeightFile, ZeroMask, scratch_folder
+from compress.obs import sparsegpt_prune
+from compress.quant import Grid
+from compress.search import search_beta
 from compress.sparsity import fraction_zero, magnitude_score, matrix_mask, nm_mask, row_mask, wanda_score
 from compress.stats import Hessian, InputNorms
 
@@ -65,6 +63,25 @@ Pattern = Annotated[
 ]
 
 
+class JointQuant(Config):
+    """SparseGPT's joint mode: the kept weights go onto this grid in the same OBS pass."""
+
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: int = 128  # -1: one scale per output row
+    sym: bool = True
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, value: int) -> int:
+        if value != -1 and value < 1:
+            raise ValueError("group_size must be a positive number of columns or -1 (per channel)")
+        return value
+
+    @property
+    def grid(self) -> Grid:
+        return Grid(self.bits, self.group_size, self.sym)
+
+
 class PruneConfig(Config):
     kind: Literal["prune"] = "prune"
     method: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
@@ -76,6 +93,7 @@ class PruneConfig(Config):
     ignore: list[str] = []
     blocksize: int = Field(default=128, gt=0)  # sparsegpt: columns per lazy update
     dampening: float = Field(default=0.01, gt=0)  # sparsegpt: fraction of mean diag(H) added to H
+    quantize: JointQuant | None = None  # sparsegpt: quantise the kept weights in the same pass
 
     @field_validator("targets", "ignore")
     @classmethod
@@ -100,12 +118,22 @@ class PruneConfig(Config):
                 raise ValueError(f"sparsity {self.sparsity} contradicts pattern {self.pattern} (sparsity {implied}); drop sparsity")
         elif self.sparsity is None:
             raise ValueError("sparsity is required (a number in (0, 1))")
+        if self.quantize is not None and self.method != "sparsegpt":
+            raise ValueError("quantize (joint pruning and quantisation) needs method sparsegpt")
         if self.pattern is not None and self.method == "sparsegpt" and self.blocksize % self.pattern.m:
             raise ValueError(f"blocksize {self.blocksize} must be a multiple of the pattern's M ({self.pattern.m})")
         return self
 
     def check_layers(self, layers: list[dict[str, nn.Module]], stage_key: str) -> None:
         """What only the model's shapes can tell (validate runs this on a meta-device skeleton)."""
+        alloc, where = self.allocation, f"{stage_key}.allocation"
+        if isinstance(alloc, allocate.ExplicitAllocation) and len(alloc.ratios) != len(layers):
+            raise CompressError(f"{where}.ratios: {len(alloc.ratios)} entries, the model has {len(layers)} blocks")
+        if isinstance(alloc, allocate.AtpAllocation) and alloc.beta != "auto":
+            try:
+                allocate.atp(len(layers), self.target, alloc.beta)
+            except CompressError as err:
+                raise CompressError(f"{where}.beta: {err}") from None
         if self.pattern is None:
             return
         for block in layers:
@@ -146,9 +174,14 @@ class PruneRecord:
     skipped: list[str] = field(default_factory=list)  # Linears inside blocks left dense
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    quantize: dict | None = None  # joint mode: the grid of the kept weights
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def summary(self) -> str:
+        grid = f", kept weights on int{self.quantize['bits']} g{self.quantize['group_size']}" if self.quantize else ""
+        return f"{self.method} {self.pattern}, sparsity {self.achieved:.4f} (target {self.target:.4f}){grid}"
 
 
 # ---------------------------------------------------------------- layer selection
@@ -183,8 +216,11 @@ def prune_layer(module: nn.Module, plan: BlockPlan, cfg: PruneConfig, stats) -> 
     """Prune one Linear in place; returns the damping SparseGPT needed (None otherwise)."""
     W = get_weight(module)  # (out, in) view: writes land in the module
     if cfg.method == "sparsegpt":
-        W_new, damp = sparsegpt_prune(W, stats.H, plan.ratio, plan.nm, cfg.blocksize, cfg.dampening)
+        grid = cfg.quantize.grid if cfg.quantize else None
+        W_new, damp, state = sparsegpt_prune(W, stats.H, plan.ratio, plan.nm, cfg.blocksize, cfg.dampening, grid)
         set_weight(module, W_new)
+        if state is not None:
+            module.quant_state = state
         return damp
     score = magnitude_score(W) if cfg.method == "magnitude" else wanda_score(W.float(), stats.norm2)
     if plan.nm is not None:
@@ -273,56 +309,22 @@ def allocate_ratios(model, ctx, cfg: PruneConfig, layers, beta: float | None) ->
 # ---------------------------------------------------------------- beta search
 
 
-def search_beta(model, ctx: StageContext, cfg: PruneConfig, layers, notes: list[str]) -> tuple[float, list[dict]]:
-    """Golden-section search of ATP's beta, each trial a full prune scored on validation text.
-
-    Leaves the model pruned with the chosen beta, never pruning the winner twice. No whole copy of
-    the weights stays in memory (see compress/spill.py): the dense weights every trial starts
-    from are spilled to disk, and the best trial is kept as a bit mask where the method only zeroes
-    weights (magnitude, Wanda), or spilled to disk where it also updates them (SparseGPT).
-    """
-    if ctx.validation is None:
-        raise CompressError(f"{ctx.stage_key}.allocation.beta: 'auto' needs validation data (data.validation)")
+def choose_beta(model, ctx: StageContext, cfg: PruneConfig, layers, notes: list[str]) -> tuple[float, list[dict]]:
+    """ATP's beta by golden-section search on validation text (compress/search.py); leaves the
+    model pruned with it."""
     L, S = len(layers), cfg.target
     modules = {name: m for block in layers for name, m in block.items()}
-    scores: dict[tuple, float] = {}  # N:M rounding can map several betas to one plan: score it once
-    best: dict = {"score": math.inf}
-    with scratch_folder(ctx.scratch_dir) as folder:
-        dense = WeightFile(folder / "dense.bin", modules)
-        dense.save()
-        best_weights = WeightFile(folder / "best.bin", modules)
 
-        def trial(beta: float) -> float:
-            plans = plan_blocks(allocate.atp(L, S, beta), cfg.pattern)
-            key = tuple(plans)
-            if key not in scores:
-                if scores:
-                    dense.load()
-                trial_notes: list[str] = []
-                prune_model(model, ctx, cfg, layers, plans, trial_notes)
-                scores[key] = perplexity(model, ctx.validation.tokens, desc="validation").ppl
-                log.info("  beta=%.5f  validation ppl %.3f", beta, scores[key])
-                if scores[key] < best["score"]:
-                    if cfg.method == "sparsegpt":
-                        best_weights.save()
-                    else:
-                        best["mask"] = ZeroMask(modules)
-                    best.update(score=scores[key], key=key, notes=trial_notes)
-            return scores[key]
+    def prune(plans, trial_notes):
+        prune_model(model, ctx, cfg, layers, list(plans), trial_notes)
 
-        beta, trials = golden_section(trial, 0.0, allocate.atp_beta_max(L, S), cfg.allocation.trials)
-        chosen = plan_blocks(allocate.atp(L, S, beta), cfg.pattern)
-        if best.get("key") == tuple(chosen):
-            if cfg.method == "sparsegpt":
-                best_weights.load()
-            else:
-                dense.load()
-                best["mask"].apply()
-            notes.extend(best["notes"])
-        else:  # every trial scored inf (diverged): prune once more with the beta returned
-            dense.load()
-            prune_model(model, ctx, cfg, layers, chosen, notes)
-    return beta, [t.as_dict() for t in trials]
+    beta, trials, winner_notes = search_beta(
+        model, ctx, modules, allocate.atp_beta_max(L, S), cfg.allocation.trials,
+        plan=lambda beta: tuple(plan_blocks(allocate.atp(L, S, beta), cfg.pattern)),
+        compress=prune, zeros_only=cfg.method != "sparsegpt",
+    )
+    notes.extend(winner_notes)
+    return beta, trials
 
 
 # ---------------------------------------------------------------- entry point
@@ -337,7 +339,7 @@ def apply(model, ctx: StageContext, cfg: PruneConfig) -> tuple[nn.Module, PruneR
     if isinstance(cfg.allocation, allocate.AtpAllocation):
         beta = cfg.allocation.beta
         if beta == "auto":
-            beta, search = search_beta(model, ctx, cfg, layers, notes)  # leaves the model pruned
+            beta, search = choose_beta(model, ctx, cfg, layers, notes)  # leaves the model pruned
             log.info("chosen beta %.5f from %d trials", beta, len(search))
     ratios = allocate_ratios(model, ctx, cfg, layers, beta)
     plans = plan_blocks(ratios, cfg.pattern)
@@ -372,4 +374,5 @@ def measure(cfg: PruneConfig, layers, ratios, plans, beta, search, skipped, note
         skipped=skipped,
         notes=notes,
         seconds=seconds,
+        quantize=cfg.quantize.model_dump() if cfg.quantize else None,
     )

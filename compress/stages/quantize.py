@@ -1,0 +1,321 @@
+"""The quantize stage: weights onto integer grids (GPTQ, round-to-nearest) or bitsandbytes
+formats (NF4, FP4, INT8), bit-widths per block from an allocator, zeros of earlier stages kept.
+
+GPTQ runs through the shared block runner, so each block is calibrated on the outputs of the
+blocks already compressed. Each quantised Linear keeps its grid in `module.quant_state` (GPTQ /
+RTN) or `module.bnb_format` (bitsandbytes): the in-memory model holds the dequantised weights,
+exactly what a loader of the saved checkpoint computes with, and exporters pack them.
+
+Entry point: apply(model, ctx, cfg) -> (model, QuantizeRecord).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Annotated, Literal, Union
+
+import torch
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+
+from compress import allocate
+from compress.allocate import AtpAllocation, UniformAllocation
+from compress.calibrate import sequential
+from compress.config import Config
+from compress.context import StageContext
+from compress.errors import CompressError
+from compress.model import get_weight, in_features, select_linears, set_weight
+from compress.obs import gptq_quantize
+from compress.quant import BNB_BLOCKSIZE, Grid, rtn, stored_bits
+from compress.search import search_beta
+from compress.spill import ZeroMask
+from compress.stats import Hessian
+
+log = logging.getLogger("compress")
+
+
+# ---------------------------------------------------------------- config
+
+
+class ExplicitBits(Config):
+    kind: Literal["explicit"] = "explicit"
+    bits: list[Literal[2, 3, 4, 8]]  # one width per decoder block
+
+
+BitsAllocation = Annotated[Union[UniformAllocation, AtpAllocation, ExplicitBits], Field(discriminator="kind")]
+
+
+class QuantizeConfig(Config):
+    kind: Literal["quantize"] = "quantize"
+    method: Literal["gptq", "rtn", "bnb"] = "gptq"
+    bits: float | None = None  # gptq/rtn: 2|3|4|8 (default 4); with atp the size-weighted mean, e.g. 3.0
+    format: Literal["nf4", "fp4", "int8"] | None = None  # bnb only (default nf4)
+    group_size: int = 128  # input columns per scale; -1: one scale per output row
+    sym: bool = True
+    act_order: bool = False  # gptq: visit columns by descending Hessian diagonal (desc_act)
+    dampening: float = Field(default=0.01, gt=0)  # gptq: fraction of mean diag(H) added to H
+    blocksize: int = Field(default=128, gt=0)  # gptq: columns per lazy update
+    keep_sparsity: bool = True  # zeros from earlier stages stay exactly zero
+    allocation: BitsAllocation = UniformAllocation()
+    targets: list[str] = [".*"]  # regexes on full module names of Linears inside decoder blocks
+    ignore: list[str] = []
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _regexes(cls, patterns: list[str]) -> list[str]:
+        for p in patterns:
+            try:
+                re.compile(p)
+            except re.error as err:
+                raise ValueError(f"bad regular expression {p!r}: {err}") from err
+        return patterns
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, value: int) -> int:
+        if value != -1 and value < 1:
+            raise ValueError("group_size must be a positive number of columns or -1 (per channel)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.method == "bnb":
+            if self.bits is not None or not isinstance(self.allocation, UniformAllocation):
+                raise ValueError("bnb takes its width from `format` (nf4, fp4, int8): drop bits and use allocation uniform")
+            if self.act_order:
+                raise ValueError("act_order applies to gptq only")
+            return self
+        if self.format is not None:
+            raise ValueError(f"format applies to method bnb; {self.method} takes bits")
+        if self.act_order and self.method != "gptq":
+            raise ValueError("act_order applies to gptq only")
+        alloc = self.allocation
+        if isinstance(alloc, ExplicitBits):
+            mean = sum(alloc.bits) / len(alloc.bits)
+            if self.bits is not None and abs(self.bits - mean) > 1e-3:
+                raise ValueError(f"bits {self.bits} differs from the mean of allocation.bits ({mean:.4f}); drop one")
+        elif isinstance(alloc, AtpAllocation):
+            if not allocate.BIT_WIDTHS[0] <= self.target_bits <= allocate.BIT_WIDTHS[-1]:
+                raise ValueError(f"bits (the mean over blocks) must be within [2, 8], got {self.target_bits}")
+        elif self.target_bits not in allocate.BIT_WIDTHS:
+            raise ValueError(f"bits must be one of 2, 3, 4, 8, got {self.bits:g}")
+        return self
+
+    @property
+    def target_bits(self) -> float:
+        """The mean bit-width asked for (bnb: its format's)."""
+        if self.method == "bnb":
+            return {"nf4": 4, "fp4": 4, "int8": 8}[self.format or "nf4"]
+        if isinstance(self.allocation, ExplicitBits):
+            return sum(self.allocation.bits) / len(self.allocation.bits)
+        return 4.0 if self.bits is None else float(self.bits)
+
+    @property
+    def bnb_format(self) -> str:
+        return self.format or "nf4"
+
+    def check_layers(self, layers: list[dict[str, nn.Module]], stage_key: str) -> None:
+        """What only the model's shapes can tell (validate runs this on a meta-device skeleton)."""
+        alloc, where = self.allocation, f"{stage_key}.allocation"
+        if isinstance(alloc, ExplicitBits) and len(alloc.bits) != len(layers):
+            raise CompressError(f"{where}.bits: {len(alloc.bits)} entries, the model has {len(layers)} blocks")
+        if isinstance(alloc, AtpAllocation) and alloc.beta != "auto":
+            try:
+                allocate.atp_bits(len(layers), self.target_bits, alloc.beta)
+            except CompressError as err:
+                raise CompressError(f"{where}.beta: {err}") from None
+        if self.method == "bnb" and self.bnb_format != "int8":
+            for block in layers:
+                for name, module in block.items():
+                    if get_weight(module).numel() % BNB_BLOCKSIZE:
+                        raise CompressError(f"{stage_key}: {name} has {get_weight(module).numel()} weights, not a multiple of {BNB_BLOCKSIZE} (bnb 4-bit blocks)")
+
+
+# ---------------------------------------------------------------- record
+
+
+@dataclass
+class QuantizeRecord:
+    kind: str
+    method: str
+    format: str  # "int4 g128 sym", "nf4", ...
+    allocation: dict
+    target: float  # mean bits asked for
+    block_bits: list[int]  # bit-width per decoder block
+    achieved: float  # size-weighted mean bits of the quantised weights (codes only)
+    bits_per_weight: float  # including scales, zero points and group indices, as stored
+    layer_bits: dict[str, int]
+    layer_sqnr_db: dict[str, float]  # gptq: output signal-to-noise estimated with the layer's Hessian
+    zeros_before: int  # exact zeros in the quantised layers before the stage (earlier stages' sparsity)
+    zeros_kept: int  # of those, still exactly zero after it
+    zeros_after: int
+    beta: float | None = None
+    search: list[dict] | None = None
+    skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return f"{self.method} {self.format}, {self.achieved:.2f} bits ({self.bits_per_weight:.2f} stored), {self.zeros_kept}/{self.zeros_before} zeros kept"
+
+
+# ---------------------------------------------------------------- one layer
+
+
+def grid_of(cfg: QuantizeConfig, bits: int) -> Grid:
+    return Grid(bits, cfg.group_size, cfg.sym)
+
+
+def bnb_roundtrip(W: torch.Tensor, fmt: str) -> torch.Tensor:
+    """W through bitsandbytes' own quantiser and back (float32), as a bnb checkpoint holds it."""
+    try:
+        import bitsandbytes.functional as F
+    except ImportError as err:
+        raise CompressError("method bnb needs bitsandbytes: pip install 'atp-compress[bnb]'") from err
+    if fmt == "int8":  # per-row absmax of the float16 weight, as Linear8bitLt stores it (int8 + SCB)
+        CB, SCB, _ = F.int8_vectorwise_quant(W.half().contiguous())
+        return CB.float() * SCB.float()[:, None] / 127
+    packed, state = F.quantize_4bit(W.float().contiguous(), blocksize=BNB_BLOCKSIZE, quant_type=fmt)
+    return F.dequantize_4bit(packed, state).float()
+
+
+# ---------------------------------------------------------------- the model
+
+
+def quantize_model(model, ctx: StageContext, cfg: QuantizeConfig, layers, block_bits: list[int], stats_out: dict) -> None:
+    """Quantise every selected layer of every block to its block's width, in place."""
+
+    def frozen(W):  # zeros of earlier stages, which must stay exactly zero
+        return (W == 0) if cfg.keep_sparsity else None
+
+    def finish(module, W_new, state):
+        set_weight(module, W_new)
+        if state is not None:
+            module.quant_state = state
+        if cfg.method == "bnb":
+            module.bnb_format = cfg.bnb_format
+
+    if cfg.method != "gptq":  # needs no data; 0 is on every grid, so zeros stay zeros
+        for block, bits in zip(layers, block_bits):
+            for module in block.values():
+                W = get_weight(module)
+                if cfg.method == "rtn":
+                    finish(module, *rtn(W, grid_of(cfg, bits)))
+                else:
+                    finish(module, bnb_roundtrip(W, cfg.bnb_format), None)
+        return
+    stats: dict[str, Hessian] = {}
+
+    def observe(i, block):
+        stats.clear()
+        stats.update({name: Hessian(in_features(m)) for name, m in layers[i].items()})
+        return {m: stats[name] for name, m in layers[i].items()}
+
+    def compress(i, block):
+        for name, module in layers[i].items():
+            W, H = get_weight(module), stats[name].H
+            W_new, damp, state = gptq_quantize(W, H, grid_of(cfg, block_bits[i]), frozen(W), cfg.blocksize, cfg.dampening, cfg.act_order)
+            stats_out[name] = sqnr_from_hessian(W.float(), W_new, H)
+            if damp > cfg.dampening:
+                stats_out.setdefault("_notes", []).append(f"{name}: GPTQ needed dampening {damp:g} (asked {cfg.dampening:g})")
+            finish(module, W_new, state)
+        return bool(layers[i])
+
+    sequential(model, ctx.block_inputs(model), observe, compress, f"gptq {cfg.target_bits:g}-bit", ctx.calibration_dtype)
+
+
+def sqnr_from_hessian(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """Output SQNR (dB) of the layer on its calibration inputs: tr(W H W^T) / tr(E H E^T), E = W - W_hat."""
+    E = W - W_hat
+    signal = float(((W @ H) * W).sum())
+    noise = float(((E @ H) * E).sum())
+    return 10 * float(torch.log10(torch.tensor(signal / max(noise, 1e-30))))
+
+
+# ---------------------------------------------------------------- allocation
+
+
+def block_sizes(layers) -> torch.Tensor:
+    return torch.tensor([float(sum(get_weight(m).numel() for m in block.values())) for block in layers])
+
+
+def widths(cfg: QuantizeConfig, layers, beta: float | None) -> list[int]:
+    L = len(layers)
+    if cfg.method == "bnb":
+        return [int(cfg.target_bits)] * L
+    alloc = cfg.allocation
+    if isinstance(alloc, ExplicitBits):
+        return list(alloc.bits)
+    if isinstance(alloc, AtpAllocation):
+        return allocate.atp_bits(L, cfg.target_bits, beta, block_sizes(layers))
+    return [int(cfg.target_bits)] * L
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def apply(model, ctx: StageContext, cfg: QuantizeConfig) -> tuple[nn.Module, QuantizeRecord]:
+    start = time.perf_counter()
+    layers, skipped = select_linears(model, cfg.targets, cfg.ignore, ctx.stage_key)
+    cfg.check_layers(layers, ctx.stage_key)
+    modules = {name: m for block in layers for name, m in block.items()}
+    zeros_before = ZeroMask(modules)  # one bit per weight
+    layer_stats: dict = {}
+    notes: list[str] = []
+    beta, search = None, None
+    if isinstance(cfg.allocation, AtpAllocation):
+        beta = cfg.allocation.beta
+        if beta == "auto":
+            L, B = len(layers), cfg.target_bits
+            beta, search, notes = search_beta(
+                model, ctx, modules, allocate.atp_bits_beta_max(L, B), cfg.allocation.trials,
+                plan=lambda b: tuple(allocate.atp_bits(L, B, b, block_sizes(layers))),
+                compress=lambda bits, trial_notes: quantize_model(model, ctx, cfg, layers, list(bits), layer_stats),
+                zeros_only=False,
+            )
+            log.info("chosen beta %.5f from %d trials", beta, len(search))
+    block_bits = widths(cfg, layers, beta)
+    if search is None:
+        quantize_model(model, ctx, cfg, layers, block_bits, layer_stats)
+    notes += layer_stats.pop("_notes", [])
+    return model, measure(cfg, layers, block_bits, zeros_before, layer_stats, beta, search, skipped, notes, time.perf_counter() - start)
+
+
+def measure(cfg, layers, block_bits, zeros_before, layer_sqnr, beta, search, skipped, notes, seconds) -> QuantizeRecord:
+    layer_bits, stored, count = {}, 0.0, 0
+    for block, bits in zip(layers, block_bits):
+        for name, module in block.items():
+            layer_bits[name] = bits
+            stored += stored_bits(module)
+            count += get_weight(module).numel()
+    before, kept, after = zeros_before.counts()
+    if cfg.method == "bnb":
+        fmt = cfg.bnb_format
+    else:
+        fmt = f"int{cfg.target_bits:g} g{cfg.group_size} {'sym' if cfg.sym else 'asym'}" + (" act-order" if cfg.act_order else "")
+    return QuantizeRecord(
+        kind="quantize",
+        method=cfg.method,
+        format=fmt,
+        allocation=cfg.allocation.model_dump(),
+        target=cfg.target_bits,
+        block_bits=block_bits,
+        achieved=allocate.weighted_bits(block_bits, block_sizes(layers)),
+        bits_per_weight=stored / count,
+        layer_bits=layer_bits,
+        layer_sqnr_db={k: round(v, 3) for k, v in layer_sqnr.items()},
+        zeros_before=before,
+        zeros_kept=kept,
+        zeros_after=after,
+        beta=beta,
+        search=search,
+        skipped=skipped,
+        notes=notes,
+        seconds=seconds,
+    )

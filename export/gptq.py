@@ -1,0 +1,232 @@
+"""GPTQ checkpoints in the "gptq" (v1) format that gptqmodel and AutoGPTQ write and
+`AutoModelForCausalLM.from_pretrained` loads (with the `gptq` extra: gptqmodel + optimum).
+
+Per quantised Linear (K = in_features, N = out_features, G groups):
+    qweight  int32 (K * bits / 32, N)   codes packed along K, little-endian fields
+    qzeros   int32 (G, N * bits / 32)   zero points minus one, packed along N
+    scales   float16 (G, N)
+    g_idx    int32 (K,)                 group of each input column
+2/4/8-bit fields are whole fractions of a word; 3-bit packs 32 values into 3 words (10 + a
+split one + 10 + a split one + 10). v1 stores zero - 1: for 2/4/8 bits as one arithmetic sum
+over the word, which is what loaders undo by adding 0x11111111-style constants (so a zero point
+of 0 survives); 3-bit loaders add 1 field by field, so there each field is (zero - 1) mod 8.
+
+The in-memory model holds scales16 * (q - zero) in float32: reading the file back gives exactly
+the same weights (check_dequantized).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from compress.errors import CompressError
+from compress.model import block_prefix, decoder_blocks, get_weight
+from compress.quant import QuantState
+
+PACK_MULTIPLE = 32  # in and out features must be multiples of this (3-bit words hold 32 codes)
+
+
+def _wrap_int32(words: torch.Tensor) -> torch.Tensor:
+    return (((words + 2**31) % 2**32) - 2**31).to(torch.int32)
+
+
+def pack_fields(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Integers along `dim` packed into int32 words (little-endian fields), as an arithmetic sum
+    in int64 wrapped to int32: a field may be -1 (a zero point of 0, minus one)."""
+    v = values.to(torch.int64).movedim(dim, 0)
+    n = v.shape[0]
+    if bits in (2, 4, 8):
+        per = 32 // bits
+        v = v.reshape(n // per, per, *v.shape[1:])
+        shifts = (torch.arange(per) * bits).reshape(1, per, *[1] * (v.dim() - 2))
+        words = (v << shifts).sum(dim=1)
+    elif bits == 3:
+        v = v.reshape(n // 32, 32, *v.shape[1:]) & 7
+        w0 = sum(v[:, i] << (3 * i) for i in range(10)) + ((v[:, 10] & 3) << 30)
+        w1 = (v[:, 10] >> 2) + sum(v[:, 11 + i] << (3 * i + 1) for i in range(10)) + ((v[:, 21] & 1) << 31)
+        w2 = (v[:, 21] >> 1) + sum(v[:, 22 + i] << (3 * i + 2) for i in range(10))
+        words = torch.stack([w0, w1, w2], dim=1).reshape(-1, *v.shape[2:])
+    else:
+        raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits}")
+    return _wrap_int32(words).movedim(0, dim).contiguous()
+
+
+def unpack_fields(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """The inverse of pack_fields for non-negative fields (int64)."""
+    w = words.to(torch.int64).movedim(dim, 0) & 0xFFFFFFFF
+    if bits in (2, 4, 8):
+        fields = [(w >> (bits * j)) & (2**bits - 1) for j in range(32 // bits)]
+        out = torch.stack(fields, dim=1).reshape(-1, *w.shape[1:])
+    else:
+        w = w.reshape(-1, 3, *w.shape[1:])
+        w0, w1, w2 = w[:, 0], w[:, 1], w[:, 2]
+        fields = [(w0 >> (3 * i)) & 7 for i in range(10)]
+        fields.append(((w0 >> 30) & 3) | ((w1 & 1) << 2))
+        fields += [(w1 >> (3 * i + 1)) & 7 for i in range(10)]
+        fields.append(((w1 >> 31) & 1) | ((w2 & 3) << 1))
+        fields += [(w2 >> (3 * i + 2)) & 7 for i in range(10)]
+        out = torch.stack(fields, dim=1).reshape(-1, *w.shape[2:])
+    return out.movedim(0, dim)
+
+
+def pack_layer(W: torch.Tensor, state: QuantState) -> dict[str, torch.Tensor]:
+    """The four GPTQ tensors of a weight W (N, K) lying on `state`'s grid."""
+    bits = state.grid.bits
+    q = state.codes(W)  # (N, K)
+    zeros = state.zeros.to(torch.int64) - 1  # v1: zero - 1
+    if bits == 3:
+        zeros = zeros & 7
+    return {
+        "qweight": pack_fields(q.t(), bits, dim=0),
+        "qzeros": pack_fields(zeros, bits, dim=1),
+        "scales": state.scales.half().contiguous(),
+        "g_idx": state.g_idx.to(torch.int32).contiguous(),
+    }
+
+
+def unpack_layer(tensors: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
+    """Dequantised weight (N, K), float32, from the four GPTQ tensors of one layer."""
+    q = unpack_fields(tensors["qweight"], bits, dim=0)  # (K, N)
+    if bits == 3:
+        zeros = (unpack_fields(tensors["qzeros"], bits, dim=1) + 1) & 7
+    else:
+        add = sum(1 << (bits * j) for j in range(32 // bits))  # + 1 in every field, as a word
+        zeros = unpack_fields(tensors["qzeros"].to(torch.int64) + add, bits, dim=1)
+    g = tensors["g_idx"].long()
+    scales = tensors["scales"].float()
+    return (scales[g] * (q - zeros[g]).float()).t().contiguous()
+
+
+# ---------------------------------------------------------------- the model
+
+
+def quantized_layers(model) -> dict[str, torch.nn.Module]:
+    return {name: m for name, m in model.named_modules() if getattr(m, "quant_state", None) is not None}
+
+
+def check_packable(layers: dict[str, torch.nn.Module]) -> None:
+    for name, m in layers.items():
+        rows, cols = get_weight(m).shape
+        if rows % PACK_MULTIPLE or cols % PACK_MULTIPLE:
+            raise CompressError(f"export.hf: {name} is {rows}x{cols}; the GPTQ format needs both sides divisible by {PACK_MULTIPLE}")
+
+
+def quantization_config(model, layers: dict[str, torch.nn.Module]) -> tuple[dict, list[str]]:
+    """config.json's quantization_config, and notes on what loaders honour.
+
+    The most common (bits, group_size, sym) is the base; other layers get gptqmodel's `dynamic`
+    per-module overrides, which transformers' GPTQConfig drops (only gptqmodel's own loader reads
+    them)."""
+    grids = {name: m.quant_state.grid for name, m in layers.items()}
+    base, _ = Counter((g.bits, g.group_size, g.sym) for g in grids.values()).most_common(1)[0]
+    desc_act = any(bool((m.quant_state.g_idx[1:] < m.quant_state.g_idx[:-1]).any()) for m in layers.values())
+    config = {
+        "quant_method": "gptq",
+        "checkpoint_format": "gptq",
+        "format": "gptq",
+        "bits": base[0],
+        "group_size": base[1],
+        "sym": base[2],
+        "desc_act": desc_act,
+        "lm_head": False,
+        "pack_dtype": "int32",
+        "true_sequential": True,
+        "meta": {"quantizer": ["atp-compress"]},
+    }
+    notes = []
+    dynamic = {
+        f"+:^{name.replace('.', '[.]')}$": {"bits": g.bits, "group_size": g.group_size, "sym": g.sym}
+        for name, g in grids.items()
+        if (g.bits, g.group_size, g.sym) != base
+    }
+    if dynamic:
+        config["dynamic"] = dynamic
+        notes.append(
+            f"{len(dynamic)} layers differ from the base grid (int{base[0]} g{base[1]}): they are `dynamic` overrides, "
+            "which gptqmodel's GPTQModel.load honours (backend torch on CPU) and transformers' GPTQConfig ignores"
+        )
+    per_block = per_block_selection(model, layers)
+    if per_block is None:
+        notes.append("blocks quantise different sets of Linears: transformers cannot express that (modules_in_block_to_quantize)")
+    elif any(len(names) < len(all_names) for names, all_names in per_block):
+        config["modules_in_block_to_quantize"] = [sorted(per_block[0][0])]
+    return config, notes
+
+
+def per_block_selection(model, layers) -> list[tuple[set[str], set[str]]] | None:
+    """Per block, (quantised Linear names, all Linear names) relative to the block; None when the
+    blocks differ in which they quantise."""
+    from compress.model import block_linears
+
+    prefix = block_prefix(model)
+    out = []
+    for i, block in enumerate(decoder_blocks(model)):
+        names = set(block_linears(block))
+        out.append(({rel for rel in names if f"{prefix}.{i}.{rel}" in layers}, names))
+    return out if len({frozenset(q) for q, _ in out}) == 1 else None
+
+
+def gptq_state_dict(model, layers: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """The model's state dict with each quantised weight replaced by its packed tensors."""
+    state = model.state_dict()
+    for name, m in layers.items():
+        del state[f"{name}.weight"]
+        for key, tensor in pack_layer(get_weight(m), m.quant_state).items():
+            state[f"{name}.{key}"] = tensor
+    return state
+
+
+def save_gptq(model, tokenizer, folder: Path) -> dict:
+    """Write a GPTQ checkpoint; returns what the report needs (format, config, notes)."""
+    layers = quantized_layers(model)
+    check_packable(layers)
+    config, notes = quantization_config(model, layers)
+    try:
+        state = gptq_state_dict(model, layers)
+    except ValueError as err:
+        raise CompressError(f"export.hf: {err}") from None
+    model.config.quantization_config = config
+    try:
+        model.save_pretrained(folder, state_dict=state, safe_serialization=True)
+    finally:
+        del model.config.quantization_config
+    (folder / "quantize_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    tokenizer.save_pretrained(folder)
+    return {"format": "gptq", "quantization_config": config, "notes": notes}
+
+
+def read_dequantized(folder: Path) -> dict[str, torch.Tensor]:
+    """Every quantised layer's weight (N, K) float32, decoded from the files by our own reader."""
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    overrides = {key.split(":", 1)[1]: value for key, value in config.get("dynamic", {}).items()}
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            keys = set(f.keys())
+            for key in sorted(k for k in keys if k.endswith(".qweight")):
+                name = key.removesuffix(".qweight")
+                bits = config["bits"]
+                for pattern, override in overrides.items():
+                    if re.match(pattern, name):
+                        bits = override.get("bits", bits)
+                        break
+                tensors = {part: f.get_tensor(f"{name}.{part}") for part in ("qweight", "qzeros", "scales", "g_idx")}
+                out[name] = unpack_layer(tensors, bits)
+    return out
+
+
+def check_dequantized(model, folder: Path) -> dict:
+    """Our reader's weights against the in-memory model's: must be equal."""
+    layers = quantized_layers(model)
+    read = read_dequantized(folder)
+    if set(read) != set(layers):
+        raise CompressError(f"export check: the GPTQ files hold {len(read)} quantised layers, the model {len(layers)}")
+    # compared in the model's dtype: a bfloat16 model holds the grid values rounded to bfloat16
+    diff = max(float((read[name].to(m.weight.dtype).float() - get_weight(m).float()).abs().max()) for name, m in layers.items())
+    return {"layers": len(read), "max_abs_weight_diff": diff, "identical": diff == 0.0}
