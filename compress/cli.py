@@ -86,6 +86,7 @@ def validate(
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
     """Check a recipe (schema, files, values) without loading a model."""
+    setup_logging(False)
     from compress.recipe import load_recipe
     from compress.validate import check_recipe
 

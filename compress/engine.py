@@ -131,12 +131,12 @@ def linear_size(model) -> dict:
     }
 
 
-def check_export(model, loaded, folder: Path, probe: torch.Tensor, info: dict) -> dict:
+def check_export(loaded, folder: Path, probe: torch.Tensor, info: dict) -> dict:
     """Reload the export and compare: the saved weights decode to the in-memory ones (quantised
     formats), and transformers' reload gives the same logits (exactly for dense, within the
     format's kernel tolerance otherwise). Frees the in-memory model before the reload, so the
     check never holds two models. Any mismatch fails the run."""
-    fmt = info["kind"]
+    fmt, model = info["kind"], loaded.model
     expected, dtype, device = hf.reference_logits(model, probe)
     out = {}
     weights = hf.check_weights(model, folder, fmt)
@@ -260,8 +260,8 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str]) -
                 export = hf.save(model, loaded.tokenizer, tmp, scratch)
             if recipe.export.check:
                 with phases("export_check"):
-                    export.update(check_export(model, loaded, tmp, segments["calibration"].tokens[:2, :128], export))
-                    model = None  # check_export freed it
+                    loaded.model, model = model, None  # check_export frees it before reloading the export
+                    export.update(check_export(loaded, tmp, segments["calibration"].tokens[:2, :128], export))
         shutil.rmtree(scratch, ignore_errors=True)
 
         results = {

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from compress.data import BUILTIN_SOURCES, DATASET_SOURCES, build_segments, check_file_source, resolve_path
 from compress.engine import check_context, check_output_dir, output_dir_for
 from compress.errors import CompressError
+from compress.export.gptq import check_packable
 from compress.model import context_length, decoder_blocks, read_config, read_tokenizer, select_linears, skeleton
 from compress.recipe import Recipe
 
@@ -32,6 +35,8 @@ def check_recipe(recipe: Recipe, recipe_path: Path) -> list[str]:
     """Raise CompressError on the first problem; return notes worth showing."""
     notes = []
     m = recipe.model
+    if m.device != "cpu" and not torch.cuda.is_available():
+        raise CompressError(f"model.device: '{m.device}' asked for, but this torch ({torch.__version__}) sees no CUDA device")
     config = read_config(m.source, m.trust_remote_code, m.allow_pickle)  # raises on a bad local path
     if config is None:
         notes.append(f"model.source: '{m.source}' is not local; it will be fetched from the hub (needs a network)")
@@ -66,5 +71,8 @@ def check_recipe(recipe: Recipe, recipe_path: Path) -> list[str]:
     for k, stage in enumerate(recipe.stages):
         layers, _ = select_linears(model, stage.targets, stage.ignore, f"stages[{k}]")
         stage.check_layers(layers, f"stages[{k}]")  # allocation lengths, fixed betas, shapes
+        on_grid = getattr(stage, "method", None) in ("gptq", "rtn") or getattr(stage, "quantize", None) is not None
+        if on_grid and recipe.export.hf:  # exported as a GPTQ checkpoint
+            check_packable({name: m for block in layers for name, m in block.items()})
     notes.append(f"model: {type(model).__name__}, {blocks} decoder blocks, context {context_length(config)} tokens")
     return notes

@@ -80,8 +80,9 @@ def transformers_can_load(fmt: str) -> str | None:
 def reload(folder: Path, fmt: str, dtype, device, info: dict):
     """The exported folder loaded the way its users load it: transformers; gptqmodel's own loader
     for GPTQ checkpoints with per-module bit-widths (transformers' GPTQConfig drops `dynamic`)."""
-    if fmt == "gptq" and info.get("quantization_config", {}).get("dynamic"):
+    if fmt == "gptq":  # gptqmodel sizes its worker pool from this when first imported
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(torch.get_num_threads()))
+    if fmt == "gptq" and info.get("quantization_config", {}).get("dynamic"):
         from gptqmodel import GPTQModel
 
         # its automatic kernel choice picks a 4-bit-only kernel for mixed widths; the torch one takes all

@@ -205,3 +205,29 @@ def test_same_recipe_and_seed_give_bit_identical_weights(tmp_path, tiny_folder, 
         hashes[name] = file_hash(out / "model.safetensors")
         assert result.metadata["machine"]["torch_threads"] == threads
     assert len(set(hashes.values())) == 1, hashes
+
+
+def test_export_check_frees_the_model_before_reloading(tmp_path, tiny_folder, monkeypatch):
+    """The check reloads the export into a second model: the in-memory one must be gone by then,
+    or the run's peak memory holds two models."""
+    import gc
+    import weakref
+
+    from compress.export import hf
+
+    refs, alive = [], []
+    save = hf.save
+
+    def remember(model, *args):
+        refs.append(weakref.ref(model))
+        return save(model, *args)
+
+    def check_logits(*args):
+        gc.collect()
+        alive.append(refs[0]() is not None)
+        return {"checked": True, "within_tolerance": True, "loader": "test", "max_abs_logit_diff": 0.0, "relative": 0.0, "tolerance": 0.0}
+
+    monkeypatch.setattr(hf, "save", remember)
+    monkeypatch.setattr(hf, "check_logits", check_logits)
+    run(recipe_file(tmp_path, tiny_folder, tmp_path / "out"), ["stages.0.allocation.beta=0.0"])
+    assert alive == [False]
