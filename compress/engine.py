@@ -244,6 +244,7 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str]) -
             evaluate("compressed")
 
         params = sum(p.numel() for p in model.parameters())
+        dense_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20  # the model as plain tensors
         nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())  # (p != 0).sum() makes an int64 copy
         linears = linear_size(model)
         model_info = {
@@ -276,6 +277,7 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str]) -
                 "params": params,
                 "nonzero": nonzero,
                 "safetensors_mb": round(sum(f.stat().st_size for f in tmp.glob("*.safetensors")) / 2**20, 2),
+                "dense_mb": round(dense_mb, 2),
                 **linears,
             },
             "export": export,

@@ -160,7 +160,8 @@ STAGE_SECTIONS = {"prune": prune_section, "quantize": quantize_section}
 def _export_lines(export: dict, size: dict) -> list[str]:
     if not export:
         return ["No export (export.hf: false)."]
-    lines = [f"## Export: {export['format']}", "", f"Files: {', '.join(export['files'])} ({size['safetensors_mb']:.1f} MB of safetensors)."]
+    lines = [f"## Export: {export['format']}", "", f"Files: {', '.join(export['files'])} ({size['safetensors_mb']:.1f} MB of safetensors; "
+             f"the model as plain tensors: {size['dense_mb']:.1f} MB)."]
     lines.append(f"Decoder-block Linear layers: sparsity {size['block_linear_sparsity']:.4f}, {size['block_linear_bits_per_weight']:.3f} bits per weight as stored.")
     weights = export.get("weights")
     if weights:

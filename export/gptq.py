@@ -140,6 +140,14 @@ def quantization_config(model, layers: dict[str, torch.nn.Module]) -> tuple[dict
         "meta": {"quantizer": ["atp-compress"]},
     }
     notes = []
+    partial = sorted({name for name, m in layers.items() if m.quant_state.grid.group_size != -1
+                      and get_weight(m).shape[1] % m.quant_state.grid.group_size})
+    if partial:
+        # gptqmodel's default 4-bit CPU kernel (aten int4pack) needs whole groups; its torch kernel
+        # takes a short last group, and transformers passes `backend` on to it
+        config["backend"] = "torch"
+        notes.append(f"{len(partial)} layers end with a short group (in_features not a multiple of group_size, e.g. {partial[0]}): "
+                     "config.json asks for gptqmodel's torch kernel (backend: torch)")
     dynamic = {
         f"+:^{name.replace('.', '[.]')}$": {"bits": g.bits, "group_size": g.group_size, "sym": g.sym}
         for name, g in grids.items()

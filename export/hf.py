@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from compress.calibrate import no_cache
+from compress.errors import CompressError
 from compress.export import bnb, gptq
 
 # Largest logit difference accepted after a reload, relative to the largest |logit|. Dense is
@@ -97,9 +98,13 @@ def check_logits(folder: Path, tokens: torch.Tensor, expected: torch.Tensor, dty
     reason = transformers_can_load(fmt)
     if reason is not None:
         return {"checked": False, "reason": reason}
-    reloaded, loader = reload(folder, fmt, dtype, device, info)
-    with no_cache(reloaded):
-        got = reloaded(tokens.to(device), use_cache=False).logits
+    try:
+        reloaded, loader = reload(folder, fmt, dtype, device, info)
+        with no_cache(reloaded):
+            got = reloaded(tokens.to(device), use_cache=False).logits
+    except (RuntimeError, ValueError, OSError, NotImplementedError) as err:  # the runtime refused the checkpoint
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CompressError(f"export check failed: the {fmt} checkpoint does not run after reloading: {first}") from err
     diff = (expected.float() - got.float()).abs().max().item()
     scale = expected.float().abs().max().item()
     tolerance = LOGIT_TOLERANCE[fmt] * scale

@@ -278,3 +278,22 @@ def test_bnb_checkpoint_runs_and_reloads_on_cpu(tmp_path, wide_folder, fmt):
         assert 8 < record["bits_per_weight"] < 9  # int8 codes + a float32 absmax per row
     else:
         assert record["bits_per_weight"] == 4.5  # 4-bit codes + a float32 absmax per 64 weights
+
+
+@needs_gptqmodel
+def test_short_last_group_reloads_with_the_torch_kernel(tmp_path, tokenizer):
+    """in_features not a multiple of group_size (SmolLM2's 576 with g128): the checkpoint keeps a
+    short last group, and config.json asks for gptqmodel's torch kernel, which runs it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", vocab_size=256, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                                  num_attention_heads=3, num_key_value_heads=1)
+    folder = tmp_path / "tiny-96"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    stages = "[{kind: quantize, method: gptq, bits: 4, group_size: 64}]"
+    result = engine.run(load_recipe(recipe(tmp_path, folder, stages)), tmp_path / "q.yaml")
+    export = result.results["export"]
+    assert export["quantization_config"]["backend"] == "torch" and "short group" in export["notes"][0]
+    assert export["weights"]["identical"] and export["parity"]["within_tolerance"]

@@ -11,6 +11,7 @@ Entry point: apply(model, ctx, cfg) -> (model, QuantizeRecord).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
 import time
@@ -127,6 +128,8 @@ class QuantizeConfig(Config):
                 allocate.atp_bits(len(layers), self.target_bits, alloc.beta)
             except CompressError as err:
                 raise CompressError(f"{where}.beta: {err}") from None
+        if self.method == "bnb" and importlib.util.find_spec("bitsandbytes") is None:
+            raise CompressError(f"{stage_key}.method: bnb needs bitsandbytes: pip install 'atp-compress[bnb]'")
         if self.method == "bnb" and self.bnb_format != "int8":
             for block in layers:
                 for name, module in block.items():
