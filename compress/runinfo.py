@@ -10,7 +10,10 @@ from pathlib import Path
 
 import torch
 
-PACKAGES = ("atp-compress", "torch", "transformers", "accelerate", "safetensors", "gguf", "tokenizers", "numpy", "pydantic")
+PACKAGES = (
+    "atp-compress", "torch", "transformers", "accelerate", "safetensors", "gguf", "tokenizers", "numpy", "pydantic",
+    "lm-eval", "gptqmodel", "optimum", "bitsandbytes",
+)
 
 
 def versions() -> dict[str, str | None]:
