@@ -41,7 +41,9 @@ GPTQ4 = {"kind": "quantize", "method": "gptq", "bits": 4, "group_size": 128}
 CONFIGS = {
     "dense": ([], "float32"),
     "rtn-4": ([{"kind": "quantize", "method": "rtn", "bits": 4, "group_size": 128}], "round to nearest, 4-bit g128"),
-    "gptq-4": ([GPTQ4], "GPTQ 4-bit g128"),
+    "gptq-4": ([GPTQ4], "GPTQ 4-bit g128 (group-aware order, the default)"),
+    "gptq-4-stored-order": ([{**GPTQ4, "act_order": False}], "GPTQ 4-bit g128, columns in stored order"),
+    "gptq-4-desc-act": ([{**GPTQ4, "act_order": True}], "GPTQ 4-bit g128, desc_act (scattered groups: g_idx at inference)"),
     "gptq-3": ([{**GPTQ4, "bits": 3}], "GPTQ 3-bit g128 (uniform)"),
     "gptq-3-atp": ([{**GPTQ4, "bits": 3, "allocation": ATP}], "GPTQ, mean 3 bits allocated by ATP"),
     "bnb-nf4": ([{"kind": "quantize", "method": "bnb", "format": "nf4"}], "bitsandbytes NF4"),

@@ -37,6 +37,27 @@ def inverse_hessian_factor(H: torch.Tensor, dampening: float) -> tuple[torch.Ten
     raise CompressError(f"OBS solver: Hessian not positive definite even with dampening {frac}; raise `dampening`")
 
 
+def visiting_order(diag: torch.Tensor, act_order: bool | str, width: int) -> torch.Tensor | None:
+    """The column order of the OBS pass (None: as stored). Columns visited early have their
+    error spread over more columns, so the important ones (large diag(H)) go first.
+
+    True: every column by descending diag(H) (GPTQ's desc_act): groups then hold scattered
+    columns, and a checkpoint needs g_idx to find them (slower kernels). "group": group-aware
+    reordering (Gafni et al., CVPRW 2025; gptqmodel's default): inside each group of `width`
+    stored columns by descending diag(H), and whole groups by their largest diag(H), so every
+    group stays one block of stored columns; a last, shorter group stays last."""
+    if not act_order:
+        return None
+    if act_order is True:
+        return torch.argsort(diag, descending=True)
+    full = diag.numel() // width
+    local = torch.argsort(diag[: full * width].view(full, width), dim=1, descending=True)  # (groups, width)
+    groups = torch.argsort(diag[: full * width].view(full, width).max(dim=1).values, descending=True)
+    perm = (local[groups] + (groups * width)[:, None]).reshape(-1)
+    tail = torch.arange(full * width, diag.numel())  # a short last group, in stored order
+    return torch.cat([perm, tail])
+
+
 def obs_compress(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -46,7 +67,7 @@ def obs_compress(
     grid: Grid | None = None,
     blocksize: int = 128,
     dampening: float = 0.01,
-    act_order: bool = False,
+    act_order: bool | str = False,
 ) -> tuple[torch.Tensor, float, QuantState | None]:
     """Compressed and updated copy of W (rows, cols) in float32, the damping fraction used, and
     the grid state when quantising.
@@ -54,7 +75,8 @@ def obs_compress(
     sparsity / nm: prune adaptively (nm = (n, m): n of every m consecutive weights stay, and
     sparsity is ignored). frozen (rows, cols) bool: weights that must end exactly zero (pruned
     by an earlier stage); their error is compensated like any other. grid: quantise the kept
-    weights. act_order: visit columns by descending diag(H) (GPTQ's desc_act).
+    weights. act_order: the order columns are visited in (see visiting_order): False (as
+    stored), True (descending diag(H), GPTQ's desc_act) or "group" (group-aware reordering).
     """
     W = W.float().clone()  # (rows, cols) working copy; the caller writes it back once
     H = H.float().clone()  # (cols, cols)
@@ -64,9 +86,8 @@ def obs_compress(
     dead = torch.diag(H) == 0  # inputs that were always zero carry no information
     H[dead, dead] = 1
     W[:, dead] = 0
-    perm = None
-    if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
+    perm = visiting_order(torch.diag(H), act_order, grid.width(cols) if grid is not None else cols)
+    if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
         frozen = None if frozen is None else frozen[:, perm]
     Hinv, damp_used = inverse_hessian_factor(H, dampening)
@@ -115,7 +136,13 @@ def obs_compress(
         W[:, i2:].addmm_(Err1.t(), Hinv[i1:i2, i2:], alpha=-1)  # lazy update of the columns still to come
 
     state = None
-    if grid is not None:
+    if grid is not None and act_order == "group" and perm is not None:
+        # groups were visited in another order but each is still one block of stored columns:
+        # put their scales back in stored order; g_idx stays sequential
+        order = perm[::width] // width  # stored group of each visited group
+        scales[order], zeros[order] = scales.clone(), zeros.clone()
+        state = QuantState(grid, scales, zeros, sequential_g_idx(cols, grid))
+    elif grid is not None:
         state = QuantState(grid, scales, zeros, sequential_g_idx(cols, grid, perm))
     if perm is not None:
         W = W[:, torch.argsort(perm)]
@@ -142,7 +169,7 @@ def gptq_quantize(
     frozen: torch.Tensor | None = None,
     blocksize: int = 128,
     dampening: float = 0.01,
-    act_order: bool = False,
+    act_order: bool | str = False,
 ) -> tuple[torch.Tensor, float, QuantState]:
     """GPTQ: W on its grid, float32; frozen weights (an earlier stage's zeros) end exactly zero."""
     return obs_compress(W, H, frozen=frozen, grid=grid, blocksize=blocksize, dampening=dampening, act_order=act_order)

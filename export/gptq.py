@@ -209,32 +209,35 @@ def save_gptq(model, tokenizer, folder: Path) -> dict:
     return {"format": "gptq", "quantization_config": config, "notes": notes}
 
 
-def read_dequantized(folder: Path) -> dict[str, torch.Tensor]:
-    """Every quantised layer's weight (N, K) float32, decoded from the files by our own reader."""
+def iter_dequantized(folder: Path):
+    """(name, weight (N, K) float32) of every quantised layer, decoded from the files by our own
+    reader one layer at a time."""
     config = json.loads((folder / "config.json").read_text())["quantization_config"]
     overrides = {key.split(":", 1)[1]: value for key, value in config.get("dynamic", {}).items()}
-    out = {}
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(path, framework="pt") as f:
-            keys = set(f.keys())
-            for key in sorted(k for k in keys if k.endswith(".qweight")):
+            for key in sorted(k for k in f.keys() if k.endswith(".qweight")):
                 name = key.removesuffix(".qweight")
-                bits = config["bits"]
-                for pattern, override in overrides.items():
-                    if re.match(pattern, name):
-                        bits = override.get("bits", bits)
-                        break
+                bits = next((o.get("bits", config["bits"]) for p, o in overrides.items() if re.match(p, name)), config["bits"])
                 tensors = {part: f.get_tensor(f"{name}.{part}") for part in ("qweight", "qzeros", "scales", "g_idx")}
-                out[name] = unpack_layer(tensors, bits)
-    return out
+                yield name, unpack_layer(tensors, bits)
+
+
+def read_dequantized(folder: Path) -> dict[str, torch.Tensor]:
+    return dict(iter_dequantized(folder))
 
 
 def check_dequantized(model, folder: Path) -> dict:
-    """Our reader's weights against the in-memory model's: must be equal."""
+    """Our reader's weights against the in-memory model's, layer by layer: must be equal."""
     layers = quantized_layers(model)
-    read = read_dequantized(folder)
-    if set(read) != set(layers):
-        raise CompressError(f"export check: the GPTQ files hold {len(read)} quantised layers, the model {len(layers)}")
-    # compared in the model's dtype: a bfloat16 model holds the grid values rounded to bfloat16
-    diff = max(float((read[name].to(m.weight.dtype).float() - get_weight(m).float()).abs().max()) for name, m in layers.items())
-    return {"layers": len(read), "max_abs_weight_diff": diff, "identical": diff == 0.0}
+    seen, diff = set(), 0.0
+    for name, W in iter_dequantized(folder):
+        if name not in layers:
+            raise CompressError(f"export check: the GPTQ files hold {name}, which the model did not quantise")
+        m = layers[name]
+        # compared in the model's dtype: a bfloat16 model holds the grid values rounded to bfloat16
+        diff = max(diff, float((W.to(m.weight.dtype).float() - get_weight(m).float()).abs().max()))
+        seen.add(name)
+    if seen != set(layers):
+        raise CompressError(f"export check: the GPTQ files hold {len(seen)} quantised layers, the model {len(layers)}")
+    return {"layers": len(seen), "max_abs_weight_diff": diff, "identical": diff == 0.0}

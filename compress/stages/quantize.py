@@ -56,7 +56,9 @@ class QuantizeConfig(Config):
     format: Literal["nf4", "fp4", "int8"] | None = None  # bnb only (default nf4)
     group_size: int = 128  # input columns per scale; -1: one scale per output row
     sym: bool = True
-    act_order: bool = False  # gptq: visit columns by descending Hessian diagonal (desc_act)
+    # gptq's column order: "group" (default: group-aware reordering, groups stay contiguous, fast
+    # kernels), true (desc_act: scattered groups, needs g_idx at inference), false (as stored)
+    act_order: bool | Literal["group"] | None = None
     dampening: float = Field(default=0.01, gt=0)  # gptq: fraction of mean diag(H) added to H
     blocksize: int = Field(default=128, gt=0)  # gptq: columns per lazy update
     keep_sparsity: bool = True  # zeros from earlier stages stay exactly zero
@@ -86,12 +88,12 @@ class QuantizeConfig(Config):
         if self.method == "bnb":
             if self.bits is not None or not isinstance(self.allocation, UniformAllocation):
                 raise ValueError("bnb takes its width from `format` (nf4, fp4, int8): drop bits and use allocation uniform")
-            if self.act_order:
+            if self.act_order is not None:
                 raise ValueError("act_order applies to gptq only")
             return self
         if self.format is not None:
             raise ValueError(f"format applies to method bnb; {self.method} takes bits")
-        if self.act_order and self.method != "gptq":
+        if self.act_order is not None and self.method != "gptq":
             raise ValueError("act_order applies to gptq only")
         alloc = self.allocation
         if isinstance(alloc, ExplicitBits):
@@ -113,6 +115,10 @@ class QuantizeConfig(Config):
         if isinstance(self.allocation, ExplicitBits):
             return sum(self.allocation.bits) / len(self.allocation.bits)
         return 4.0 if self.bits is None else float(self.bits)
+
+    @property
+    def column_order(self) -> bool | str:
+        return "group" if self.act_order is None else self.act_order
 
     @property
     def bnb_format(self) -> str:
@@ -223,7 +229,7 @@ def quantize_model(model, ctx: StageContext, cfg: QuantizeConfig, layers, block_
     def compress(i, block):
         for name, module in layers[i].items():
             W, H = get_weight(module), stats[name].H
-            W_new, damp, state = gptq_quantize(W, H, grid_of(cfg, block_bits[i]), frozen(W), cfg.blocksize, cfg.dampening, cfg.act_order)
+            W_new, damp, state = gptq_quantize(W, H, grid_of(cfg, block_bits[i]), frozen(W), cfg.blocksize, cfg.dampening, cfg.column_order)
             stats_out[name] = sqnr_from_hessian(W.float(), W_new, H)
             if damp > cfg.dampening:
                 stats_out.setdefault("_notes", []).append(f"{name}: GPTQ needed dampening {damp:g} (asked {cfg.dampening:g})")
@@ -301,7 +307,8 @@ def measure(cfg, layers, block_bits, zeros_before, layer_sqnr, beta, search, ski
     if cfg.method == "bnb":
         fmt = cfg.bnb_format
     else:
-        fmt = f"int{cfg.target_bits:g} g{cfg.group_size} {'sym' if cfg.sym else 'asym'}" + (" act-order" if cfg.act_order else "")
+        order = {True: " act-order", "group": " group-aware order", False: ""}[cfg.column_order] if cfg.method == "gptq" else ""
+        fmt = f"int{cfg.target_bits:g} g{cfg.group_size} {'sym' if cfg.sym else 'asym'}{order}"
     return QuantizeRecord(
         kind="quantize",
         method=cfg.method,
