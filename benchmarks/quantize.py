@@ -107,7 +107,7 @@ def run_one(args, name: str) -> dict:
         "stage_seconds": round(sum(r["seconds"] for r in results["stages"]), 1),
         "wall_seconds": round(time.perf_counter() - start, 1),
         "peak_rss_mb": metadata["peak_rss_mb"],
-        "export": {k: results["export"].get(k) for k in ("format", "weights", "parity")},
+        "export": {k: results["export"]["hf"].get(k) for k in ("format", "weights", "parity")},
         "stages": results["stages"],
         "versions": metadata["versions"],
         "git": metadata["git"],

@@ -1,4 +1,4 @@
-"""`compress run | validate | eval`. Bad input: one line on stderr, exit status 2, no traceback."""
+"""`compress run | validate | eval | export`. Bad input: one line on stderr, exit status 2, no traceback."""
 
 from __future__ import annotations
 
@@ -130,6 +130,26 @@ def eval_(
     segments = build_segments({"evaluation": config}, loaded.tokenizer)
     result = perplexity(loaded.model, segments["evaluation"].tokens)
     print(json.dumps({"model": model, "data": data, "bos": segments["evaluation"].bos, **result.as_dict()}, indent=2))
+
+
+@app.command("export")
+@user_errors
+def export_(
+    run_dir: Path = typer.Argument(..., help="A finished run's output_dir."),
+    to: str = typer.Option(..., "--to", help="hf (sparse or dense safetensors), gguf (llama.cpp) or onnx (ONNX Runtime)."),
+    type_: Optional[list[str]] = typer.Option(None, "--type", help="GGUF type: f32, f16, bf16, q8_0, q6_k, q4_k_m, q4_0 (repeatable; default f16)."),
+    format_: Optional[str] = typer.Option(None, "--format", help="With --to hf: sparse (default) or dense."),
+    check: bool = typer.Option(True, help="Reload the export in its runtime and compare with the model."),
+    overwrite: bool = typer.Option(False, help="Replace an earlier export of the same kind (only once the new one is complete)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Export a finished run to another format, without compressing it again."""
+    setup_logging(quiet)
+    from compress.export_run import export_run
+
+    info = export_run(run_dir, to, type_ or [], format_, check, overwrite)
+    notes = "; ".join(info.get("notes", []))
+    console.print(f"wrote {to} export into {run_dir}/ ({info['format']}){': ' + notes if notes else ''}", highlight=False)
 
 
 def main() -> None:

@@ -25,7 +25,8 @@ from compress.context import StageContext
 from compress.data import build_segments
 from compress.errors import CompressError
 from compress.evaluate import perplexity
-from compress.export import hf
+from compress.export import EXPORTERS, preflight
+from compress.export.reference import take_reference
 from compress.model import DTYPES, block_linears, context_length, decoder_blocks, load_model, model_type
 from compress.quant import stored_bits
 from compress.recipe import Recipe
@@ -131,31 +132,46 @@ def linear_size(model) -> dict:
     }
 
 
-def check_export(loaded, folder: Path, probe: torch.Tensor, info: dict) -> dict:
-    """Reload the export and compare: the saved weights decode to the in-memory ones (quantised
-    formats), and transformers' reload gives the same logits (exactly for dense, within the
-    format's kernel tolerance otherwise). Frees the in-memory model before the reload, so the
-    check never holds two models. Any mismatch fails the run."""
-    fmt, model = info["kind"], loaded.model
-    expected, dtype, device = hf.reference_logits(model, probe)
-    out = {}
-    weights = hf.check_weights(model, folder, fmt)
-    if weights is not None:
-        out["weights"] = weights
-        if not weights["identical"]:
-            raise CompressError(f"export check failed: saved {fmt} weights differ from the model's by {weights['max_abs_weight_diff']:g}")
+def export_all(recipe: Recipe, loaded, tmp: Path, scratch: Path, segments: dict, bos, phases) -> dict:
+    """Save every export the recipe names while the model is in memory (each verifies its bytes),
+    take the reference outputs, free the model, then reload each export in its own runtime. Any
+    mismatch fails the run. Returns {exporter name: info}."""
+    selected = recipe.export.selected()
+    model, exports = loaded.model, {}
+    for name, cfg in selected:
+        exporter = EXPORTERS[name]
+        dest = tmp / exporter.subdir if exporter.subdir else tmp
+        with phases(f"export_{name}"):
+            exports[name] = exporter.save(model, loaded.tokenizer, dest, cfg, scratch / name)
+            if recipe.export.check and exporter.verify is not None:
+                exports[name].update(exporter.verify(model, dest, exports[name], cfg))
+    if not (selected and recipe.export.check):
+        return exports
+    with phases("export_reference"):
+        k = recipe.export.check_windows
+        windows = segments["evaluation"].tokens[:k] if "evaluation" in segments and k else None
+        ref = take_reference(model, segments["calibration"].tokens[:2, :128], loaded.tokenizer, windows, bool(bos))
+    # The checks reload each export into a second model: the in-memory one must be gone first.
     loaded.model = model = None
     gc.collect()
-    parity = hf.check_logits(folder, probe, expected, dtype, device, fmt, info)
-    out["parity"] = parity
-    if not parity["checked"]:
-        log.warning("export check: %s", parity["reason"])
-    elif not parity["within_tolerance"]:
-        raise CompressError(
-            f"export check failed: reloaded {fmt} logits differ by {parity['max_abs_logit_diff']:g} "
-            f"(tolerance {parity['tolerance']:g})"
-        )
-    return out
+    for name, cfg in selected:
+        exporter = EXPORTERS[name]
+        dest = tmp / exporter.subdir if exporter.subdir else tmp
+        with phases(f"check_{name}"):
+            exports[name].update(exporter.check(dest, exports[name], ref, cfg))
+    return exports
+
+
+def export_sizes(folder: Path, exports: dict) -> dict:
+    """MB on disk of each export: the HF folder's weights, each GGUF file, the ONNX folder."""
+    sizes = {}
+    if "hf" in exports:
+        sizes["hf"] = round(sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20, 2)
+    for kind, entry in exports.get("gguf", {}).get("files", {}).items():
+        sizes[f"gguf {kind}"] = entry["mb"]
+    if "onnx" in exports:
+        sizes["onnx"] = round(sum(f.stat().st_size for f in (folder / EXPORTERS["onnx"].subdir).rglob("*") if f.is_file() and "onnx" in f.name) / 2**20, 2)
+    return sizes
 
 
 def check_context(configs: dict, config) -> None:
@@ -200,6 +216,7 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str]) -
         model = loaded.model
         blocks = len(decoder_blocks(model))
         log.info("loaded %s (%s, %d blocks)", loaded.resolved, model_type(model), blocks)
+        preflight(recipe.export, model, loaded.tokenizer, recipe.quantises())
 
         with phases("data"):
             d = recipe.data
@@ -255,14 +272,8 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str]) -
             "blocks": blocks,
             "params": params,
         }
-        export = {}
-        if recipe.export.hf:
-            with phases("export_hf"):
-                export = hf.save(model, loaded.tokenizer, tmp, scratch)
-            if recipe.export.check:
-                with phases("export_check"):
-                    loaded.model, model = model, None  # check_export frees it before reloading the export
-                    export.update(check_export(loaded, tmp, segments["calibration"].tokens[:2, :128], export))
+        loaded.model, model = model, None  # export_all frees it before reloading the exports
+        export = export_all(recipe, loaded, tmp, scratch, segments, eval_bos, phases)
         shutil.rmtree(scratch, ignore_errors=True)
 
         results = {
@@ -277,6 +288,7 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str]) -
                 "params": params,
                 "nonzero": nonzero,
                 "safetensors_mb": round(sum(f.stat().st_size for f in tmp.glob("*.safetensors")) / 2**20, 2),
+                "files_mb": export_sizes(tmp, export),
                 "dense_mb": round(dense_mb, 2),
                 **linears,
             },

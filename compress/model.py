@@ -163,8 +163,13 @@ def _load_gguf(path: Path, dtype: torch.dtype, source: str, kind: str) -> Loaded
 
 
 def _load_folder(path: Path, dtype, source, trust_remote_code: bool) -> LoadedModel:
+    from compress.export import sparse  # exporters import this module: import at call time
+
     has_safetensors = any(path.glob("*.safetensors"))
     try:
+        if sparse.is_sparse_folder(path):  # our bitmask format: transformers cannot read it
+            model = sparse.load_sparse(path, dtype)
+            return LoadedModel(_finish(model), AutoTokenizer.from_pretrained(path), source, str(path), "folder")
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, use_safetensors=has_safetensors, trust_remote_code=trust_remote_code
         )

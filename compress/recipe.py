@@ -18,6 +18,10 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from compress.config import Config
 from compress.data import SegmentsConfig
 from compress.errors import CompressError
+from compress.export import EXPORTERS
+from compress.export.gguf import GgufExport
+from compress.export.hf import HfExport
+from compress.export.onnx import OnnxExport
 from compress.stages import STAGES
 
 Stage = Annotated[Union[tuple(config for config, _ in STAGES.values())], Field(discriminator="kind")]
@@ -81,8 +85,29 @@ class EvalSection(Config):
 
 
 class ExportSection(Config):
-    hf: bool = True  # safetensors + config + tokenizer at the top of output_dir
-    check: bool = True  # reload the export and require identical logits
+    """One key per exporter in compress.export.EXPORTERS: true (its defaults), false / absent
+    (none), or its own settings."""
+
+    hf: HfExport | None = HfExport()  # safetensors + config + tokenizer at the top of output_dir
+    gguf: GgufExport | None = None  # output_dir/gguf/: llama.cpp files, one per type
+    onnx: OnnxExport | None = None  # output_dir/onnx/: ONNX Runtime graphs
+    check: bool = True  # reload every export in its runtime and compare with the model
+    check_windows: int = Field(default=4, ge=0)  # evaluation windows scored in each runtime (perplexity)
+
+    @field_validator("hf", "gguf", "onnx", mode="before")
+    @classmethod
+    def _switch(cls, value):
+        if value is True:
+            return {}
+        if value is False or value is None:
+            return None
+        if not isinstance(value, (dict, Config)):
+            raise ValueError(f"expected true, false or the exporter's settings (a mapping), got {value!r}")
+        return value
+
+    def selected(self) -> list[tuple[str, Config]]:
+        """(exporter name, settings) of every export asked for, in the table's order."""
+        return [(name, getattr(self, name)) for name in EXPORTERS if getattr(self, name) is not None]
 
 
 class Recipe(Config):
@@ -98,6 +123,10 @@ class Recipe(Config):
     eval: EvalSection = EvalSection()
     export: ExportSection = ExportSection()
     output_dir: str | None = None  # default: runs/<recipe file name>
+
+    def quantises(self) -> bool:
+        """Some stage puts weights on a quantisation grid (its checkpoint packs them)."""
+        return any(stage.kind == "quantize" or getattr(stage, "quantize", None) is not None for stage in self.stages)
 
     def sha256(self) -> str:
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)

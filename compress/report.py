@@ -157,22 +157,72 @@ def quantize_section(k: int, record: dict, out: Path, files: list[str]) -> list[
 STAGE_SECTIONS = {"prune": prune_section, "quantize": quantize_section}
 
 
-def _export_lines(export: dict, size: dict) -> list[str]:
-    if not export:
-        return ["No export (export.hf: false)."]
-    lines = [f"## Export: {export['format']}", "", f"Files: {', '.join(export['files'])} ({size['safetensors_mb']:.1f} MB of safetensors; "
-             f"the model as plain tensors: {size['dense_mb']:.1f} MB)."]
-    lines.append(f"Decoder-block Linear layers: sparsity {size['block_linear_sparsity']:.4f}, {size['block_linear_bits_per_weight']:.3f} bits per weight as stored.")
-    weights = export.get("weights")
-    if weights:
+def _export_lines(exports: dict, size: dict) -> list[str]:
+    if not exports:
+        return ["No export (every exporter under `export:` is off)."]
+    lines = [f"Decoder-block Linear layers: sparsity {size['block_linear_sparsity']:.4f}, "
+             f"{size['block_linear_bits_per_weight']:.3f} bits per weight as stored; the model as plain tensors: {size['dense_mb']:.1f} MB."]
+    for name, info in exports.items():
+        lines += ["", f"## Export: {name} ({info['format']})", ""] + EXPORT_SECTIONS[name.split("-")[0]](info, size)
+        lines += [f"- {n}" for n in info.get("notes", [])]
+    return lines
+
+
+def _hf_lines(info: dict, size: dict) -> list[str]:
+    lines = [f"Files: {', '.join(info['files'])} ({size['safetensors_mb']:.1f} MB of safetensors)."]
+    weights = info.get("weights")
+    if weights and "max_abs_weight_diff" in weights:
         lines.append(f"Saved weights decoded: {weights['layers']} quantised layers, largest difference from the model {weights['max_abs_weight_diff']:g}.")
-    parity = export.get("parity")
+    elif weights:
+        lines.append(f"Saved weights read back: {weights['tensors']} tensors, {'all bit-identical' if weights['identical'] else 'DIFFERENT'}.")
+    parity = info.get("parity")
     if parity and parity.get("checked"):
         lines.append(f"Reloaded with {parity['loader']}: logits differ by at most {parity['max_abs_logit_diff']:g} "
                      f"({parity['relative']:.2e} of the largest logit; tolerance {parity['tolerance']:g}).")
     elif parity:
-        lines.append(f"Not reloaded through transformers: {parity['reason']}.")
-    return lines + [f"- {n}" for n in export.get("notes", [])]
+        lines.append(f"Not reloaded: {parity['reason']}.")
+    return lines
+
+
+def _gguf_lines(info: dict, size: dict) -> list[str]:
+    checks = info.get("files_checked", {}) or {}
+    lines = ["| type | file | MB | how | zeros kept | max logit diff (rel.) | top-1 agree | llama.cpp ppl (ours) |", "|---|---|---|---|---|---|---|---|"]
+    for kind, entry in info["files"].items():
+        c = checks.get(kind, {})
+        kept = "-" if entry.get("zeros_kept") is None else f"{entry['zeros_kept']:.1%}"
+        diff = f"{c['max_abs_logit_diff']:.3g} ({c['relative']:.1e})" if "relative" in c else "not checked"
+        agree = f"{c['top1_agreement']:.1%}" if "top1_agreement" in c else "-"
+        ppl = f"{c['perplexity']:.3f} ({c['reference_perplexity']:.3f})" if c.get("perplexity") is not None else "-"
+        lines.append(f"| {kind} | {entry['file']} | {entry['mb']:.1f} | {entry['how']} | {kept} | {diff} | {agree} | {ppl} |")
+    if info.get("checked") is False:
+        lines.append(f"\nNot loaded in llama.cpp: {info['reason']}.")
+    elif checks:
+        n = next(iter(checks.values())).get("windows")
+        lines.append(f"\nChecked in llama.cpp: tokenization of a sample text equal to the HF tokenizer's; perplexity on the first {n} evaluation windows, ours on the same windows in brackets.")
+    return lines
+
+
+def _onnx_lines(info: dict, size: dict) -> list[str]:
+    graphs = ", ".join(f"{k} `{v}`" for k, v in info.get("graphs", {}).items())
+    lines = [f"Graphs: {graphs}; {info.get('mb', 0):.1f} MB with the weights (stored once); {info.get('exporter')} exporter, opset {info.get('opset')}."]
+    if info.get("checked") is False:
+        return lines + [f"Not loaded in ONNX Runtime: {info['reason']}."]
+    weights, parity, greedy, ppl = info.get("weights"), info.get("parity"), info.get("greedy"), info.get("perplexity")
+    if weights and weights.get("identical"):
+        lines.append(f"All {weights['matrices']} weight matrices stored bit for bit.")
+    if parity:
+        lines.append(f"{info.get('runtime', 'ONNX Runtime')}: logits differ by at most {parity['max_abs_logit_diff']:g} "
+                     f"({parity['relative']:.1e} of the largest logit; tolerance {parity['tolerance']:g}).")
+    if greedy:
+        lines.append(f"Greedy generation of {len(greedy['tokens'])} tokens through {greedy['graphs']}: "
+                     f"{'equal to' if greedy['equal'] else 'DIFFERENT from'} the model's.")
+    if ppl:
+        ours = f" (ours {ppl['reference']:.3f})" if ppl.get("relative_difference") is not None else ""
+        lines.append(f"Perplexity in ONNX Runtime {ppl['onnx']:.3f} on {ppl['windows']} evaluation windows{ours}.")
+    return lines
+
+
+EXPORT_SECTIONS = {"hf": _hf_lines, "gguf": _gguf_lines, "onnx": _onnx_lines}
 
 
 def summary_table(results: dict) -> Table:

@@ -18,6 +18,7 @@ import torch
 from compress.data import BUILTIN_SOURCES, DATASET_SOURCES, build_segments, check_file_source, resolve_path
 from compress.engine import check_context, check_output_dir, output_dir_for
 from compress.errors import CompressError
+from compress.export import preflight
 from compress.export.gptq import check_packable
 from compress.model import context_length, decoder_blocks, read_config, read_tokenizer, select_linears, skeleton
 from compress.recipe import Recipe
@@ -67,7 +68,9 @@ def check_recipe(recipe: Recipe, recipe_path: Path) -> list[str]:
     check_context(roles, config)
     # Cutting the text needs only the tokenizer: too few windows, or bos on a tokenizer without
     # one, fail here rather than after the model has loaded.
-    build_segments(roles, read_tokenizer(m.source, m.trust_remote_code, m.allow_pickle))
+    tokenizer = read_tokenizer(m.source, m.trust_remote_code, m.allow_pickle)
+    build_segments(roles, tokenizer)
+    preflight(recipe.export, model, tokenizer, recipe.quantises())
     for k, stage in enumerate(recipe.stages):
         layers, _ = select_linears(model, stage.targets, stage.ignore, f"stages[{k}]")
         stage.check_layers(layers, f"stages[{k}]")  # allocation lengths, fixed betas, shapes

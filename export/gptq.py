@@ -90,14 +90,18 @@ def pack_layer(W: torch.Tensor, state: QuantState) -> dict[str, torch.Tensor]:
     }
 
 
+def unpack_zeros(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """Zero points (G, N) int64 from v1's packed zero - 1."""
+    if bits == 3:
+        return (unpack_fields(qzeros, bits, dim=1) + 1) & 7
+    add = sum(1 << (bits * j) for j in range(32 // bits))  # + 1 in every field, as a word
+    return unpack_fields(qzeros.to(torch.int64) + add, bits, dim=1)
+
+
 def unpack_layer(tensors: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
     """Dequantised weight (N, K), float32, from the four GPTQ tensors of one layer."""
     q = unpack_fields(tensors["qweight"], bits, dim=0)  # (K, N)
-    if bits == 3:
-        zeros = (unpack_fields(tensors["qzeros"], bits, dim=1) + 1) & 7
-    else:
-        add = sum(1 << (bits * j) for j in range(32 // bits))  # + 1 in every field, as a word
-        zeros = unpack_fields(tensors["qzeros"].to(torch.int64) + add, bits, dim=1)
+    zeros = unpack_zeros(tensors["qzeros"], bits)
     g = tensors["g_idx"].long()
     scales = tensors["scales"].float()
     return (scales[g] * (q - zeros[g]).float()).t().contiguous()
@@ -221,6 +225,34 @@ def iter_dequantized(folder: Path):
                 bits = next((o.get("bits", config["bits"]) for p, o in overrides.items() if re.match(p, name)), config["bits"])
                 tensors = {part: f.get_tensor(f"{name}.{part}") for part in ("qweight", "qzeros", "scales", "g_idx")}
                 yield name, unpack_layer(tensors, bits)
+
+
+def load_states(model, folder: Path) -> int:
+    """Put a GPTQ folder's layers into a dense model of the same config: each quantised Linear
+    gets its decoded weight and its grid (quant_state), as the quantize stage left it. Returns
+    the number of layers."""
+    from compress.quant import Grid
+
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    overrides = {key.split(":", 1)[1]: value for key, value in config.get("dynamic", {}).items()}
+    modules = dict(model.named_modules())
+    count = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            for key in sorted(k for k in f.keys() if k.endswith(".qweight")):
+                name = key.removesuffix(".qweight")
+                grid_args = {k: config[k] for k in ("bits", "group_size", "sym")}
+                grid_args.update(next((o for p, o in overrides.items() if re.match(p, name)), {}))
+                grid = Grid(**grid_args)
+                tensors = {part: f.get_tensor(f"{name}.{part}") for part in ("qweight", "qzeros", "scales", "g_idx")}
+                W = unpack_layer(tensors, grid.bits)
+                zeros = unpack_zeros(tensors["qzeros"], grid.bits)
+                module = modules[name]
+                with torch.no_grad():
+                    module.weight.copy_(W.to(module.weight.dtype))
+                module.quant_state = QuantState(grid, tensors["scales"].float(), zeros.float(), tensors["g_idx"].to(torch.int32))
+                count += 1
+    return count
 
 
 def read_dequantized(folder: Path) -> dict[str, torch.Tensor]:

@@ -1,45 +1,59 @@
 """Hugging Face export: a folder that AutoModelForCausalLM.from_pretrained loads, in the format the
 model's layers call for (dense safetensors; GPTQ when layers sit on integer grids; bitsandbytes
-when they were quantised with it), and checks that reload it and compare.
+when they were quantised with it), or, with `format: sparse`, pruned tensors stored as bitmask +
+kept values (export/sparse.py: smaller, read by our loader only).
 
-The checks run in two steps so that the caller can free its model in between: check_weights
-(the saved weights decode to exactly the in-memory ones) needs the model; check_logits (the
-folder reloaded through transformers gives the reference logits) only the logits taken before.
+The checks run in two steps so that the caller can free its model in between: verify (the saved
+weights decode to exactly the in-memory ones) needs the model; check (the folder reloaded gives
+the reference logits) only the logits taken before.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from pathlib import Path
+
+from typing import Literal
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from compress.calibrate import no_cache
+from compress.config import Config
 from compress.errors import CompressError
-from compress.export import bnb, gptq
+from compress.export import bnb, gptq, sparse
+
+log = logging.getLogger("compress")
 
 # Largest logit difference accepted after a reload, relative to the largest |logit|. Dense is
 # exact. The quantised formats' CPU kernels round activations: gptqmodel's 4-bit kernel computes
 # in bfloat16, bitsandbytes' int8 matmul casts inputs to float16 and its 4-bit CPU path to
 # bfloat16 (each measured at 0.3-0.8% on tiny models).
-LOGIT_TOLERANCE = {"dense": 0.0, "gptq": 2e-2, "bnb": 2e-2}
+LOGIT_TOLERANCE = {"dense": 0.0, "sparse": 0.0, "gptq": 2e-2, "bnb": 2e-2}
 
 
-def export_format(model) -> str:
-    if gptq.quantized_layers(model):
-        return "gptq"
-    if bnb.bnb_layers(model):
-        return "bnb"
-    return "dense"
+class HfExport(Config):
+    """`export.hf`: true (dense), false (none) or {format: dense | sparse}."""
+
+    format: Literal["dense", "sparse"] = "dense"
 
 
-def save(model, tokenizer, folder: Path, scratch: Path) -> dict:
+def export_format(model, cfg: HfExport = HfExport()) -> str:
+    quantised = "gptq" if gptq.quantized_layers(model) else "bnb" if bnb.bnb_layers(model) else None
+    if quantised and cfg.format == "sparse":
+        raise CompressError(f"export.hf.format: sparse stores unquantised tensors; this model is quantised ({quantised}), whose checkpoint packs its weights already: use format: dense")
+    return quantised or cfg.format
+
+
+def save(model, tokenizer, folder: Path, cfg: HfExport, scratch: Path) -> dict:
     """Write the model into folder; returns its format, files and notes."""
     folder.mkdir(parents=True, exist_ok=True)
-    fmt = export_format(model)
-    if fmt == "gptq":
+    fmt = export_format(model, cfg)
+    if fmt == "sparse":
+        info = sparse.save_sparse(model, tokenizer, folder)
+    elif fmt == "gptq":
         info = gptq.save_gptq(model, tokenizer, folder)
     elif fmt == "bnb":
         info = bnb.save_bnb(model, tokenizer, folder, scratch)
@@ -48,20 +62,37 @@ def save(model, tokenizer, folder: Path, scratch: Path) -> dict:
         tokenizer.save_pretrained(folder)
         info = {"format": "dense", "notes": []}
     info["kind"] = fmt
-    info["files"] = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    info["files"] = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix != ".md")
     return info
 
 
-def reference_logits(model, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.dtype, torch.device]:
-    """The in-memory model's logits on `tokens` (n, seqlen), with the dtype and device to reload in."""
-    param = next(model.parameters())
-    with no_cache(model):
-        logits = model(tokens.to(param.device), use_cache=False).logits
-    return logits, param.dtype, param.device
+def verify(model, folder: Path, info: dict, cfg: HfExport) -> dict:
+    """The saved weights, read back, equal the in-memory model's (decoded, for quantised formats)."""
+    weights = check_weights(model, folder, info["kind"])
+    if weights is not None and not weights["identical"]:
+        detail = weights.get("max_abs_weight_diff", weights.get("differing"))
+        raise CompressError(f"export check failed: saved {info['kind']} weights differ from the model's ({detail})")
+    return {"weights": weights} if weights is not None else {}
+
+
+def check(folder: Path, info: dict, ref, cfg: HfExport) -> dict:
+    """Reload the folder the way its users do and compare logits with the reference."""
+    fmt = info["kind"]
+    parity = check_logits(folder, ref.tokens, ref.logits, ref.dtype, ref.device, fmt, info)
+    if not parity["checked"]:
+        log.warning("export check: %s", parity["reason"])
+    elif not parity["within_tolerance"]:
+        raise CompressError(
+            f"export check failed: reloaded {fmt} logits differ by {parity['max_abs_logit_diff']:g} "
+            f"(tolerance {parity['tolerance']:g})"
+        )
+    return {"parity": parity}
 
 
 def check_weights(model, folder: Path, fmt: str) -> dict | None:
-    """Quantised formats: the saved weights, decoded, equal the in-memory model's."""
+    """Quantised and sparse formats: the saved weights, decoded, equal the in-memory model's."""
+    if fmt == "sparse":
+        return sparse.check_saved(model, folder)
     if fmt == "gptq":
         return gptq.check_dequantized(model, folder)
     if fmt == "bnb":
@@ -88,6 +119,8 @@ def reload(folder: Path, fmt: str, dtype, device, info: dict):
 
         # its automatic kernel choice picks a 4-bit-only kernel for mixed widths; the torch one takes all
         return GPTQModel.load(str(folder), device="cpu", backend="torch").model, "gptqmodel.GPTQModel.load"
+    if fmt == "sparse":
+        return sparse.load_sparse(folder, dtype).to(device), "compress.export.sparse.load_sparse"
     if fmt == "dense":
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device), "transformers"
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=str(device)), "transformers"
@@ -105,6 +138,7 @@ def check_logits(folder: Path, tokens: torch.Tensor, expected: torch.Tensor, dty
     except (RuntimeError, ValueError, OSError, NotImplementedError) as err:  # the runtime refused the checkpoint
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise CompressError(f"export check failed: the {fmt} checkpoint does not run after reloading: {first}") from err
+    del reloaded
     diff = (expected.float() - got.float()).abs().max().item()
     scale = expected.float().abs().max().item()
     tolerance = LOGIT_TOLERANCE[fmt] * scale

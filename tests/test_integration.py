@@ -45,7 +45,7 @@ def test_real_model_run(quick_run):
     assert stage["block_ratios"] == pytest.approx(allocate.atp(30, 0.5, 0.01).tolist(), abs=1e-6)
     for target, achieved in zip(stage["block_ratios"], stage["block_achieved"]):
         assert achieved == pytest.approx(target, abs=1 / 576)  # within one weight per row
-    assert results["export"]["parity"]["identical"]
+    assert results["export"]["hf"]["parity"]["identical"]
     metadata = json.loads((out / "metadata.json").read_text())
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     W = reloaded.model.layers[29].mlp.down_proj.weight

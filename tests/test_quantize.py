@@ -260,7 +260,7 @@ def wide_folder(tmp_path, tokenizer):
 ], ids=["wanda+gptq4", "gptq3-asym-act-order", "joint-sparsegpt-8bit"])
 def test_gptq_checkpoint_reloads_in_transformers(tmp_path, wide_folder, stages):
     result = engine.run(load_recipe(recipe(tmp_path, wide_folder, stages)), tmp_path / "q.yaml")
-    out, export = result.output_dir, result.results["export"]
+    out, export = result.output_dir, result.results["export"]["hf"]
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "gptq" and config["checkpoint_format"] == "gptq"
     assert export["weights"]["identical"] and export["weights"]["layers"] == 14
@@ -279,7 +279,7 @@ def test_gptq_checkpoint_reloads_in_transformers(tmp_path, wide_folder, stages):
 @needs_gptqmodel
 def test_mixed_width_checkpoint_reloads_in_gptqmodel(tmp_path, wide_folder):
     stages = "[{kind: quantize, method: gptq, group_size: 32, allocation: {kind: explicit, bits: [8, 2]}}]"
-    export = engine.run(load_recipe(recipe(tmp_path, wide_folder, stages)), tmp_path / "q.yaml").results["export"]
+    export = engine.run(load_recipe(recipe(tmp_path, wide_folder, stages)), tmp_path / "q.yaml").results["export"]["hf"]
     assert export["quantization_config"]["dynamic"] and export["weights"]["identical"]
     assert export["parity"]["loader"] == "gptqmodel.GPTQModel.load" and export["parity"]["within_tolerance"]
 
@@ -289,7 +289,7 @@ def test_mixed_width_checkpoint_reloads_in_gptqmodel(tmp_path, wide_folder):
 def test_bnb_checkpoint_runs_and_reloads_on_cpu(tmp_path, wide_folder, fmt):
     stages = f"[{{kind: prune, method: wanda, sparsity: 0.5}}, {{kind: quantize, method: bnb, format: {fmt}}}]"
     result = engine.run(load_recipe(recipe(tmp_path, wide_folder, stages)), tmp_path / "q.yaml")
-    record, export = result.results["stages"][1], result.results["export"]
+    record, export = result.results["stages"][1], result.results["export"]["hf"]
     assert export["format"] == f"bitsandbytes {fmt}" and export["weights"]["identical"] and export["parity"]["within_tolerance"]
     config = json.loads((result.output_dir / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "bitsandbytes"
@@ -314,6 +314,6 @@ def test_short_last_group_reloads_with_the_torch_kernel(tmp_path, tokenizer):
     tokenizer.save_pretrained(folder)
     stages = "[{kind: quantize, method: gptq, bits: 4, group_size: 64}]"
     result = engine.run(load_recipe(recipe(tmp_path, folder, stages)), tmp_path / "q.yaml")
-    export = result.results["export"]
+    export = result.results["export"]["hf"]
     assert export["quantization_config"]["backend"] == "torch" and "short group" in export["notes"][0]
     assert export["weights"]["identical"] and export["parity"]["within_tolerance"]

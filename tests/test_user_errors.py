@@ -93,7 +93,15 @@ RECIPE_CASES = [
     ("eval: {{tasks: [piqa], tasks_dir: '{file}'}}", "eval.tasks_dir: {file} is not a folder"),
     ("eval: {{tasks: [piqa], tasks_dir: '{dir}'}}", "eval.tasks_dir: {dir}/piqa.jsonl not found (needed by task piqa)"),
     ("eval: {{limit: 0}}", "eval.limit: Input should be greater than 0"),
-    ("export: {{hf: x}}", "export.hf: Input should be a valid boolean"),
+    ("export: {{hf: x}}", "export.hf: expected true, false or the exporter's settings (a mapping), got 'x'"),
+    ("export: {{hf: {{format: compressed}}}}", "export.hf.format: Input should be 'dense' or 'sparse'"),
+    ("stages: [{{kind: quantize, method: rtn}}]\nexport: {{hf: {{format: sparse}}}}", "export.hf.format: sparse stores unquantised tensors"),
+    ("export: {{gguf: {{types: [q5_1]}}}}", "export.gguf.types[0]: Input should be 'f32', 'f16'"),
+    ("export: {{gguf: {{types: [f16, f16]}}}}", "export.gguf.types: each type once"),
+    ("export: {{gguf: {{types: []}}}}", "export.gguf.types: List should have at least 1 item"),
+    ("export: {{gguf: true}}", "export.gguf: the tokenizer has 257 tokens but the model's embedding only 256 rows"),
+    ("export: {{onnx: {{kv_cache: perhaps}}}}", "export.onnx.kv_cache: Input should be a valid boolean"),
+    ("export: {{check_windows: -1}}", "export.check_windows: Input should be greater than or equal to 0"),
     ("output: x", "output: unknown key"),
 ]
 
@@ -158,6 +166,13 @@ def test_recipe_files_that_are_not_recipes(monkeypatch, capsys, tmp_path, places
         (["run"], "compress run: Missing argument 'RECIPE'"),
         (["run", "{recipe}", "--set", "novalue"], "--set novalue: expected key.path=value"),
         (["bogus"], "compress: No such command 'bogus'"),
+        (["export", "{dir}", "--to", "tflite"], "--to: expected one of hf, gguf, onnx, got 'tflite'"),
+        (["export", "{dir}/missing", "--to", "gguf"], "{dir}/missing: no such run folder"),
+        (["export", "{dir}", "--to", "gguf"], "{dir}: not a finished run"),
+        (["export", "{dir}", "--to", "gguf", "--type", "q5_1"], "--type: Input should be 'f32', 'f16'"),
+        (["export", "{dir}", "--to", "onnx", "--type", "q4_0"], "--type applies to --to gguf only"),
+        (["export", "{dir}", "--to", "hf", "--format", "zip"], "--format: Input should be 'dense' or 'sparse'"),
+        (["export", "{dir}"], "compress export: Missing option '--to'"),
     ],
 )
 def test_every_flag_fails_in_one_line(monkeypatch, capsys, places, args, message):

@@ -1,0 +1,303 @@
+#!/usr/bin/env python
+"""CPU speed of the exports: tokens/s for prefill (128 and 512 tokens) and decode (128 new tokens
+after a 16-token prompt), 2 threads, median of --repeats runs after one warm-up, one engine at a
+time in this process.
+
+Models: SmolLM2-135M (the embedded default) and a random-initialised Llama of ~0.5 B parameters
+(hidden 2048, 8 blocks, SmolLM2's tokenizer and vocabulary), each dense and magnitude-pruned to
+50% and 70% in every decoder-block Linear (speed depends on the pattern, not on which weights).
+
+Engines: torch eager fp32 and bf16 (the baselines); llama.cpp F16 / Q8_0 / Q4_0 / Q4_K_M through
+our GGUF exporter; ONNX Runtime on our ONNX export (fp32). DeepSparse (the one CPU engine that
+turns unstructured zeros into speed) needs its own venv (Python <= 3.11, onnx < 1.15): with
+--deepsparse-python PATH it runs there on the same ONNX prefill graph; otherwise its rows say it
+was not measured.
+
+    python benchmarks/speed.py                    # everything (~30 minutes on 2 cores)
+    python benchmarks/speed.py --models smollm2 --engines torch-fp32 llama.cpp-q4_k_m
+
+Writes benchmarks/results/speed/<model>-<variant>.json and benchmarks/results/speed.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "speed"
+PREFILL = (128, 512)
+DECODE_NEW, PROMPT = 128, 16
+GGUF_TYPES = ["f16", "q8_0", "q4_0", "q4_k_m"]
+ENGINES = ["torch-fp32", "torch-bf16"] + [f"llama.cpp-{t}" for t in GGUF_TYPES] + ["onnxruntime", "deepsparse"]
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="*", default=["smollm2", "llama-0.5b"], choices=["smollm2", "llama-0.5b"])
+    p.add_argument("--sparsities", nargs="*", type=float, default=[0.0, 0.5, 0.7])
+    p.add_argument("--engines", nargs="*", default=ENGINES, choices=ENGINES)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "atp-speed")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--deepsparse-python", type=Path, help="python of a venv with deepsparse 1.8.0 and onnx<1.15")
+    return p.parse_args()
+
+
+# ---------------------------------------------------------------- models
+
+
+def load(name: str):
+    from compress.model import load_model
+
+    loaded = load_model("smollm2-135m")
+    if name == "smollm2":
+        return loaded.model, loaded.tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", vocab_size=loaded.model.config.vocab_size, hidden_size=2048, intermediate_size=5632,
+                                  num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048,
+                                  tie_word_embeddings=True, bos_token_id=loaded.model.config.bos_token_id,
+                                  eos_token_id=loaded.model.config.eos_token_id)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval().requires_grad_(False)
+    return model, loaded.tokenizer
+
+
+def prune(model, sparsity: float) -> None:
+    """Magnitude per output row in every decoder-block Linear."""
+    from compress.model import block_linears, decoder_blocks
+
+    with torch.no_grad():
+        for block in decoder_blocks(model):
+            for module in block_linears(block).values():
+                W = module.weight
+                k = int(W.shape[1] * sparsity)
+                idx = W.abs().topk(k, dim=1, largest=False).indices
+                W.scatter_(1, idx, 0.0)
+
+
+def tokens(tokenizer, n: int) -> list[int]:
+    from compress.data import read_text
+
+    ids = tokenizer(read_text("python-docs", "evaluation")[:200_000], add_special_tokens=False).input_ids
+    return ids[:n]
+
+
+# ---------------------------------------------------------------- timing
+
+
+def median_rate(run, n_tokens: int, repeats: int) -> float:
+    run()  # warm-up: kernels, caches, repacking
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return n_tokens / statistics.median(times)
+
+
+def torch_rates(model, ids: list[int], dtype, repeats: int) -> dict:
+    model = model.to(dtype)
+    out = {}
+    with torch.inference_mode():
+        for n in PREFILL:
+            x = torch.tensor([ids[:n]])
+            out[f"prefill_{n}"] = median_rate(lambda: model(x, use_cache=False), n, repeats)
+        prompt = torch.tensor([ids[:PROMPT]])
+
+        def decode():
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=DECODE_NEW, min_new_tokens=DECODE_NEW,
+                           do_sample=False, pad_token_id=0)
+
+        out[f"decode_{DECODE_NEW}"] = decode_rate(decode, lambda: model(prompt, use_cache=False), repeats)
+    model.to(torch.float32)
+    return out
+
+
+def decode_rate(generate, prefill_prompt, repeats: int) -> float:
+    """New tokens per second, the prompt's prefill time taken out."""
+    generate()
+    times, prompt_times = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        prefill_prompt()
+        prompt_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        generate()
+        times.append(time.perf_counter() - start)
+    return DECODE_NEW / max(statistics.median(times) - statistics.median(prompt_times), 1e-9)
+
+
+def llama_rates(path: Path, ids: list[int], threads: int, repeats: int) -> dict:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    out = {}
+    try:
+        for n in PREFILL:
+            def prefill(n=n):
+                llm.reset()
+                llm.eval(ids[:n])
+            out[f"prefill_{n}"] = median_rate(prefill, n, repeats)
+
+        def decode():
+            llm.reset()
+            llm.eval(ids[:PROMPT])
+            token = ids[PROMPT]
+            for _ in range(DECODE_NEW):
+                llm.eval([token])
+                token = int(llm.scores[llm.n_tokens - 1].argmax())  # greedy, as torch's generate
+
+        def prompt_only():
+            llm.reset()
+            llm.eval(ids[:PROMPT])
+
+        out[f"decode_{DECODE_NEW}"] = decode_rate(decode, prompt_only, repeats)
+    finally:
+        llm.close()
+    return out
+
+
+def ort_rates(folder: Path, info: dict, ids: list[int], repeats: int) -> dict:
+    """ONNX Runtime through the exporter's own runner: prefill graph, then the KV-cache decode graph."""
+    from compress.export import onnx as onnx_export
+
+    prefill = onnx_export.session(folder / info["graphs"]["prefill"])  # threads: torch.get_num_threads()
+    decode = onnx_export.session(folder / info["graphs"]["decode"])
+    out = {}
+    for n in PREFILL:
+        x = torch.tensor([ids[:n]])
+        out[f"prefill_{n}"] = median_rate(lambda: onnx_export.run(prefill, x), n, repeats)
+    prompt = torch.tensor([ids[:PROMPT]])
+    step = onnx_export.decode_step(decode)
+
+    def generate():
+        onnx_export.greedy(prompt, onnx_export.run(prefill, prompt), step, DECODE_NEW, [])
+
+    out[f"decode_{DECODE_NEW}"] = decode_rate(generate, lambda: onnx_export.run(prefill, prompt), repeats)
+    return out
+
+
+def deepsparse_rates(args, folder: Path, info: dict) -> dict:
+    """DeepSparse in its own venv, on a copy of the prefill graph that its onnx 1.14 reads (IR 8)."""
+    import subprocess
+
+    import onnx
+
+    if args.deepsparse_python is None:
+        raise RuntimeError("not measured: DeepSparse needs its own venv (pass --deepsparse-python)")
+    graph = onnx.load(str(folder / info["graphs"]["prefill"]))
+    graph.ir_version = 8
+    copy = folder / "prefill-ir8.onnx"
+    onnx.save_model(graph, str(copy), save_as_external_data=True, location="prefill-ir8.onnx.data")
+    del graph
+    done = subprocess.run([str(args.deepsparse_python), str(HERE / "deepsparse_prefill.py"), str(copy), "--threads", str(args.threads),
+                           "--repeats", str(args.repeats), "--lengths", *map(str, PREFILL)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- one model variant
+
+
+def measure(args, model_name: str, sparsity: float) -> dict:
+    from compress.export import gguf as gguf_export
+    from compress.export import onnx as onnx_export
+
+    model, tokenizer = load(model_name)
+    if sparsity:
+        prune(model, sparsity)
+    ids = tokens(tokenizer, max(PREFILL) + PROMPT + 1)
+    params = sum(p.numel() for p in model.parameters())
+    work = args.work / f"{model_name}-{int(sparsity * 100)}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    rows = {}
+    torch.set_num_threads(args.threads)
+    for engine in args.engines:
+        print(f"{model_name} {sparsity:.0%} {engine}", flush=True)
+        row = {"mb": None}
+        try:
+            if engine.startswith("torch"):
+                dtype = torch.float32 if engine.endswith("fp32") else torch.bfloat16
+                row["mb"] = round(sum(p.numel() for p in model.parameters()) * (4 if dtype == torch.float32 else 2) / 2**20, 1)
+                row.update(torch_rates(model, ids, dtype, args.repeats))
+            elif engine.startswith("llama.cpp"):
+                kind = engine.split("-", 1)[1]
+                info = gguf_export.save(model, tokenizer, work / "gguf", gguf_export.GgufExport(types=[kind]), work / "scratch")
+                entry = info["files"][kind]
+                row.update({"mb": entry["mb"], "tensor_types": entry["tensor_types"], "zeros_kept": entry["zeros_kept"]})
+                row.update(llama_rates(work / "gguf" / entry["file"], ids, args.threads, args.repeats))
+                (work / "gguf" / entry["file"]).unlink()
+            elif engine in ("onnxruntime", "deepsparse"):
+                if not (work / "onnx" / "export.json").is_file():  # one export serves both engines
+                    info = onnx_export.save(model, tokenizer, work / "onnx", onnx_export.OnnxExport(), work / "scratch")
+                    (work / "onnx" / "export.json").write_text(json.dumps(info))
+                info = json.loads((work / "onnx" / "export.json").read_text())
+                row["mb"] = info["mb"]
+                row.update(ort_rates(work / "onnx", info, ids, args.repeats) if engine == "onnxruntime" else deepsparse_rates(args, work / "onnx", info))
+        except Exception as err:  # a benchmark row that fails says why, the others still run
+            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        rows[engine] = row
+        print(f"  {row}", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    return {"model": model_name, "sparsity": sparsity, "params": params, "threads": args.threads, "repeats": args.repeats, "rows": rows}
+
+
+def machine() -> dict:
+    from compress import runinfo
+
+    return {"machine": runinfo.machine(), "versions": runinfo.versions()}
+
+
+def table(results: list[dict]) -> str:
+    lines = ["# Speed on 2 CPU cores", "",
+             f"Tokens/s, median of the runs after one warm-up; prefill of 128 and 512 tokens; decode of {DECODE_NEW} new tokens "
+             f"after a {PROMPT}-token prompt (prompt time taken out). MB: the file the engine loads (torch: the weights in memory).", ""]
+    for r in results:
+        lines += [f"## {r['model']}, {r['sparsity']:.0%} of block weights zero ({r['params'] / 1e6:.0f} M parameters)", "",
+                  "| engine | MB | prefill 128 | prefill 512 | decode | decode vs torch bf16 |", "|---|---|---|---|---|---|"]
+        base = r["rows"].get("torch-bf16", {}).get(f"decode_{DECODE_NEW}")
+        for engine, row in r["rows"].items():
+            if "error" in row:
+                lines.append(f"| {engine} | - | failed: {row['error']} | | | |")
+                continue
+            decode = row.get(f"decode_{DECODE_NEW}")
+            rel = f"{decode / base:.2f}x" if base and decode else "-"
+            shown = f"{decode:.1f}" if decode else "not measured"
+            lines.append(f"| {engine} | {row['mb']} | {row['prefill_128']:.0f} | {row['prefill_512']:.0f} | {shown} | {rel} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    args = parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = []
+    for model_name in args.models:
+        for sparsity in args.sparsities:
+            path = RESULTS / f"{model_name}-{int(sparsity * 100)}.json"
+            if path.exists() and not args.force:
+                results.append(json.loads(path.read_text()))
+                continue
+            result = {**measure(args, model_name, sparsity), **machine()}
+            path.write_text(json.dumps(result, indent=2) + "\n")
+            results.append(result)
+    every = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+    (HERE / "results" / "speed.md").write_text(table(every))
+    print(table(every))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

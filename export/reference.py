@@ -1,0 +1,59 @@
+"""What every export is compared with: the in-memory model's outputs, taken once before the model
+is freed, so that no check ever holds two models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compress.calibrate import no_cache
+from compress.evaluate import perplexity
+
+# Tokenized by the HF tokenizer and by each runtime's own (GGUF): digits, contractions,
+# whitespace runs, tabs, accents, CJK, code.
+SAMPLE_TEXT = (
+    "The 3 quick brown foxes jumped over 12,345 lazy dogs -- didn't they? Yes: they'd done it "
+    "before (in 1999), and they'll do it again.\n\n  Indented line\twith a tab; café, naïve, 東京.\n"
+    "def f(x):\n    return x ** 2  # squares\n"
+)
+
+
+@dataclass
+class Reference:
+    tokens: torch.Tensor  # (n, t) probe windows
+    logits: torch.Tensor  # (n, t, vocab) float32: the in-memory model's logits on `tokens`
+    dtype: torch.dtype  # the model's dtype and device, to reload in
+    device: torch.device
+    prompt: torch.Tensor  # (1, p) a prompt for generation
+    greedy: torch.Tensor  # (1, g) the model's greedy continuation of `prompt` (new tokens only)
+    evaluation: torch.Tensor | None = None  # (k, seqlen) evaluation windows, for perplexity in a runtime
+    window_perplexity: float | None = None  # the in-memory model's perplexity on exactly those windows
+    bos: bool = False  # evaluation windows start with BOS (never a scored target)
+    sample_text: str = SAMPLE_TEXT
+    sample_ids: list[int] | None = None  # the HF tokenizer's ids of sample_text, no special tokens
+
+
+@torch.no_grad()
+def take_reference(model, tokens: torch.Tensor, tokenizer=None, evaluation: torch.Tensor | None = None,
+                   bos: bool = False, new_tokens: int = 16) -> Reference:
+    """Logits on `tokens`, a greedy continuation of the first window's first 8 tokens, and the
+    perplexity on `evaluation` (already cut to the windows the runtimes will score)."""
+    param = next(model.parameters())
+    with no_cache(model):
+        logits = model(tokens.to(param.device), use_cache=False).logits.float().cpu()
+    prompt = tokens[:1, :8]
+    out = model.generate(
+        prompt.to(param.device),
+        attention_mask=torch.ones_like(prompt, device=param.device),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    ppl = None
+    if evaluation is not None and len(evaluation):
+        ppl = perplexity(model, evaluation, desc="reference ppl").ppl
+    ids = tokenizer(SAMPLE_TEXT, add_special_tokens=False).input_ids if tokenizer is not None else None
+    return Reference(tokens, logits, param.dtype, param.device, prompt, out[:, prompt.shape[1]:].cpu(),
+                     evaluation, ppl, bos, SAMPLE_TEXT, ids)
