@@ -54,7 +54,7 @@ def setup_logging(quiet: bool) -> None:
     )
     # Libraries that log at import or per call (torchao, installed with gptqmodel, warns about
     # CUDA-only kernels at import; torch about its own deprecations).
-    for noisy in ("transformers", "accelerate", "huggingface_hub", "lm-eval", "lm_eval", "torchao", "torch.utils._pytree", "gptqmodel"):
+    for noisy in ("transformers", "accelerate", "huggingface_hub", "lm-eval", "lm_eval", "torchao", "torch.utils._pytree", "gptqmodel", "torch.onnx", "onnxscript"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
