@@ -204,7 +204,9 @@ def deepsparse_rates(args, folder: Path, info: dict) -> dict:
     done = subprocess.run([str(args.deepsparse_python), str(HERE / "deepsparse_prefill.py"), str(copy), "--threads", str(args.threads),
                            "--repeats", str(args.repeats), "--lengths", *map(str, PREFILL)], capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
+        lines = done.stderr.strip().splitlines()
+        why = next((line for line in lines if line.startswith("Assertion at")), lines[-1] if lines else f"exit {done.returncode}")
+        raise RuntimeError(f"DeepSparse 1.8.0 failed to compile our prefill graph: {why}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -278,6 +280,9 @@ def table(results: list[dict]) -> str:
             shown = f"{decode:.1f}" if decode else "not measured"
             lines.append(f"| {engine} | {row['mb']} | {row['prefill_128']:.0f} | {row['prefill_512']:.0f} | {shown} | {rel} |")
         lines.append("")
+    failed = {row["error"] for r in results for e, row in r["rows"].items() if e == "deepsparse" and "error" in row}
+    if failed:
+        lines += ["DeepSparse rows: " + "; ".join(sorted(failed)) + ".", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -292,6 +297,10 @@ def main():
                 results.append(json.loads(path.read_text()))
                 continue
             result = {**measure(args, model_name, sparsity), **machine()}
+            if path.exists():  # --force on some engines: their rows replace the earlier ones
+                earlier = json.loads(path.read_text())
+                result["rows"] = {**earlier["rows"], **result["rows"]}
+                result["rows"] = {e: result["rows"][e] for e in ENGINES if e in result["rows"]}
             path.write_text(json.dumps(result, indent=2) + "\n")
             results.append(result)
     every = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
