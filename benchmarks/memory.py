@@ -28,7 +28,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from sparsity import data_section  # noqa: E402  (the same token windows as the sparsity table)
+from sparsity import data_section, require_inputs  # noqa: E402  (the same token windows as the sparsity table)
 
 RESULTS = HERE / "results" / "memory"
 ATP = {"kind": "atp", "beta": "auto", "trials": 5}
@@ -128,10 +128,7 @@ def table(rows: dict[str, dict]) -> str:
 
 def main() -> None:
     args = parse_args()
-    if not (args.data / "brown.txt").is_file():
-        raise SystemExit(f"{args.data}/brown.txt not found: pass --data with the shared corpora folder")
-    if not (args.folder / "config.json").is_file():
-        raise SystemExit(f"{args.folder} is not an HF folder: make it with benchmarks/llmcompressor_baseline.py --make-model")
+    require_inputs(args.data, args.folder)
     RESULTS.mkdir(parents=True, exist_ok=True)
     for name in args.only or CONFIGS:
         target = RESULTS / f"{name}.json"

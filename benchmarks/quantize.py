@@ -32,7 +32,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from sparsity import data_section  # noqa: E402  (the same token windows as the sparsity table)
+from sparsity import data_section, require_inputs  # noqa: E402  (the same token windows as the sparsity table)
 
 RESULTS = HERE / "results" / "quantize"
 ATP = {"kind": "atp", "beta": "auto", "trials": 5}
@@ -206,10 +206,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     args = parse_args()
-    if not (args.data / "brown.txt").is_file():
-        raise SystemExit(f"{args.data}/brown.txt not found: pass --data with the shared corpora folder")
-    if not (args.folder / "config.json").is_file():
-        raise SystemExit(f"{args.folder} is not an HF folder: make it with benchmarks/llmcompressor_baseline.py --make-model")
+    require_inputs(args.data, args.folder)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.gptqmodel:
         row = run_gptqmodel(args)

@@ -68,6 +68,14 @@ def data_section(data: Path) -> dict:
     }
 
 
+def require_inputs(data: Path, folder: Path | None = None) -> None:
+    """Stop with one line when the corpora (or the float32 model folder) are missing."""
+    if not (data / "brown.txt").is_file():
+        raise SystemExit(f"{data}/brown.txt not found: pass --data with the shared corpora folder")
+    if folder is not None and not (folder / "config.json").is_file():
+        raise SystemExit(f"{folder} is not an HF folder: make it with benchmarks/llmcompressor_baseline.py --make-model")
+
+
 def recipe(args, name: str, stage: dict | None, zero_shot: bool) -> dict:
     r = {
         "name": name,
@@ -214,8 +222,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     args = parse_args()
-    if not (args.data / "brown.txt").is_file():
-        raise SystemExit(f"{args.data}/brown.txt not found: pass --data with the shared corpora folder")
+    require_inputs(args.data)
     if args.dump_tokens:
         return dump_tokens(args)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,24 @@ Each module defines the config of what it does (data.py its segments, stages/pru
 recipe.py only composes them and reads YAML.
 """
 
-from pydantic import BaseModel, ConfigDict
+import re
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _compiled(patterns: list[str]) -> list[str]:
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as err:
+            raise ValueError(f"bad regular expression {p!r}: {err}") from err
+    return patterns
+
+
+# A stage's `targets` / `ignore`: regexes on full module names, each checked to compile.
+LayerPatterns = Annotated[list[str], AfterValidator(_compiled)]

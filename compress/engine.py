@@ -26,7 +26,7 @@ from compress.data import build_segments
 from compress.errors import CompressError
 from compress.evaluate import perplexity
 from compress.export import EXPORTERS, preflight
-from compress.export.reference import take_reference
+from compress.export.reference import reference_for_run
 from compress.model import DTYPES, block_linears, context_length, decoder_blocks, load_model, model_type
 from compress.quant import stored_bits
 from compress.recipe import Recipe
@@ -132,7 +132,7 @@ def linear_size(model) -> dict:
     }
 
 
-def export_all(recipe: Recipe, loaded, tmp: Path, scratch: Path, segments: dict, bos, phases) -> dict:
+def export_all(recipe: Recipe, loaded, tmp: Path, scratch: Path, segments: dict, phases) -> dict:
     """Save every export the recipe names while the model is in memory (each verifies its bytes),
     take the reference outputs, free the model, then reload each export in its own runtime. Any
     mismatch fails the run. Returns {exporter name: info}."""
@@ -140,7 +140,7 @@ def export_all(recipe: Recipe, loaded, tmp: Path, scratch: Path, segments: dict,
     model, exports = loaded.model, {}
     for name, cfg in selected:
         exporter = EXPORTERS[name]
-        dest = tmp / exporter.subdir if exporter.subdir else tmp
+        dest = tmp / exporter.subdir  # "" for the top of the run folder
         with phases(f"export_{name}"):
             exports[name] = exporter.save(model, loaded.tokenizer, dest, cfg, scratch / name)
             if recipe.export.check and exporter.verify is not None:
@@ -148,17 +148,14 @@ def export_all(recipe: Recipe, loaded, tmp: Path, scratch: Path, segments: dict,
     if not (selected and recipe.export.check):
         return exports
     with phases("export_reference"):
-        k = recipe.export.check_windows
-        windows = segments["evaluation"].tokens[:k] if "evaluation" in segments and k else None
-        ref = take_reference(model, segments["calibration"].tokens[:2, :128], loaded.tokenizer, windows, bool(bos))
+        ref = reference_for_run(model, loaded.tokenizer, segments, recipe.export.check_windows)
     # The checks reload each export into a second model: the in-memory one must be gone first.
     loaded.model = model = None
     gc.collect()
     for name, cfg in selected:
         exporter = EXPORTERS[name]
-        dest = tmp / exporter.subdir if exporter.subdir else tmp
         with phases(f"check_{name}"):
-            exports[name].update(exporter.check(dest, exports[name], ref, cfg))
+            exports[name].update(exporter.check(tmp / exporter.subdir, exports[name], ref, cfg))
     return exports
 
 
@@ -273,7 +270,7 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str]) -
             "params": params,
         }
         loaded.model, model = model, None  # export_all frees it before reloading the exports
-        export = export_all(recipe, loaded, tmp, scratch, segments, eval_bos, phases)
+        export = export_all(recipe, loaded, tmp, scratch, segments, phases)
         shutil.rmtree(scratch, ignore_errors=True)
 
         results = {

@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from compress.data import build_segments
 from compress.errors import CompressError
 from compress.export import EXPORTERS, gptq
-from compress.export.reference import take_reference
+from compress.export.reference import reference_for_run
 from compress.model import DTYPES, LoadedModel, load_model
 from compress.recipe import Recipe
 from compress.report import write_report
@@ -108,9 +108,7 @@ def export_run(run_dir: Path, to: str, types: list[str], fmt: str | None = None,
         if check:
             if exporter.verify is not None:
                 info.update(exporter.verify(loaded.model, tmp, info, cfg))
-            k = recipe.export.check_windows
-            ref = take_reference(loaded.model, segments["calibration"].tokens[:2, :128], loaded.tokenizer,
-                                 segments["evaluation"].tokens[:k] if k else None, segments["evaluation"].bos)
+            ref = reference_for_run(loaded.model, loaded.tokenizer, segments, recipe.export.check_windows)
             loaded.model = None
             gc.collect()
             info.update(exporter.check(tmp, info, ref, cfg))

@@ -239,6 +239,11 @@ def get_weight(module: nn.Module) -> torch.Tensor:
     return W.t() if isinstance(module, Conv1D) else W
 
 
+def block_weight_counts(layers: list[dict[str, nn.Module]]) -> torch.Tensor:
+    """Weights per block of the selected Linears (float): what size-weighted allocations weigh by."""
+    return torch.tensor([float(sum(get_weight(m).numel() for m in block.values())) for block in layers])
+
+
 def set_weight(module: nn.Module, W: torch.Tensor) -> None:
     """Write an (out, in) matrix back in the module's own layout and dtype."""
     target = get_weight(module)

@@ -10,10 +10,22 @@ zero. Scales are rounded to float16 when chosen, so a checkpoint that stores the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+from pydantic import AfterValidator
 
 FP16_TINY = 2.0**-14  # smallest normal float16: a scale below it would not survive the checkpoint
+
+
+def _group_size(value: int) -> int:
+    if value != -1 and value < 1:
+        raise ValueError("group_size must be a positive number of columns or -1 (per channel)")
+    return value
+
+
+# Input columns per scale in a recipe; -1: one scale per output row.
+GroupSize = Annotated[int, AfterValidator(_group_size)]
 
 
 @dataclass(frozen=True)

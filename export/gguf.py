@@ -48,6 +48,7 @@ MAIN_TYPE = {"q8_0": Q.Q8_0, "q6_k": Q.Q6_K, "q4_k_m": Q.Q4_K, "q4_0": Q.Q4_0}
 # a GPTQ grid that is a GGUF block type as it stands: bits -> (file type, block type)
 GRID_TYPES = {4: ("q4_0", Q.Q4_0), 8: ("q8_0", Q.Q8_0)}
 GRID_KINDS = {kind for kind, _ in GRID_TYPES.values()}
+GRID_WRITTEN = "GPTQ grid written block for block (no requantisation)"
 
 # Largest logit difference accepted in llama.cpp, relative to the largest |logit| of the
 # in-memory model: F32 differs only by float summation order (measured 2e-4 on tiny models);
@@ -330,19 +331,24 @@ def tensor_types(path: Path) -> tuple[Counter, dict[str, str]]:
     return Counter(types.values()), types
 
 
+def decoded(path: Path, model, arch: Arch, keep):
+    """(gguf name, hf name, the model's weight in the file's row order, the file's values decoded
+    to float32) for each tensor that keep(gguf name, hf name, weight) selects, one at a time."""
+    stored = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    for name, hf_name, w, _ in gguf_tensors(model, arch):
+        if keep(name, hf_name, w):
+            t = stored[name]
+            yield name, hf_name, w, gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(w.shape)
+
+
 def zeros_kept(path: Path, model, arch: Arch) -> float | None:
     """Share of the model's zero weights (in block matrices) that stay exactly zero in the file."""
-    reader = gguf.GGUFReader(str(path))
-    stored = {t.name: t for t in reader.tensors}
+    def block_matrix_with_zeros(name, hf_name, w):
+        return w.dim() == 2 and name.startswith("blk.") and bool((w == 0).any())
+
     zeros = kept = 0
-    for name, hf_name, w, _ in gguf_tensors(model, arch):
-        if w.dim() != 2 or not name.startswith("blk."):
-            continue
+    for _, _, w, values in decoded(path, model, arch, block_matrix_with_zeros):
         mask = (w == 0).numpy()
-        if not mask.any():
-            continue
-        t = stored[name]
-        values = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(w.shape)
         zeros += int(mask.sum())
         kept += int((values[mask] == 0).sum())
     return kept / zeros if zeros else None
@@ -371,7 +377,7 @@ def save(model, tokenizer, dest: Path, cfg: GgufExport, scratch: Path) -> dict:
         path = dest / file_name(kind)
         if kind in DIRECT or kind in grid_kinds:
             written = write_file(path, model, tokenizer, arch, scratch, kind, on_grid=kind in grid_kinds)
-            how = "written directly" if kind in DIRECT else "GPTQ grid written block for block (no requantisation)"
+            how = "written directly" if kind in DIRECT else GRID_WRITTEN
             if written["requantised"]:
                 notes.append(f"{kind}: {len(written['requantised'])} matrices not on a {kind} grid were quantised to Q8_0 ({', '.join(written['requantised'][:3])}...)")
         else:
@@ -402,17 +408,13 @@ def verify(model, dest: Path, info: dict, cfg: GgufExport) -> dict:
     out = {}
     modules = dict(model.named_modules())
     for kind, entry in info["files"].items():
-        if kind != "f32" and entry["how"] != "GPTQ grid written block for block (no requantisation)":
+        if kind != "f32" and entry["how"] != GRID_WRITTEN:
             continue
-        reader = gguf.GGUFReader(str(dest / entry["file"]))
-        stored = {t.name: t for t in reader.tensors}
+        def written_exactly(name, hf_name, w, kind=kind):  # f32: every tensor; grid files: the GPTQ layers
+            return kind == "f32" or getattr(modules.get(hf_name.removesuffix(".weight")), "quant_state", None) is not None
+
         worst, checked = 0.0, 0
-        for name, hf_name, w, _ in gguf_tensors(model, arch):
-            module = modules.get(hf_name.removesuffix(".weight"))
-            if kind != "f32" and getattr(module, "quant_state", None) is None:
-                continue
-            t = stored[name]
-            values = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(w.shape)
+        for _, _, w, values in decoded(dest / entry["file"], model, arch, written_exactly):
             worst = max(worst, float(np.abs(values - w.numpy()).max()))
             checked += 1
         if worst != 0.0:

@@ -27,7 +27,7 @@ from safetensors import safe_open
 
 from compress.errors import CompressError
 from compress.model import block_prefix, decoder_blocks, get_weight
-from compress.quant import QuantState
+from compress.quant import Grid, QuantState
 
 PACK_MULTIPLE = 32  # in and out features must be multiples of this (3-bit words hold 32 codes)
 
@@ -213,45 +213,40 @@ def save_gptq(model, tokenizer, folder: Path) -> dict:
     return {"format": "gptq", "quantization_config": config, "notes": notes}
 
 
-def iter_dequantized(folder: Path):
-    """(name, weight (N, K) float32) of every quantised layer, decoded from the files by our own
-    reader one layer at a time."""
+def iter_packed(folder: Path):
+    """(name, grid, its four GPTQ tensors) of every quantised layer, read one at a time; the grid
+    is config.json's, with gptqmodel's `dynamic` per-module overrides applied."""
     config = json.loads((folder / "config.json").read_text())["quantization_config"]
     overrides = {key.split(":", 1)[1]: value for key, value in config.get("dynamic", {}).items()}
+    base = {"bits": config["bits"], "group_size": config.get("group_size", -1), "sym": config.get("sym", True)}
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(path, framework="pt") as f:
             for key in sorted(k for k in f.keys() if k.endswith(".qweight")):
                 name = key.removesuffix(".qweight")
-                bits = next((o.get("bits", config["bits"]) for p, o in overrides.items() if re.match(p, name)), config["bits"])
-                tensors = {part: f.get_tensor(f"{name}.{part}") for part in ("qweight", "qzeros", "scales", "g_idx")}
-                yield name, unpack_layer(tensors, bits)
+                grid = Grid(**{**base, **next((o for p, o in overrides.items() if re.match(p, name)), {})})
+                yield name, grid, {part: f.get_tensor(f"{name}.{part}") for part in ("qweight", "qzeros", "scales", "g_idx")}
+
+
+def iter_dequantized(folder: Path):
+    """(name, weight (N, K) float32) of every quantised layer, decoded from the files by our own
+    reader one layer at a time."""
+    for name, grid, tensors in iter_packed(folder):
+        yield name, unpack_layer(tensors, grid.bits)
 
 
 def load_states(model, folder: Path) -> int:
     """Put a GPTQ folder's layers into a dense model of the same config: each quantised Linear
     gets its decoded weight and its grid (quant_state), as the quantize stage left it. Returns
     the number of layers."""
-    from compress.quant import Grid
-
-    config = json.loads((folder / "config.json").read_text())["quantization_config"]
-    overrides = {key.split(":", 1)[1]: value for key, value in config.get("dynamic", {}).items()}
     modules = dict(model.named_modules())
     count = 0
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(path, framework="pt") as f:
-            for key in sorted(k for k in f.keys() if k.endswith(".qweight")):
-                name = key.removesuffix(".qweight")
-                grid_args = {k: config[k] for k in ("bits", "group_size", "sym")}
-                grid_args.update(next((o for p, o in overrides.items() if re.match(p, name)), {}))
-                grid = Grid(**grid_args)
-                tensors = {part: f.get_tensor(f"{name}.{part}") for part in ("qweight", "qzeros", "scales", "g_idx")}
-                W = unpack_layer(tensors, grid.bits)
-                zeros = unpack_zeros(tensors["qzeros"], grid.bits)
-                module = modules[name]
-                with torch.no_grad():
-                    module.weight.copy_(W.to(module.weight.dtype))
-                module.quant_state = QuantState(grid, tensors["scales"].float(), zeros.float(), tensors["g_idx"].to(torch.int32))
-                count += 1
+    for name, grid, tensors in iter_packed(folder):
+        module = modules[name]
+        with torch.no_grad():
+            module.weight.copy_(unpack_layer(tensors, grid.bits).to(module.weight.dtype))
+        zeros = unpack_zeros(tensors["qzeros"], grid.bits)
+        module.quant_state = QuantState(grid, tensors["scales"].float(), zeros.float(), tensors["g_idx"].to(torch.int32))
+        count += 1
     return count
 
 

@@ -57,3 +57,12 @@ def take_reference(model, tokens: torch.Tensor, tokenizer=None, evaluation: torc
     ids = tokenizer(SAMPLE_TEXT, add_special_tokens=False).input_ids if tokenizer is not None else None
     return Reference(tokens, logits, param.dtype, param.device, prompt, out[:, prompt.shape[1]:].cpu(),
                      evaluation, ppl, bos, SAMPLE_TEXT, ids)
+
+
+def reference_for_run(model, tokenizer, segments: dict, check_windows: int) -> Reference:
+    """A run's reference: probes from its first two calibration windows (128 tokens), perplexity
+    on its first `check_windows` evaluation windows (none when the run cut no evaluation text)."""
+    evaluation = segments.get("evaluation")
+    windows = evaluation.tokens[:check_windows] if evaluation is not None and check_windows else None
+    return take_reference(model, segments["calibration"].tokens[:2, :128], tokenizer, windows,
+                          bool(evaluation.bos) if evaluation is not None else False)

@@ -77,6 +77,15 @@ def tiny_model(arch: str = "llama", layers: int = 2, seed: int = 0):
     return model.eval()
 
 
+def model_from_config(model_type: str = "llama", seed: int = 0, **config):
+    """A random float32 model of any shape, in eval mode (tiny_model's fixed sizes do not suit
+    GPTQ packing, GGUF blocks or K-quants)."""
+    from transformers import AutoConfig
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config), dtype=torch.float32).eval()
+
+
 @pytest.fixture
 def tiny_llama():
     return tiny_model("llama")

@@ -8,7 +8,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from compress import engine
 from compress.errors import CompressError
@@ -17,7 +17,7 @@ from compress.export import hf, sparse
 from compress.export.gguf import GgufExport
 from compress.export_run import export_run
 from compress.recipe import load_recipe
-from conftest import build_tokenizer
+from conftest import build_tokenizer, model_from_config
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +28,8 @@ def tokenizer():
 
 def wide_model(layers=2, seed=0, vocab=512):
     """Linear sides multiples of 32 (GPTQ packing, Q4_0 blocks) and blocks big next to the embedding."""
-    torch.manual_seed(seed)
-    config = AutoConfig.for_model("llama", vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
-                                  num_attention_heads=4, num_key_value_heads=2)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return model_from_config("llama", seed, vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=2)
 
 
 def prune_blocks(model, sparsity, seed=0):

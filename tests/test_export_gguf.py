@@ -6,14 +6,13 @@ import importlib.util
 import pytest
 import torch
 from tokenizers import pre_tokenizers
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from compress.data import SegmentsConfig, build_segments
 from compress.errors import CompressError
 from compress.export import gguf as gguf_export
 from compress.export.gguf import GgufExport
 from compress.export.reference import take_reference
-from conftest import build_tokenizer, needs_default_model
+from conftest import build_tokenizer, model_from_config, needs_default_model
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llama_cpp") is None,
@@ -28,10 +27,8 @@ def tokenizer():
 
 def model_for(arch, seed=0, sparsity=0.0):
     """Rows of 256 so that the K-quants apply; half the block weights zero when asked."""
-    torch.manual_seed(seed)
-    config = AutoConfig.for_model(arch, vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model = model_from_config(arch, seed, vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2)
     if sparsity:
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -79,10 +76,8 @@ def test_llama_cpp_quantizer_types_report_fallbacks_and_kept_zeros(tmp_path, tok
 
 
 def test_k_quants_on_rows_not_divisible_by_256_say_what_they_fell_back_to(tmp_path, tokenizer):
-    torch.manual_seed(0)
-    config = AutoConfig.for_model("llama", vocab_size=512, hidden_size=192, intermediate_size=512, num_hidden_layers=2,
-                                  num_attention_heads=3, num_key_value_heads=1)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model = model_from_config("llama", vocab_size=512, hidden_size=192, intermediate_size=512, num_hidden_layers=2,
+                              num_attention_heads=3, num_key_value_heads=1)
     info = export_and_check(tmp_path, model, tokenizer, ["q4_k_m"])
     assert info["files"]["q4_k_m"]["fallbacks"] and any("rows divisible by 256" in n for n in info["notes"])
 

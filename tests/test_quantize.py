@@ -12,7 +12,7 @@ from compress import allocate, engine
 from compress.context import StageContext
 from compress.errors import CompressError
 from compress.export.gptq import pack_layer, read_dequantized, unpack_layer
-from compress.model import block_linears, decoder_blocks, get_weight
+from compress.model import block_linears, block_weight_counts, decoder_blocks, get_weight
 from compress.obs import gptq_quantize, sparsegpt_prune
 from compress.quant import Grid, grid_params, output_sqnr, quantize, rtn
 from compress.recipe import load_recipe
@@ -20,7 +20,7 @@ from compress.sparsity import is_nm
 from compress.stages import prune, quantize as quantize_stage
 from compress.stages.prune import PruneConfig
 from compress.stages.quantize import QuantizeConfig
-from conftest import tiny_model
+from conftest import model_from_config, tiny_model
 from test_prune_stage import context
 
 needs_gptqmodel = pytest.mark.skipif(
@@ -163,7 +163,7 @@ def run_quantize(model, **cfg):
 def test_stage_mixed_widths_from_atp_and_explicit():
     model = tiny_model("llama", layers=4)
     _, record = run_quantize(model, method="rtn", bits=3, group_size=16, allocation={"kind": "atp", "beta": 0.6})
-    assert record.block_bits == allocate.atp_bits(4, 3.0, 0.6, quantize_stage.block_sizes(
+    assert record.block_bits == allocate.atp_bits(4, 3.0, 0.6, block_weight_counts(
         [block_linears(b) for b in decoder_blocks(model)]))
     assert record.achieved == pytest.approx(3.0, abs=0.01) and record.block_bits[0] > record.block_bits[-1]
     for i, block in enumerate(decoder_blocks(model)):
@@ -241,13 +241,9 @@ def recipe(tmp_path, folder, stages: str, name="q"):
 @pytest.fixture
 def wide_folder(tmp_path, tokenizer):
     """A tiny Llama whose Linear sides are multiples of 32 (the GPTQ format packs 32 codes a word)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    config = AutoConfig.for_model("llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2)
     folder = tmp_path / "tiny-wide"
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    model_from_config("llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -304,13 +300,9 @@ def test_bnb_checkpoint_runs_and_reloads_on_cpu(tmp_path, wide_folder, fmt):
 def test_short_last_group_reloads_with_the_torch_kernel(tmp_path, tokenizer):
     """in_features not a multiple of group_size (SmolLM2's 576 with g128): the checkpoint keeps a
     short last group, and config.json asks for gptqmodel's torch kernel, which runs it."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    config = AutoConfig.for_model("llama", vocab_size=256, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
-                                  num_attention_heads=3, num_key_value_heads=1)
     folder = tmp_path / "tiny-96"
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    model_from_config("llama", vocab_size=256, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=3, num_key_value_heads=1).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     stages = "[{kind: quantize, method: gptq, bits: 4, group_size: 64}]"
     result = engine.run(load_recipe(recipe(tmp_path, folder, stages)), tmp_path / "q.yaml")

@@ -13,18 +13,18 @@ from dataclasses import asdict, dataclass, field
 from typing import Annotated, Literal, NamedTuple
 
 import torch
-from pydantic import BeforeValidator, Field, PlainSerializer, field_validator, model_validator
+from pydantic import BeforeValidator, Field, PlainSerializer, model_validator
 from torch import nn
 
 from compress import allocate
 from compress.allocate import Allocation, UniformAllocation
 from compress.calibrate import sequential
-from compress.config import Config
+from compress.config import Config, LayerPatterns
 from compress.context import StageContext
 from compress.errors import CompressError
-from compress.model import get_weight, in_features, select_linears, set_weight
+from compress.model import block_weight_counts, get_weight, in_features, select_linears, set_weight
 from compress.obs import sparsegpt_prune
-from compress.quant import Grid
+from compress.quant import Grid, GroupSize
 from compress.search import search_beta
 from compress.sparsity import fraction_zero, magnitude_score, matrix_mask, nm_mask, row_mask, wanda_score
 from compress.stats import Hessian, InputNorms
@@ -67,15 +67,8 @@ class JointQuant(Config):
     """SparseGPT's joint mode: the kept weights go onto this grid in the same OBS pass."""
 
     bits: Literal[2, 3, 4, 8] = 4
-    group_size: int = 128  # -1: one scale per output row
+    group_size: GroupSize = 128  # -1: one scale per output row
     sym: bool = True
-
-    @field_validator("group_size")
-    @classmethod
-    def _group_size(cls, value: int) -> int:
-        if value != -1 and value < 1:
-            raise ValueError("group_size must be a positive number of columns or -1 (per channel)")
-        return value
 
     @property
     def grid(self) -> Grid:
@@ -89,21 +82,11 @@ class PruneConfig(Config):
     pattern: Pattern = None  # 'unstructured' or 'N:M' (N kept of every M)
     allocation: Allocation = UniformAllocation()
     scope: Literal["row", "matrix"] = "row"  # magnitude/wanda: compare scores per output row or per matrix
-    targets: list[str] = [".*"]  # regexes on full module names of Linears inside decoder blocks
-    ignore: list[str] = []
+    targets: LayerPatterns = [".*"]  # regexes on full module names of Linears inside decoder blocks
+    ignore: LayerPatterns = []
     blocksize: int = Field(default=128, gt=0)  # sparsegpt: columns per lazy update
     dampening: float = Field(default=0.01, gt=0)  # sparsegpt: fraction of mean diag(H) added to H
     quantize: JointQuant | None = None  # sparsegpt: quantise the kept weights in the same pass
-
-    @field_validator("targets", "ignore")
-    @classmethod
-    def _regexes(cls, patterns: list[str]) -> list[str]:
-        for p in patterns:
-            try:
-                re.compile(p)
-            except re.error as err:
-                raise ValueError(f"bad regular expression {p!r}: {err}") from err
-        return patterns
 
     @model_validator(mode="after")
     def _target_sparsity(self):
@@ -190,10 +173,6 @@ class PruneRecord:
 def select_layers(model: nn.Module, cfg: PruneConfig, stage_key: str) -> tuple[list[dict[str, nn.Module]], list[str]]:
     """Per block, the Linears to prune by full name; and the names left out."""
     return select_linears(model, cfg.targets, cfg.ignore, stage_key)
-
-
-def block_sizes(layers: list[dict[str, nn.Module]]) -> torch.Tensor:
-    return torch.tensor([float(sum(m.weight.numel() for m in block.values())) for block in layers])
 
 
 # ---------------------------------------------------------------- pruning one layer / the model
@@ -294,7 +273,7 @@ def block_alphas(layers) -> list[float]:
 
 
 def allocate_ratios(model, ctx, cfg: PruneConfig, layers, beta: float | None) -> torch.Tensor:
-    alloc, L, S, sizes = cfg.allocation, len(layers), cfg.target, block_sizes(layers)
+    alloc, L, S, sizes = cfg.allocation, len(layers), cfg.target, block_weight_counts(layers)
     if isinstance(alloc, allocate.UniformAllocation):
         return allocate.uniform(L, S)
     if isinstance(alloc, allocate.AtpAllocation):
@@ -351,7 +330,7 @@ def apply(model, ctx: StageContext, cfg: PruneConfig) -> tuple[nn.Module, PruneR
 def measure(cfg: PruneConfig, layers, ratios, plans, beta, search, skipped, notes, seconds) -> PruneRecord:
     """What was actually achieved, counted from the weights."""
     layer_achieved = {name: fraction_zero(get_weight(m)) for block in layers for name, m in block.items()}
-    sizes = block_sizes(layers)
+    sizes = block_weight_counts(layers)
     block_achieved = []
     for block in layers:
         zeros = sum(layer_achieved[name] * m.weight.numel() for name, m in block.items())

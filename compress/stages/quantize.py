@@ -13,24 +13,23 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Literal, Union
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
 from compress import allocate
 from compress.allocate import AtpAllocation, UniformAllocation
 from compress.calibrate import sequential
-from compress.config import Config
+from compress.config import Config, LayerPatterns
 from compress.context import StageContext
 from compress.errors import CompressError
-from compress.model import get_weight, in_features, select_linears, set_weight
+from compress.model import block_weight_counts, get_weight, in_features, select_linears, set_weight
 from compress.obs import gptq_quantize
-from compress.quant import BNB_BLOCKSIZE, Grid, rtn, stored_bits
+from compress.quant import BNB_BLOCKSIZE, Grid, GroupSize, rtn, stored_bits
 from compress.search import search_beta
 from compress.spill import ZeroMask
 from compress.stats import Hessian
@@ -54,7 +53,7 @@ class QuantizeConfig(Config):
     method: Literal["gptq", "rtn", "bnb"] = "gptq"
     bits: float | None = None  # gptq/rtn: 2|3|4|8 (default 4); with atp the size-weighted mean, e.g. 3.0
     format: Literal["nf4", "fp4", "int8"] | None = None  # bnb only (default nf4)
-    group_size: int = 128  # input columns per scale; -1: one scale per output row
+    group_size: GroupSize = 128  # input columns per scale; -1: one scale per output row
     sym: bool = True
     # gptq's column order: "group" (default: group-aware reordering, groups stay contiguous, fast
     # kernels), true (desc_act: scattered groups, needs g_idx at inference), false (as stored)
@@ -63,25 +62,8 @@ class QuantizeConfig(Config):
     blocksize: int = Field(default=128, gt=0)  # gptq: columns per lazy update
     keep_sparsity: bool = True  # zeros from earlier stages stay exactly zero
     allocation: BitsAllocation = UniformAllocation()
-    targets: list[str] = [".*"]  # regexes on full module names of Linears inside decoder blocks
-    ignore: list[str] = []
-
-    @field_validator("targets", "ignore")
-    @classmethod
-    def _regexes(cls, patterns: list[str]) -> list[str]:
-        for p in patterns:
-            try:
-                re.compile(p)
-            except re.error as err:
-                raise ValueError(f"bad regular expression {p!r}: {err}") from err
-        return patterns
-
-    @field_validator("group_size")
-    @classmethod
-    def _group_size(cls, value: int) -> int:
-        if value != -1 and value < 1:
-            raise ValueError("group_size must be a positive number of columns or -1 (per channel)")
-        return value
+    targets: LayerPatterns = [".*"]  # regexes on full module names of Linears inside decoder blocks
+    ignore: LayerPatterns = []
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -250,10 +232,6 @@ def sqnr_from_hessian(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> 
 # ---------------------------------------------------------------- allocation
 
 
-def block_sizes(layers) -> torch.Tensor:
-    return torch.tensor([float(sum(get_weight(m).numel() for m in block.values())) for block in layers])
-
-
 def widths(cfg: QuantizeConfig, layers, beta: float | None) -> list[int]:
     L = len(layers)
     if cfg.method == "bnb":
@@ -262,7 +240,7 @@ def widths(cfg: QuantizeConfig, layers, beta: float | None) -> list[int]:
     if isinstance(alloc, ExplicitBits):
         return list(alloc.bits)
     if isinstance(alloc, AtpAllocation):
-        return allocate.atp_bits(L, cfg.target_bits, beta, block_sizes(layers))
+        return allocate.atp_bits(L, cfg.target_bits, beta, block_weight_counts(layers))
     return [int(cfg.target_bits)] * L
 
 
@@ -284,7 +262,7 @@ def apply(model, ctx: StageContext, cfg: QuantizeConfig) -> tuple[nn.Module, Qua
             L, B = len(layers), cfg.target_bits
             beta, search, notes = search_beta(
                 model, ctx, modules, allocate.atp_bits_beta_max(L, B), cfg.allocation.trials,
-                plan=lambda b: tuple(allocate.atp_bits(L, B, b, block_sizes(layers))),
+                plan=lambda b: tuple(allocate.atp_bits(L, B, b, block_weight_counts(layers))),
                 compress=lambda bits, trial_notes: quantize_model(model, ctx, cfg, layers, list(bits), layer_stats),
                 zeros_only=False,
             )
@@ -316,7 +294,7 @@ def measure(cfg, layers, block_bits, zeros_before, layer_sqnr, beta, search, ski
         allocation=cfg.allocation.model_dump(),
         target=cfg.target_bits,
         block_bits=block_bits,
-        achieved=allocate.weighted_bits(block_bits, block_sizes(layers)),
+        achieved=allocate.weighted_bits(block_bits, block_weight_counts(layers)),
         bits_per_weight=stored / count,
         layer_bits=layer_bits,
         layer_sqnr_db={k: round(v, 3) for k, v in layer_sqnr.items()},
