@@ -216,10 +216,7 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str]) -
         preflight(recipe.export, model, loaded.tokenizer, recipe.quantises())
 
         with phases("data"):
-            d = recipe.data
-            configs = {"calibration": d.calibration, "validation": d.validation, "evaluation": d.evaluation}
-            if not e.perplexity:
-                configs.pop("evaluation")
+            configs = recipe.data_roles()
             check_context(configs, model.config)
             segments = build_segments(configs, loaded.tokenizer)
 

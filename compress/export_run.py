@@ -99,8 +99,9 @@ def export_run(run_dir: Path, to: str, types: list[str], fmt: str | None = None,
         raise CompressError(f"{final} already exists; pass --overwrite to replace it once the new export is complete")
     exporter = EXPORTERS[to]
     loaded = load_run_model(run_dir, results, recipe)
-    d = recipe.data
-    segments = build_segments({"calibration": d.calibration, "evaluation": d.evaluation}, loaded.tokenizer)
+    # the run's own roles: a source shared between roles is split among them, so fewer roles would
+    # cut other windows than the run used
+    segments = build_segments(recipe.data_roles(), loaded.tokenizer)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=run_dir))
     scratch = Path(tempfile.mkdtemp(prefix=".scratch-", dir=run_dir))
     try:

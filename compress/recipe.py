@@ -124,6 +124,14 @@ class Recipe(Config):
     export: ExportSection = ExportSection()
     output_dir: str | None = None  # default: runs/<recipe file name>
 
+    def data_roles(self) -> dict:
+        """The roles a run cuts text for (evaluation only when perplexity is measured). Roles
+        that share a source split it among themselves, so the same roles give the same windows."""
+        roles = {"calibration": self.data.calibration, "validation": self.data.validation}
+        if self.eval.perplexity:
+            roles["evaluation"] = self.data.evaluation
+        return roles
+
     def quantises(self) -> bool:
         """Some stage puts weights on a quantisation grid (its checkpoint packs them)."""
         return any(stage.kind == "quantize" or getattr(stage, "quantize", None) is not None for stage in self.stages)

@@ -24,14 +24,6 @@ from compress.model import context_length, decoder_blocks, read_config, read_tok
 from compress.recipe import Recipe
 
 
-def data_roles(recipe: Recipe) -> dict:
-    """The roles a run cuts text for (evaluation only when perplexity is measured)."""
-    roles = {"calibration": recipe.data.calibration, "validation": recipe.data.validation}
-    if recipe.eval.perplexity:
-        roles["evaluation"] = recipe.data.evaluation
-    return roles
-
-
 def check_recipe(recipe: Recipe, recipe_path: Path) -> list[str]:
     """Raise CompressError on the first problem; return notes worth showing."""
     notes = []
@@ -41,7 +33,7 @@ def check_recipe(recipe: Recipe, recipe_path: Path) -> list[str]:
     config = read_config(m.source, m.trust_remote_code, m.allow_pickle)  # raises on a bad local path
     if config is None:
         notes.append(f"model.source: '{m.source}' is not local; it will be fetched from the hub (needs a network)")
-    roles = data_roles(recipe)
+    roles = recipe.data_roles()
     for role, data in roles.items():
         if data.source in DATASET_SOURCES:
             notes.append(f"data.{role}.source: '{data.source}' is downloaded with the datasets package (needs a network)")

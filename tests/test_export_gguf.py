@@ -128,3 +128,32 @@ def test_smollm2_gguf_matches_in_llama_cpp(tmp_path):
     assert checked["f16"]["relative"] < 2e-2 and checked["q8_0"]["top1_agreement"] >= 0.93
     assert checked["q4_k_m"]["perplexity"] < 1.5 * checked["q4_k_m"]["reference_perplexity"]
     assert info["files"]["q4_k_m"]["fallbacks"]  # 576 columns: most matrices cannot be Q4_K
+
+
+def test_compress_export_checks_on_the_windows_the_run_used(tmp_path, tokenizer):
+    """`compress export` cuts the run's data again: with every role of the run (roles sharing a
+    source split it), so its reference perplexity is the run's own on the same windows."""
+    import textwrap
+
+    from compress import engine
+    from compress.export_run import export_run
+    from compress.recipe import load_recipe
+
+    folder = tmp_path / "model"
+    model_for("llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    path = tmp_path / "r.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        model: {{source: {folder}}}
+        data:
+          calibration: {{source: python-docs, nsamples: 4, seqlen: 64}}
+          validation: {{source: python-docs, nsamples: 2, seqlen: 64}}
+          evaluation: {{source: python-docs, nsamples: 4, seqlen: 64}}
+        stages: [{{kind: prune, method: wanda, sparsity: 0.5}}]
+        export: {{hf: {{format: sparse}}, gguf: {{types: [f32]}}}}
+        output_dir: {tmp_path / "run"}
+        """))
+    run = engine.run(load_recipe(path), path).results["export"]["gguf"]["files_checked"]["f32"]
+    again = export_run(tmp_path / "run", "gguf", ["f32"], overwrite=True)["files_checked"]["f32"]
+    assert again["reference_perplexity"] == pytest.approx(run["reference_perplexity"], rel=1e-6)
+    assert again["perplexity"] == pytest.approx(run["perplexity"], rel=1e-4)
