@@ -66,6 +66,10 @@ Allocation = Annotated[
     Field(discriminator="kind"),
 ]
 
+# The allocators that apply to any per-block ratio (rank removed, heads/channels removed): OWL's
+# outlier shares and AlphaPruning's spectra are measured for unstructured sparsity.
+RatioAllocation = Annotated[Union[UniformAllocation, AtpAllocation, ExplicitAllocation], Field(discriminator="kind")]
+
 
 # ---------------------------------------------------------------- shared arithmetic
 

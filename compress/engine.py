@@ -212,6 +212,7 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str]) -
             loaded = load_model(m.source, m.dtype, m.allow_pickle, m.trust_remote_code, m.revision, m.device)
         model = loaded.model
         blocks = len(decoder_blocks(model))
+        params_dense = sum(p.numel() for p in model.parameters())  # structured / low-rank stages change it
         log.info("loaded %s (%s, %d blocks)", loaded.resolved, model_type(model), blocks)
         preflight(recipe.export, model, loaded.tokenizer, recipe.quantises())
 
@@ -264,7 +265,7 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str]) -
             "kind": loaded.kind,
             "model_type": model_type(model),
             "blocks": blocks,
-            "params": params,
+            "params": params_dense,
         }
         loaded.model, model = model, None  # export_all frees it before reloading the exports
         export = export_all(recipe, loaded, tmp, scratch, segments, phases)
@@ -280,6 +281,7 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str]) -
             "stages": records,
             "size": {
                 "params": params,
+                "params_dense": params_dense,
                 "nonzero": nonzero,
                 "safetensors_mb": round(sum(f.stat().st_size for f in tmp.glob("*.safetensors")) / 2**20, 2),
                 "files_mb": export_sizes(tmp, export),

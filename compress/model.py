@@ -163,12 +163,16 @@ def _load_gguf(path: Path, dtype: torch.dtype, source: str, kind: str) -> Loaded
 
 
 def _load_folder(path: Path, dtype, source, trust_remote_code: bool) -> LoadedModel:
+    from compress import layout
     from compress.export import sparse  # exporters import this module: import at call time
 
     has_safetensors = any(path.glob("*.safetensors"))
     try:
         if sparse.is_sparse_folder(path):  # our bitmask format: transformers cannot read it
             model = sparse.load_sparse(path, dtype)
+            return LoadedModel(_finish(model), AutoTokenizer.from_pretrained(path), source, str(path), "folder")
+        if layout.is_layout_folder(path):  # low-rank or structured: shapes from layout.json
+            model = layout.load(path, dtype)
             return LoadedModel(_finish(model), AutoTokenizer.from_pretrained(path), source, str(path), "folder")
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, use_safetensors=has_safetensors, trust_remote_code=trust_remote_code

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from rich.table import Table
@@ -25,7 +26,7 @@ def _acc(entry: dict | None) -> str:
     return "-" if entry is None else f"{entry['mean_acc']:.4f}"
 
 
-def plot_block_ratios(record: dict, path: Path) -> None:
+def plot_block_ratios(record: dict, path: Path, ylabel: str = "sparsity", title: str | None = None) -> None:
     plt = _pyplot()
     blocks = range(len(record["block_ratios"]))
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -33,9 +34,9 @@ def plot_block_ratios(record: dict, path: Path) -> None:
     ax.plot(blocks, record["block_achieved"], "x", label="achieved")
     ax.axhline(record["target"], color="grey", linestyle=":", label=f"target {record['target']:.2f}")
     ax.set_xlabel("decoder block")
-    ax.set_ylabel("sparsity")
+    ax.set_ylabel(ylabel)
     alloc = record["allocation"]["kind"] + (f", beta={record['beta']:.4g}" if record.get("beta") is not None else "")
-    ax.set_title(f"{record['method']} {record['pattern']} ({alloc})")
+    ax.set_title(f"{title or record['method'] + ' ' + record['pattern']} ({alloc})")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -51,6 +52,24 @@ def plot_search(record: dict, path: Path) -> None:
     ax.set_xlabel("beta")
     ax.set_ylabel("validation perplexity")
     ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_loss_curve(record: dict, path: Path) -> None:
+    plt = _pyplot()
+    losses = record["losses"]
+    w = min(10, len(losses))  # trailing mean: single batches are noisy
+    starts = [max(0, i - w + 1) for i in range(len(losses))]
+    smooth = [sum(losses[a : i + 1]) / (i + 1 - a) for i, a in enumerate(starts)]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(range(1, len(losses) + 1), losses, color="lightgrey", label="per step")
+    ax.plot(range(1, len(losses) + 1), smooth, label=f"mean of {w} steps")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.set_title(f"LoRA r{record['rank']} ({record['allocation']['kind']}), lr {record['lr']:g}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -79,15 +98,16 @@ def write_report(out: Path, results: dict) -> list[str]:
         f"Model: `{model['source']}` ({model['model_type']}, {model['blocks']} blocks, "
         f"{model['params'] / 1e6:.1f}M parameters)",
         "",
-        "| model | perplexity | zero-shot mean acc | nonzero params |",
-        "|---|---|---|---|",
+        "| model | perplexity | zero-shot mean acc | params | nonzero params |",
+        "|---|---|---|---|---|",
     ]
     ppl = results["perplexity"]
     size = results["size"]
     zs = results.get("zero_shot", {})
-    lines.append(f"| dense | {_ppl(ppl.get('dense'))} | {_acc(zs.get('dense'))} | {size['params'] / 1e6:.2f}M |")
+    dense_params = size.get("params_dense", model["params"]) / 1e6
+    lines.append(f"| dense | {_ppl(ppl.get('dense'))} | {_acc(zs.get('dense'))} | {dense_params:.2f}M | - |")
     if results["stages"]:
-        lines.append(f"| compressed | {_ppl(ppl.get('compressed'))} | {_acc(zs.get('compressed'))} | {size['nonzero'] / 1e6:.2f}M |")
+        lines.append(f"| compressed | {_ppl(ppl.get('compressed'))} | {_acc(zs.get('compressed'))} | {size['params'] / 1e6:.2f}M | {size['nonzero'] / 1e6:.2f}M |")
     lines += ["", *_evaluation_lines(results)]
     for which in ("dense", "compressed"):
         if zs.get(which):
@@ -154,7 +174,72 @@ def quantize_section(k: int, record: dict, out: Path, files: list[str]) -> list[
     return lines + _notes(record)
 
 
-STAGE_SECTIONS = {"prune": prune_section, "quantize": quantize_section}
+def recover_section(k: int, record: dict, out: Path, files: list[str]) -> list[str]:
+    lines = [f"## Stage {k}: recover (LoRA r{record['rank']}, {record['allocation']['kind']})", ""]
+    lines.append(
+        f"{record['steps']} steps at lr {record['lr']:g}, {record['batch_size']} windows of {record['seqlen']} tokens per step "
+        f"({record['windows']} windows); {record['trainable_params']} trainable parameters in {record['layers']} layers; {record['seconds']:.1f} s."
+    )
+    lines.append(f"Training loss {record['loss_first']:.4f} (first steps) -> {record['loss_last']:.4f} (last steps).")
+    if record["ppl_before"] is None:
+        lines.append("Validation perplexity not measured (no validation data).")
+    else:
+        lines.append(f"Validation perplexity {record['ppl_before']:.3f} before, {record['ppl_after']:.3f} after.")
+    lines.append(f"Zeros in the adapted layers: {record['zeros_before']}, of which {record['zeros_kept']} still exactly zero.")
+    name = f"stage{k}_loss.png"
+    plot_loss_curve(record, out / name)
+    files.append(name)
+    lines += ["", f"![training loss]({name})"]
+    if len(set(record["block_ranks"])) > 1:
+        lines += ["", "| block | LoRA rank |", "|---|---|"] + [f"| {i} | {r} |" for i, r in enumerate(record["block_ranks"])]
+    return lines + _notes(record)
+
+
+def structured_section(k: int, record: dict, out: Path, files: list[str]) -> list[str]:
+    lines = [f"## Stage {k}: structured ({record['metric']}, {record['split']}, {record['allocation']['kind']})", ""]
+    lines.append(
+        f"Target {record['target']:.4f} of the blocks' projection weights removed, achieved {record['achieved']:.4f} "
+        f"({record['params_before'] / 1e6:.2f}M -> {record['params_after'] / 1e6:.2f}M); {record['seconds']:.1f} s."
+    )
+    lines += _search_lines(k, record, out, files)
+    name = f"stage{k}_structure.png"
+    plot_block_ratios(record, out / name, "share of weights removed", "heads + channels")
+    files.append(name)
+    lines += ["", f"![per-block removal]({name})", "",
+              f"| block | allocated | achieved | query heads (of {record['heads']}) | KV heads (of {record['kv_heads']}) | MLP channels (of {record['channels']}) |",
+              "|---|---|---|---|---|---|"]
+    for i, row in enumerate(zip(record["block_ratios"], record["block_achieved"], record["block_heads"], record["block_kv_heads"], record["block_channels"])):
+        lines.append(f"| {i} | {row[0]:.4f} | {row[1]:.4f} | {row[2]} | {row[3]} | {row[4]} |")
+    return lines + _notes(record)
+
+
+def lowrank_section(k: int, record: dict, out: Path, files: list[str]) -> list[str]:
+    residual = f", residual sparsity {record['residual_sparsity']:g}" if record.get("residual_sparsity") is not None else ""
+    lines = [f"## Stage {k}: lowrank ({record['method']}{residual}, {record['allocation']['kind']})", ""]
+    lines.append(f"Target fraction of weights removed {record['target']:.4f}, achieved {record['achieved']:.4f} "
+                 f"({record['params_before'] / 1e6:.2f}M -> {record['params_after'] / 1e6:.2f}M weights in the selected layers), "
+                 f"{record['seconds']:.1f} s.")
+    errors = record["layer_output_error"]
+    if errors:
+        lines.append(f"Layer output error tr(E H E^T) / tr(W H W^T) on the calibration inputs: mean "
+                     f"{sum(errors.values()) / len(errors):.4f}, max {max(errors.values()):.4f}.")
+    lines += _search_lines(k, record, out, files)
+    name = f"stage{k}_lowrank.png"
+    plot_block_ratios(record, out / name, "fraction of weights removed", record["method"])
+    files.append(name)
+    lines += ["", f"![per-block reduction]({name})", "", "| block | allocated | achieved | ranks | mean output error |", "|---|---|---|---|---|"]
+    by_block: dict[int, list[str]] = {}
+    for layer in record["layer_rank"]:  # names are <blocks path>.<i>.<rest>; the blocks path has no numbers
+        by_block.setdefault(int(re.search(r"\.(\d+)\.", layer)[1]), []).append(layer)
+    for i, (r, a) in enumerate(zip(record["block_ratios"], record["block_achieved"])):
+        ranks = [record["layer_rank"][n] for n in by_block.get(i, [])]
+        shown = "dense" if all(x is None for x in ranks) else f"{min(x for x in ranks if x is not None)}-{max(x for x in ranks if x is not None)}"
+        errs = [errors[n] for n in by_block.get(i, []) if n in errors]
+        lines.append(f"| {i} | {r:.4f} | {a:.4f} | {shown} | {sum(errs) / len(errs) if errs else 0:.4f} |")
+    return lines + _notes(record)
+
+
+STAGE_SECTIONS = {"prune": prune_section, "quantize": quantize_section, "lowrank": lowrank_section, "recover": recover_section, "structured": structured_section}
 
 
 def _export_lines(exports: dict, size: dict) -> list[str]:
@@ -227,14 +312,15 @@ EXPORT_SECTIONS = {"hf": _hf_lines, "gguf": _gguf_lines, "onnx": _onnx_lines}
 
 def summary_table(results: dict) -> Table:
     table = Table(title=results["name"])
-    for column in ("model", "perplexity", "zero-shot acc", "sparsity", "bits/weight", "seconds"):
+    for column in ("model", "perplexity", "zero-shot acc", "params", "sparsity", "bits/weight", "seconds"):
         table.add_column(column, justify="right" if column != "model" else "left")
     ppl, zs, size = results["perplexity"], results.get("zero_shot", {}), results["size"]
-    table.add_row("dense", _ppl(ppl.get("dense")), _acc(zs.get("dense")), "-", "-", "-")
+    dense_params = size.get("params_dense", results["model"]["params"])
+    table.add_row("dense", _ppl(ppl.get("dense")), _acc(zs.get("dense")), f"{dense_params / 1e6:.1f}M", "-", "-", "-")
     if results["stages"]:
         stage_seconds = sum(r["seconds"] for r in results["stages"])
         table.add_row(
-            "compressed", _ppl(ppl.get("compressed")), _acc(zs.get("compressed")),
+            "compressed", _ppl(ppl.get("compressed")), _acc(zs.get("compressed")), f"{size['params'] / 1e6:.1f}M",
             f"{size['block_linear_sparsity']:.3f}", f"{size['block_linear_bits_per_weight']:.2f}", f"{stage_seconds:.0f}",
         )
     return table

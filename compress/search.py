@@ -80,6 +80,7 @@ def search_beta(
     plan: Callable[[float], Hashable],
     compress: Callable[[Hashable, list[str]], None],
     zeros_only: bool,
+    states: tuple[str, ...] = ("quant_state",),
 ) -> tuple[float, list[dict], list[str]]:
     """Golden-section search of ATP's beta for any stage: each trial compresses the whole model
     with plan(beta) (compress(plan, notes)) and scores it on the validation windows.
@@ -88,7 +89,8 @@ def search_beta(
     beta, the trials and the winner's notes. No whole copy of the weights stays in memory (see
     compress/spill.py): the weights every trial starts from are spilled to disk, and the best
     trial is kept as a bit mask where the stage only zeroes weights (zeros_only: magnitude,
-    Wanda), or spilled to disk with the layers' quantisation state otherwise.
+    Wanda), or spilled to disk otherwise, with the module attributes named in `states` (the
+    quantisation grid; the low-rank stage's factors) held in memory.
     """
     if ctx.validation is None:
         raise CompressError(f"{ctx.stage_key}.allocation.beta: 'auto' needs validation data (data.validation)")
@@ -113,7 +115,7 @@ def search_beta(
                         best["mask"] = ZeroMask(modules)
                     else:
                         best_weights.save()
-                        best["states"] = {name: getattr(m, "quant_state", None) for name, m in modules.items()}
+                        best["states"] = {name: {a: getattr(m, a, None) for a in states} for name, m in modules.items()}
                     best.update(score=scores[key], key=key, notes=trial_notes)
             return scores[key]
 
@@ -125,8 +127,9 @@ def search_beta(
                 best["mask"].apply()
             else:
                 best_weights.load()
-                for name, state in best["states"].items():
-                    modules[name].quant_state = state
+                for name, kept in best["states"].items():
+                    for attr, state in kept.items():
+                        setattr(modules[name], attr, state)
             notes = best["notes"]
         else:  # every trial scored inf (diverged): compress once more with the beta returned
             start.load()

@@ -38,21 +38,27 @@ def _raw_bytes(t: torch.Tensor) -> np.ndarray:
 
 
 class WeightFile:
-    """The weights of `modules`, written to one file in a fixed order and read back in place."""
+    """The weights (and biases) of `modules`, written to one file in a fixed order and read back in place."""
 
     def __init__(self, path: Path, modules: dict[str, nn.Module]):
         self.path = path
         self.modules = modules
 
+    def tensors(self) -> Iterator[torch.Tensor]:
+        """Weights and biases (the structured stage compensates removed channels in a bias)."""
+        for module in self.modules.values():
+            yield module.weight.data
+            if getattr(module, "bias", None) is not None:
+                yield module.bias.data
+
     def save(self) -> None:
         with open(self.path, "wb") as f:
-            for module in self.modules.values():
-                f.write(memoryview(_raw_bytes(module.weight.data.cpu())))
+            for W in self.tensors():
+                f.write(memoryview(_raw_bytes(W.cpu())))
 
     def load(self) -> None:
         with open(self.path, "rb") as f:
-            for module in self.modules.values():
-                W = module.weight.data
+            for W in self.tensors():
                 target = W if W.device.type == "cpu" and W.is_contiguous() else torch.empty_like(W, device="cpu").contiguous()
                 buffer = memoryview(_raw_bytes(target))
                 if f.readinto(buffer) != len(buffer):

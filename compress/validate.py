@@ -63,7 +63,13 @@ def check_recipe(recipe: Recipe, recipe_path: Path) -> list[str]:
     tokenizer = read_tokenizer(m.source, m.trust_remote_code, m.allow_pickle)
     build_segments(roles, tokenizer)
     preflight(recipe.export, model, tokenizer, recipe.quantises())
+    quantised_at = None
     for k, stage in enumerate(recipe.stages):
+        if stage.kind == "recover" and quantised_at is not None:
+            raise CompressError(f"stages[{k}]: recover after the quantize stage stages[{quantised_at}] would train weights off "
+                                "their grid: put recover before quantize")
+        if stage.kind == "quantize" or getattr(stage, "quantize", None) is not None:
+            quantised_at = k if quantised_at is None else quantised_at
         layers, _ = select_linears(model, stage.targets, stage.ignore, f"stages[{k}]")
         stage.check_layers(layers, f"stages[{k}]")  # allocation lengths, fixed betas, shapes
         on_grid = getattr(stage, "method", None) in ("gptq", "rtn") or getattr(stage, "quantize", None) is not None

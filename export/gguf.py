@@ -10,6 +10,11 @@ the quantize stage on a grid that *is* a GGUF type (symmetric, groups of 32 in c
 4-bit = Q4_0, 8-bit = Q8_0) is written block for block without requantising, so GPTQ's rounding
 reaches llama.cpp unchanged.
 
+Restructured models (compress/layout.py): widths are read from the modules, not the config, and
+a model its family's llama.cpp graph cannot carry is written as llama.cpp's "deci" architecture
+with per-block widths (export/gguf_arch.py). A LowRankLinear goes in as its dense product
+(llama.cpp has no factored matmul).
+
 Checks (llama-cpp-python): tokenization of a sample text equals the HF tokenizer's; logits on the
 probe window against the in-memory model's; perplexity on the first evaluation windows.
 """
@@ -23,7 +28,6 @@ import logging
 import math
 import os
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -34,6 +38,8 @@ from pydantic import Field, field_validator
 
 from compress.config import Config
 from compress.errors import CompressError
+from compress.export.gguf_arch import Arch, arch_of, block_widths, head_dim, layout_notes
+from compress.layout import LowRankLinear
 from compress.model import model_type
 
 log = logging.getLogger("compress")
@@ -45,6 +51,14 @@ DIRECT = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16}
 LLAMA_FTYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q4_k_m": 15, "q6_k": 18, "bf16": 32}
 # The block type each quantised file type aims at (K-quant files mix types by design)
 MAIN_TYPE = {"q8_0": Q.Q8_0, "q6_k": Q.Q6_K, "q4_k_m": Q.Q4_K, "q4_0": Q.Q4_0}
+# why llama.cpp's quantizer left block matrices in another type (src/llama-quant.cpp, tensor_type_fallback)
+FALLBACK_REASON = {
+    "q8_0": "rows (input columns) not divisible by 32 stay F16",
+    "q4_0": "rows (input columns) not divisible by 32 stay F16",
+    "q6_k": "K-quants need rows divisible by 256 (Q8_0 otherwise, F16 when not divisible by 32)",
+    "q4_k_m": "K-quants need rows divisible by 256 (Q5_0 otherwise, F16 when not divisible by 32), "
+              "and q4_k_m keeps some layers at higher precision by design",
+}
 # a GPTQ grid that is a GGUF block type as it stands: bits -> (file type, block type)
 GRID_TYPES = {4: ("q4_0", Q.Q4_0), 8: ("q8_0", Q.Q8_0)}
 GRID_KINDS = {kind for kind, _ in GRID_TYPES.values()}
@@ -74,36 +88,11 @@ class GgufExport(Config):
         return types
 
 
-@dataclass(frozen=True)
-class Arch:
-    name: str  # llama.cpp's architecture name
-    permute_qk: bool  # llama.cpp's llama rope is interleaved; HF's is rotate-half
-
-
-# HF model_type -> llama.cpp architecture. Mistral is llama in llama.cpp (without sliding windows).
-ARCHS = {
-    "llama": Arch("llama", permute_qk=True),
-    "mistral": Arch("llama", permute_qk=True),
-    "qwen2": Arch("qwen2", permute_qk=False),
-}
-
-
 def llama_cpp_available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
 NO_LLAMA_CPP = "llama-cpp-python is not installed: pip install 'atp-compress[gguf]' (it compiles llama.cpp, ~15 minutes on 2 cores)"
-
-
-def arch_of(model) -> Arch:
-    kind = model_type(model)
-    if kind not in ARCHS:
-        raise CompressError(f"export.gguf: no GGUF writer for model_type {kind!r} yet (supported: {', '.join(sorted(ARCHS))})")
-    config = model.config
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise CompressError(f"export.gguf: rope type {rope['rope_type']!r} is not written yet (plain rope only)")
-    return ARCHS[kind]
 
 
 def needs_llama_cpp(cfg: GgufExport, grid_kinds: set[str] = frozenset(GRID_KINDS)) -> list[str]:
@@ -117,17 +106,22 @@ def needs_llama_cpp(cfg: GgufExport, grid_kinds: set[str] = frozenset(GRID_KINDS
 
 def write_hparams(writer: gguf.GGUFWriter, model, arch: Arch) -> None:
     c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    size = head_dim(c)
+    widths = block_widths(model)
+
+    def per_block(values: list[int]) -> int | list[int]:  # one number when all blocks agree
+        return values[0] if len(set(values)) == 1 else values
+
     writer.add_name(getattr(c, "_name_or_path", "") or model_type(model))
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
     writer.add_block_count(c.num_hidden_layers)
-    writer.add_feed_forward_length(c.intermediate_size)
-    writer.add_head_count(c.num_attention_heads)
-    writer.add_head_count_kv(getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_feed_forward_length(per_block([w.ff for w in widths]))
+    writer.add_head_count(per_block([w.heads for w in widths]))
+    writer.add_head_count_kv(per_block([w.kv_heads for w in widths]))
+    writer.add_key_length(size)
+    writer.add_value_length(size)
+    writer.add_rope_dimension_count(size)
     writer.add_rope_freq_base(float(rope_theta(c)))
     writer.add_layer_norm_rms_eps(float(c.rms_norm_eps))
     writer.add_vocab_size(c.vocab_size)
@@ -216,26 +210,46 @@ def permute_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+ROPE_ROWS = ("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")
+# a LowRankLinear's tensors -> what the Linear it stands for has there (None: folded into the weight)
+LOWRANK_PARTS = {"down.weight": "weight", "up.weight": None, "residual.weight": None, "up.bias": "bias"}
+
+
+def dense_state(model):
+    """(hf name, tensor) of the model's state, each tensor once (a tied lm_head is left to llama.cpp,
+    which falls back to token_embd itself), each LowRankLinear as the Linear it multiplies by: its
+    dense product under NAME.weight, its bias under NAME.bias."""
+    lowrank = {name: m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    seen = set()  # data pointers of the model's own tensors, alive as long as the model
+    for hf_name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        owner, part = next(((o, p) for p in LOWRANK_PARTS if hf_name.endswith("." + p) and (o := hf_name[: -len(p) - 1]) in lowrank),
+                           (None, None))
+        if owner is None:
+            yield hf_name, tensor
+        elif LOWRANK_PARTS[part] == "weight":
+            with torch.no_grad():
+                dense = lowrank[owner].dense_weight()
+            yield f"{owner}.weight", dense
+        elif LOWRANK_PARTS[part] == "bias":
+            yield f"{owner}.bias", tensor
+
+
 def gguf_tensors(model, arch: Arch):
     """(gguf name, hf name, weight float32 in llama.cpp's row order, row permutation heads or None)."""
     c = model.config
+    size = head_dim(c)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.name.upper()], c.num_hidden_layers)
-    seen = set()
-    for hf_name, tensor in model.state_dict().items():
+    for hf_name, tensor in dense_state(model):
         if hf_name.endswith("rotary_emb.inv_freq"):
             continue
-        ptr = tensor.data_ptr()
-        if ptr in seen:  # a tied lm_head: llama.cpp falls back to token_embd itself
-            continue
-        seen.add(ptr)
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise CompressError(f"export.gguf: no GGUF name for tensor {hf_name}")
-        heads = None
-        if arch.permute_qk and hf_name.endswith("q_proj.weight"):
-            heads = c.num_attention_heads
-        elif arch.permute_qk and hf_name.endswith("k_proj.weight"):
-            heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        # q / k rows (and biases) head by head; the head count is the module's own (structured pruning)
+        heads = tensor.shape[0] // size if arch.permute_qk and hf_name.endswith(ROPE_ROWS) else None
         w = tensor.detach().float().cpu()
         yield name, hf_name, (permute_rows(w, heads) if heads else w), heads
 
@@ -247,7 +261,7 @@ def grid_blocks(module, heads: int | None) -> tuple[Q, np.ndarray] | None:
     if state is None or not state.grid.sym or state.grid.bits not in GRID_TYPES:
         return None
     cols = state.g_idx.numel()
-    if state.grid.width(cols) != 32 or not torch.equal(state.g_idx.long(), torch.arange(cols) // 32):
+    if cols % 32 or state.grid.width(cols) != 32 or not torch.equal(state.g_idx.long(), torch.arange(cols) // 32):
         return None
     bits = state.grid.bits
     q = state.codes(module.weight.detach()).to(torch.int64) - (1 << (bits - 1))  # (rows, cols), centred
@@ -267,14 +281,15 @@ def grid_blocks(module, heads: int | None) -> tuple[Q, np.ndarray] | None:
 
 def write_file(path: Path, model, tokenizer, arch: Arch, scratch: Path, kind: str, on_grid: bool = False) -> dict:
     """Write one GGUF file. kind: f32 / f16 / bf16 (every matrix in that type), or a grid type
-    (q4_0 / q8_0) whose matrices on the GPTQ grid go in block for block, the others in Q8_0."""
+    (q4_0 / q8_0) whose matrices on the GPTQ grid go in block for block, the others in Q8_0, or in
+    F16 where rows are not whole 32-blocks (narrowed MLPs), as llama.cpp's quantizer does."""
     modules = dict(model.named_modules())
     writer = gguf.GGUFWriter(str(path), arch.name)
     write_hparams(writer, model, arch)
     write_tokenizer(writer, tokenizer, scratch, model.config.vocab_size)
     writer.add_file_type(LLAMA_FTYPE[kind])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    requantised = []
+    requantised, fallback = [], []
     for name, hf_name, w, heads in gguf_tensors(model, arch):
         array = w.numpy()
         if w.dim() == 1 or kind == "f32":
@@ -287,6 +302,9 @@ def write_file(path: Path, model, tokenizer, arch: Arch, scratch: Path, kind: st
         blocks = grid_blocks(modules.get(hf_name.removesuffix(".weight")), heads) if on_grid else None
         if blocks is not None:
             writer.add_tensor(name, blocks[1], raw_dtype=blocks[0])
+        elif array.shape[-1] % 32:
+            fallback.append(hf_name)
+            writer.add_tensor(name, gguf.quants.quantize(array, Q.F16), raw_dtype=Q.F16)
         else:
             requantised.append(hf_name)
             writer.add_tensor(name, gguf.quants.quantize(array, Q.Q8_0), raw_dtype=Q.Q8_0)
@@ -294,7 +312,7 @@ def write_file(path: Path, model, tokenizer, arch: Arch, scratch: Path, kind: st
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return {"requantised": requantised}
+    return {"requantised": requantised, "f16": fallback}
 
 
 @contextlib.contextmanager
@@ -369,7 +387,7 @@ def save(model, tokenizer, dest: Path, cfg: GgufExport, scratch: Path) -> dict:
         raise CompressError(f"export.gguf: types {needs_llama_cpp(cfg, grid_kinds)} need llama.cpp's quantizer; {NO_LLAMA_CPP}")
     dest.mkdir(parents=True, exist_ok=True)
     scratch.mkdir(parents=True, exist_ok=True)
-    files, notes, base = {}, [], None
+    files, notes, base = {}, layout_notes(model, arch), None
     window = getattr(model.config, "sliding_window", None) if model_type(model) == "mistral" else None
     if window:  # llama.cpp runs Mistral as llama, attending to the whole context
         notes.append(f"the model's sliding window ({window} tokens) is not applied by llama.cpp: outputs agree up to {window} tokens of context")
@@ -380,6 +398,8 @@ def save(model, tokenizer, dest: Path, cfg: GgufExport, scratch: Path) -> dict:
             how = "written directly" if kind in DIRECT else GRID_WRITTEN
             if written["requantised"]:
                 notes.append(f"{kind}: {len(written['requantised'])} matrices not on a {kind} grid were quantised to Q8_0 ({', '.join(written['requantised'][:3])}...)")
+            if written["f16"]:
+                notes.append(f"{kind}: {len(written['f16'])} matrices have rows that are not whole 32-value blocks and were written as F16 ({', '.join(written['f16'][:3])}...)")
         else:
             if base is None:
                 base = scratch / "base-f32.gguf"
@@ -390,13 +410,15 @@ def save(model, tokenizer, dest: Path, cfg: GgufExport, scratch: Path) -> dict:
                 notes.append(f"{kind}: the model's quantisation grid is not {kind}'s: dequantised and requantised by llama.cpp")
         counts, types = tensor_types(path)
         entry = {"file": path.name, "mb": round(path.stat().st_size / 2**20, 2), "how": how, "tensor_types": dict(counts)}
+        if how == GRID_WRITTEN and written["f16"]:
+            entry["f16"] = written["f16"]  # rows not whole blocks: F16, not the grid's exact values
         if kind in MAIN_TYPE:
             fallen = {n: t for n, t in types.items() if n.startswith("blk.") and n.endswith(".weight") and t not in ("F32", MAIN_TYPE[kind].name)}
             if fallen and how.startswith("llama.cpp"):
                 by_type = Counter(fallen.values())
                 entry["fallbacks"] = dict(by_type)
                 notes.append(f"{kind}: {len(fallen)} block matrices are not {MAIN_TYPE[kind].name} ({', '.join(f'{n} {t}' for t, n in by_type.items())}); "
-                             "K-quants need rows divisible by 256, and q4_k_m keeps some layers at higher precision by design")
+                             f"{FALLBACK_REASON[kind]}")
         entry["zeros_kept"] = zeros_kept(path, model, arch)
         files[kind] = entry
     return {"format": "gguf", "arch": arch.name, "files": files, "notes": notes}
@@ -410,8 +432,10 @@ def verify(model, dest: Path, info: dict, cfg: GgufExport) -> dict:
     for kind, entry in info["files"].items():
         if kind != "f32" and entry["how"] != GRID_WRITTEN:
             continue
-        def written_exactly(name, hf_name, w, kind=kind):  # f32: every tensor; grid files: the GPTQ layers
-            return kind == "f32" or getattr(modules.get(hf_name.removesuffix(".weight")), "quant_state", None) is not None
+        def written_exactly(name, hf_name, w, kind=kind, f16=frozenset(entry.get("f16", ()))):
+            # f32: every tensor; grid files: the GPTQ layers that went in as blocks
+            return kind == "f32" or (getattr(modules.get(hf_name.removesuffix(".weight")), "quant_state", None) is not None
+                                     and hf_name not in f16)
 
         worst, checked = 0.0, 0
         for _, _, w, values in decoded(dest / entry["file"], model, arch, written_exactly):

@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from transformers import AutoModelForCausalLM
 
+from compress import layout
 from compress.calibrate import no_cache
 from compress.config import Config
 from compress.errors import CompressError
@@ -31,7 +32,7 @@ log = logging.getLogger("compress")
 # exact. The quantised formats' CPU kernels round activations: gptqmodel's 4-bit kernel computes
 # in bfloat16, bitsandbytes' int8 matmul casts inputs to float16 and its 4-bit CPU path to
 # bfloat16 (each measured at 0.3-0.8% on tiny models).
-LOGIT_TOLERANCE = {"dense": 0.0, "sparse": 0.0, "gptq": 2e-2, "bnb": 2e-2}
+LOGIT_TOLERANCE = {"dense": 0.0, "layout": 0.0, "sparse": 0.0, "gptq": 2e-2, "bnb": 2e-2}
 
 
 class HfExport(Config):
@@ -41,9 +42,15 @@ class HfExport(Config):
 
 
 def export_format(model, cfg: HfExport = HfExport()) -> str:
+    """dense | layout (dense, with per-module shapes: low-rank or structured) | sparse | gptq | bnb."""
     quantised = "gptq" if gptq.quantized_layers(model) else "bnb" if bnb.bnb_layers(model) else None
     if quantised and cfg.format == "sparse":
         raise CompressError(f"export.hf.format: sparse stores unquantised tensors; this model is quantised ({quantised}), whose checkpoint packs its weights already: use format: dense")
+    if quantised and layout.describe(model):
+        # GPTQ and bitsandbytes loaders build every Linear from config.json's single width
+        return "layout"
+    if cfg.format == "dense" and layout.describe(model):
+        return "layout"
     return quantised or cfg.format
 
 
@@ -57,6 +64,8 @@ def save(model, tokenizer, folder: Path, cfg: HfExport, scratch: Path) -> dict:
         info = gptq.save_gptq(model, tokenizer, folder)
     elif fmt == "bnb":
         info = bnb.save_bnb(model, tokenizer, folder, scratch)
+    elif fmt == "layout":
+        info = save_layout(model, tokenizer, folder)
     else:
         model.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
@@ -64,6 +73,18 @@ def save(model, tokenizer, folder: Path, cfg: HfExport, scratch: Path) -> dict:
     info["kind"] = fmt
     info["files"] = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix != ".md")
     return info
+
+
+def save_layout(model, tokenizer, folder: Path) -> dict:
+    shapes = layout.describe(model)
+    layout.save(model, tokenizer, folder, shapes)
+    kinds = sorted({spec["type"] for spec in shapes.values()})
+    notes = [f"{len(shapes)} modules differ from config.json ({', '.join(kinds)}): their shapes are in {layout.LAYOUT_FILE}; "
+             "transformers cannot load this folder, compress can (compress eval FOLDER, or compress.layout.load)"]
+    if gptq.quantized_layers(model) or bnb.bnb_layers(model):
+        notes.append("the quantised layers are stored dequantised: GPTQ and bitsandbytes checkpoints need config.json's uniform "
+                     "shapes; the GGUF export keeps the grids")
+    return {"format": "layout", "modules": len(shapes), "notes": notes}
 
 
 def verify(model, folder: Path, info: dict, cfg: HfExport) -> dict:
@@ -93,11 +114,20 @@ def check_weights(model, folder: Path, fmt: str) -> dict | None:
     """Quantised and sparse formats: the saved weights, decoded, equal the in-memory model's."""
     if fmt == "sparse":
         return sparse.check_saved(model, folder)
+    if fmt == "layout":
+        return check_layout_saved(model, folder)
     if fmt == "gptq":
         return gptq.check_dequantized(model, folder)
     if fmt == "bnb":
         return bnb.check_dequantized(model, folder)
     return None
+
+
+def check_layout_saved(model, folder: Path) -> dict:
+    reloaded = layout.load(folder)
+    saved = reloaded.state_dict()
+    differing = [k for k, t in model.state_dict().items() if k not in saved or not torch.equal(t.cpu(), saved[k])]
+    return {"tensors": len(saved), "identical": not differing, "differing": differing[:5]}
 
 
 def transformers_can_load(fmt: str) -> str | None:
@@ -121,6 +151,8 @@ def reload(folder: Path, fmt: str, dtype, device, info: dict):
         return GPTQModel.load(str(folder), device="cpu", backend="torch").model, "gptqmodel.GPTQModel.load"
     if fmt == "sparse":
         return sparse.load_sparse(folder, dtype).to(device), "compress.export.sparse.load_sparse"
+    if fmt == "layout":
+        return layout.load(folder, dtype).to(device), "compress.layout.load"
     if fmt == "dense":
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device), "transformers"
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=str(device)), "transformers"

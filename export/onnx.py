@@ -11,6 +11,12 @@ The folder holds (kv_cache on, the default):
     prefill.onnx.data  the weights, once: both graphs read them (external data, always)
     config.json, generation_config.json, tokenizer files: the folder is usable on its own
 
+kv_heads and head_dim are each layer's own: a structured model (compress/layout.py) keeps a
+different number of KV heads per block, and the graphs take their cache shapes from the modules
+as traced, never from config.json; info["cache"] lists them per layer, as the graphs' inputs do.
+A LowRankLinear stays two MatMuls (its factors), plus a third for a sparse residual, which ONNX
+stores dense.
+
 attention_mask is 1 for real tokens and 0 for (left) padding; positions are counted inside the
 graphs from it (cumsum - 1, as transformers' generate does), so callers never pass them. Every
 layer's cache keeps the whole past, sliding-window layers included: the window is applied by the
@@ -57,6 +63,7 @@ from torch import nn
 from compress.config import Config
 from compress.errors import CompressError
 from compress.export import bnb, gptq
+from compress.layout import LowRankLinear
 
 PREFILL = "prefill.onnx"
 DECODE = "decode.onnx"
@@ -226,11 +233,14 @@ def export_decode(model, cfg: OnnxExport, layers: int, example: tuple):
     return program
 
 
-def layer_count(model, example: tuple) -> int:
-    """Layers that hold a KV cache, counted on a tiny forward (what DynamicCache will fill)."""
+def cache_layout(model, example: tuple) -> dict[str, list[int]]:
+    """Each cached layer's KV heads and head size, read off a tiny forward (what DynamicCache will
+    fill): per layer, since structured pruning leaves blocks with different KV heads."""
     ids, mask = example
     with torch.no_grad():
-        return len(PrefillGraph(model, True)(ids[:, :2], mask[:, :2])) // 2
+        present = PrefillGraph(model, True)(ids[:, :2], mask[:, :2])[1:]
+    keys = present[0::2]  # (batch, kv_heads, sequence, head_dim)
+    return {"kv_heads": [k.shape[1] for k in keys], "head_dim": [k.shape[3] for k in keys]}
 
 
 def save(model, tokenizer, dest: Path, cfg: OnnxExport, scratch: Path) -> dict:
@@ -238,14 +248,15 @@ def save(model, tokenizer, dest: Path, cfg: OnnxExport, scratch: Path) -> dict:
     require("onnx", "onnxscript")
     refuse_unexportable(model)
     dest.mkdir(parents=True, exist_ok=True)
-    notes = quantisation_notes(model)
+    notes = quantisation_notes(model) + lowrank_notes(model)
     dtype = next(model.parameters()).dtype
     if dtype != torch.float32:
         notes.append(f"the model is {str(dtype).removeprefix('torch.')}: exported in float32 (ONNX Runtime's CPU kernels lack bfloat16)")
     graphs = {}
     with exportable(model):
         example = example_inputs(model)
-        layers = layer_count(model, example)
+        cache = cache_layout(model, example)
+        layers = len(cache["kv_heads"])
         prefill = export_prefill(model, cfg, layers, example)
         prefill.save(dest / PREFILL, external_data=True)
         graphs["prefill"] = PREFILL
@@ -267,6 +278,7 @@ def save(model, tokenizer, dest: Path, cfg: OnnxExport, scratch: Path) -> dict:
         "files": files,
         "graphs": graphs,
         "layers": layers,
+        "cache": cache,
         "opset": cfg.opset,
         "exporter": "dynamo",
         "external_data": True,
@@ -281,6 +293,19 @@ def quantisation_notes(model) -> list[str]:
         return []
     return [f"{len(layers)} quantised Linears exported densely: their dequantised float32 weights, which is what the torch "
             "model computes with (no integer kernels in the graph)"]
+
+
+def lowrank_notes(model) -> list[str]:
+    lowrank = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    if not lowrank:
+        return []
+    notes = [f"{len(lowrank)} low-rank Linears exported as their factors (two MatMuls each)"]
+    residual = [m for m in lowrank if m.residual is not None]
+    if residual:
+        extra = sum(m.rank * (m.in_features + m.out_features) for m in residual)  # the factors, on top of a full matrix
+        notes.append(f"{len(residual)} of them have a sparse residual, stored as a dense matrix (ONNX Runtime has no sparse MatMul "
+                     f"on CPU): they hold {extra} more weights than the dense Linears they replace")
+    return notes
 
 
 # ------------------------------------------------------------------ weights stored once

@@ -24,8 +24,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM
-
+from compress import layout
 from compress.errors import CompressError
 
 WEIGHTS_FILE = "model.sparse.safetensors"
@@ -93,6 +92,9 @@ def save_sparse(model, tokenizer, folder: Path) -> dict:
         else:
             out[name] = tensor
     save_file(out, str(folder / WEIGHTS_FILE), metadata={"format": "pt", "atp_compress": FORMAT})
+    shapes = layout.describe(model)
+    if shapes:
+        layout.write(folder, shapes)
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
@@ -149,15 +151,9 @@ def iter_tensors(folder: Path):
 def load_sparse(folder: Path, dtype: torch.dtype | None = None):
     """The model of a sparse folder, bit-identical to the one saved (in `dtype` if given)."""
     config = read_config(folder)
-    model_config = AutoConfig.from_pretrained(folder)
     stored = getattr(torch, config["dtype"])
-    model = AutoModelForCausalLM.from_config(model_config, dtype=stored)
-    state = dict(iter_tensors(folder))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in config["tied"]]
-    if missing or unexpected:
-        raise CompressError(f"{folder}: the sparse weights do not fit the model config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    model.tie_weights()
+    model = layout.from_config(folder, stored)  # low-rank / narrower modules as layout.json says
+    layout.load_state(model, dict(iter_tensors(folder)), folder)
     if dtype is not None and dtype != stored:
         model = model.to(dtype)
     return model.eval()

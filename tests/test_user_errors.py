@@ -102,6 +102,15 @@ RECIPE_CASES = [
     ("export: {{gguf: true}}", "export.gguf: the tokenizer has 257 tokens but the model's embedding only 256 rows"),
     ("export: {{onnx: {{kv_cache: perhaps}}}}", "export.onnx.kv_cache: Input should be a valid boolean"),
     ("export: {{check_windows: -1}}", "export.check_windows: Input should be greater than or equal to 0"),
+    ("stages: [{{kind: structured}}]", "stages[0]: ratio is required"),
+    ("stages: [{{kind: structured, ratio: 0.3, allocation: {{kind: owl}}}}]", "stages[0].allocation"),
+    ("stages: [{{kind: structured, allocation: {{kind: explicit, ratios: [0.3]}}}}]", "stages[0].allocation.ratios: 1 entries, the model has 2 blocks"),
+    ("stages: [{{kind: structured, ratio: 0.3, channel_multiple: 128}}]", "stages[0].channel_multiple: 128 is more than the 64 MLP channels"),
+    ("stages: [{{kind: structured, ratio: 0.3, ignore: [q_proj]}}]", "stages[0]: structured pruning needs every projection of a block"),
+    ("stages: [{{kind: structured, ratio: 0.3, metric: l1}}]", "stages[0].metric: Input should be 'fluctuation' or 'wanda'"),
+    ("stages: [{{kind: recover, allocation: {{kind: atp, beta: auto}}}}]", "stages[0].allocation.beta: auto is not available for recover"),
+    ("stages: [{{kind: recover, steps: 0}}]", "stages[0].steps: Input should be greater than 0"),
+    ("stages: [{{kind: quantize, method: rtn}}, {{kind: recover}}]\nexport: {{hf: false}}", "stages[1]: recover after the quantize stage stages[0] would train weights off their grid"),
     ("output: x", "output: unknown key"),
 ]
 

@@ -5,9 +5,12 @@ To add a kind: write a module with a Config subclass (with `kind: Literal["..."]
 where the record has `as_dict()`, `summary()` and `seconds`; then add one line here.
 """
 
-from compress.stages import prune, quantize
+from compress.stages import lowrank, prune, quantize, recover, structured
 
 STAGES = {
     "prune": (prune.PruneConfig, prune.apply),
+    "lowrank": (lowrank.LowRankConfig, lowrank.apply),
     "quantize": (quantize.QuantizeConfig, quantize.apply),
+    "recover": (recover.RecoverConfig, recover.apply),
+    "structured": (structured.StructuredConfig, structured.apply),
 }
