@@ -181,6 +181,7 @@ def test_stage_beta_search_for_bits_leaves_the_chosen_widths():
     again = tiny_model("llama", layers=4)
     _, direct = run_quantize(again, method="gptq", bits=3, group_size=16, allocation={"kind": "atp", "beta": record.beta})
     assert direct.block_bits == record.block_bits
+    assert record.layer_sqnr_db == direct.layer_sqnr_db  # the kept trial's, not the last trial's
     for a, b in zip(decoder_blocks(model), decoder_blocks(again)):
         for (name, x), y in zip(block_linears(a).items(), block_linears(b).values()):
             assert torch.equal(get_weight(x), get_weight(y)), name

@@ -254,6 +254,7 @@ def apply(model, ctx: StageContext, cfg: QuantizeConfig) -> tuple[nn.Module, Qua
     modules = {name: m for block in layers for name, m in block.items()}
     zeros_before = ZeroMask(modules)  # one bit per weight
     layer_stats: dict = {}
+    trial_stats: dict[tuple, dict] = {}  # per plan: a search's trials overwrite each other's layers
     notes: list[str] = []
     beta, search = None, None
     if isinstance(cfg.allocation, AtpAllocation):
@@ -263,13 +264,15 @@ def apply(model, ctx: StageContext, cfg: QuantizeConfig) -> tuple[nn.Module, Qua
             beta, search, notes = search_beta(
                 model, ctx, modules, allocate.atp_bits_beta_max(L, B), cfg.allocation.trials,
                 plan=lambda b: tuple(allocate.atp_bits(L, B, b, block_weight_counts(layers))),
-                compress=lambda bits, trial_notes: quantize_model(model, ctx, cfg, layers, list(bits), layer_stats),
+                compress=lambda bits, trial_notes: quantize_model(model, ctx, cfg, layers, list(bits), trial_stats.setdefault(bits, {})),
                 zeros_only=False,
             )
             log.info("chosen beta %.5f from %d trials", beta, len(search))
     block_bits = widths(cfg, layers, beta)
     if search is None:
         quantize_model(model, ctx, cfg, layers, block_bits, layer_stats)
+    else:  # the SQNRs of the trial the search kept, not of the last one it ran
+        layer_stats = trial_stats.get(tuple(block_bits), {})
     notes += layer_stats.pop("_notes", [])
     return model, measure(cfg, layers, block_bits, zeros_before, layer_stats, beta, search, skipped, notes, time.perf_counter() - start)
 
