@@ -71,6 +71,25 @@ Allocation = Annotated[
 RatioAllocation = Annotated[Union[UniformAllocation, AtpAllocation, ExplicitAllocation], Field(discriminator="kind")]
 
 
+def check_fixed(alloc, L: int, target: float, where: str) -> torch.Tensor | None:
+    """What a recipe's allocation can be checked for before any data: explicit ratios against the
+    block count, a numeric ATP beta against its legal range. Returns those ratios (None for the
+    allocators that need the model: uniform aside, owl, alpha, or beta auto). where: the recipe key
+    path of the allocation."""
+    if isinstance(alloc, ExplicitAllocation):
+        if len(alloc.ratios) != L:
+            raise CompressError(f"{where}.ratios: {len(alloc.ratios)} entries, the model has {L} blocks")
+        return torch.tensor(alloc.ratios, dtype=torch.float32)
+    if isinstance(alloc, AtpAllocation) and alloc.beta != "auto":
+        try:
+            return atp(L, target, alloc.beta)
+        except CompressError as err:
+            raise CompressError(f"{where}.beta: {err}") from None
+    if isinstance(alloc, UniformAllocation):
+        return uniform(L, target)
+    return None
+
+
 # ---------------------------------------------------------------- shared arithmetic
 
 

@@ -98,19 +98,13 @@ class LowRankConfig(Config):
         """What only the model's shapes can tell (validate runs this on a meta-device skeleton):
         every layer keeps a rank >= rank_multiple at the ratios asked for."""
         alloc, where = self.allocation, f"{stage_key}.allocation"
-        L = len(layers)
+        ratios = allocate.check_fixed(alloc, len(layers), self.target, where)
         if isinstance(alloc, ExplicitAllocation):
-            if len(alloc.ratios) != L:
-                raise CompressError(f"{where}.ratios: {len(alloc.ratios)} entries, the model has {L} blocks")
             plan_ranks(layers, alloc.ratios, self, f"{where}.ratios")
         elif isinstance(alloc, AtpAllocation) and alloc.beta != "auto":
-            try:
-                ratios = allocate.atp(L, self.target, alloc.beta)
-            except CompressError as err:
-                raise CompressError(f"{where}.beta: {err}") from None
             plan_ranks(layers, ratios.tolist(), self, f"{where}.beta")
         else:  # uniform, or the search's first trial (beta = 0)
-            plan_ranks(layers, [self.target] * L, self, f"{stage_key}.ratio")
+            plan_ranks(layers, [self.target] * len(layers), self, f"{stage_key}.ratio")
 
 
 # ---------------------------------------------------------------- record

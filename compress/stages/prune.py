@@ -109,14 +109,7 @@ class PruneConfig(Config):
 
     def check_layers(self, layers: list[dict[str, nn.Module]], stage_key: str) -> None:
         """What only the model's shapes can tell (validate runs this on a meta-device skeleton)."""
-        alloc, where = self.allocation, f"{stage_key}.allocation"
-        if isinstance(alloc, allocate.ExplicitAllocation) and len(alloc.ratios) != len(layers):
-            raise CompressError(f"{where}.ratios: {len(alloc.ratios)} entries, the model has {len(layers)} blocks")
-        if isinstance(alloc, allocate.AtpAllocation) and alloc.beta != "auto":
-            try:
-                allocate.atp(len(layers), self.target, alloc.beta)
-            except CompressError as err:
-                raise CompressError(f"{where}.beta: {err}") from None
+        allocate.check_fixed(self.allocation, len(layers), self.target, f"{stage_key}.allocation")
         if self.pattern is None:
             return
         for block in layers:

@@ -82,14 +82,7 @@ class StructuredConfig(Config):
 
     def check_layers(self, layers: list[dict[str, nn.Module]], stage_key: str) -> None:
         """Every block has the seven projections, all selected; allocation fits the block count."""
-        alloc, where = self.allocation, f"{stage_key}.allocation"
-        if isinstance(alloc, allocate.ExplicitAllocation) and len(alloc.ratios) != len(layers):
-            raise CompressError(f"{where}.ratios: {len(alloc.ratios)} entries, the model has {len(layers)} blocks")
-        if isinstance(alloc, allocate.AtpAllocation) and alloc.beta != "auto":
-            try:
-                allocate.atp(len(layers), self.target, alloc.beta)
-            except CompressError as err:
-                raise CompressError(f"{where}.beta: {err}") from None
+        allocate.check_fixed(self.allocation, len(layers), self.target, f"{stage_key}.allocation")
         for i, block in enumerate(layers):
             if not block:
                 continue
