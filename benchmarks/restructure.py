@@ -58,6 +58,9 @@ def configs(lowrank_ratios: list[float]) -> dict[str, tuple[list[dict], str]]:
             for name, alloc in (("uniform", UNIFORM), ("atp", ATP)):
                 rows[f"lowrank-{method}-{int(ratio * 100)}-{name}"] = (
                     [lowrank(method, ratio, alloc)], f"{method}, {ratio:.0%} of block weights removed, {name}")
+    rows["lowrank-asvd-20-residual80-uniform"] = (
+        [{**lowrank("asvd", 0.2, UNIFORM), "residual_sparsity": 0.8}], "asvd + sparse residual keeping 20% of each row, 20% removed, uniform")
+    rows["wanda-20-uniform"] = ([wanda(0.2, UNIFORM)], "Wanda 20% unstructured (the same weights removed, for reference)")
     for ratio in (0.2, 0.4):
         for name, alloc in (("uniform", UNIFORM), ("atp", ATP)):
             rows[f"structured-{int(ratio * 100)}-{name}"] = (

@@ -44,7 +44,7 @@ def load_run_model(run_dir: Path, results: dict, recipe: Recipe) -> LoadedModel:
     if hf is None:
         raise CompressError(f"{run_dir}: the run kept no Hugging Face export (export.hf: false) to export from; run it again with export.hf on")
     kind, dtype = hf["kind"], recipe.model.dtype
-    if kind in ("dense", "sparse"):
+    if kind in ("dense", "sparse", "layout"):  # layout: low-rank / structured shapes from layout.json
         return load_model(str(run_dir), dtype)
     if kind == "gptq":
         return load_gptq_run(run_dir, DTYPES[dtype])
