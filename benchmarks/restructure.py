@@ -65,9 +65,12 @@ def configs(lowrank_ratios: list[float]) -> dict[str, tuple[list[dict], str]]:
         for name, alloc in (("uniform", UNIFORM), ("atp", ATP)):
             rows[f"structured-{int(ratio * 100)}-{name}"] = (
                 [structured(ratio, alloc)], f"heads + channels, {ratio:.0%} of block weights removed, {name}")
+    # recovery on a finished row's exported model (its folder is the model source): the compression
+    # is not redone, and the row's own perplexity is the "before"
+    rows["structured-20-atp+recover"] = ([RECOVER], "structured 20% ATP (that row's model), then LoRA recovery")
     rows["wanda-70-atp"] = ([wanda(0.7, ATP)], "Wanda 70%, ATP")
-    rows["wanda-70-atp+recover"] = ([wanda(0.7, ATP), RECOVER], "Wanda 70% ATP, then LoRA recovery (masked merge)")
-    rows["structured-40-atp+recover"] = ([structured(0.4, ATP), RECOVER], "structured 40% ATP, then LoRA recovery")
+    rows["wanda-70-atp+recover"] = ([RECOVER], "Wanda 70% ATP (that row's model), then LoRA recovery (masked merge)")
+    rows["structured-40-atp+recover"] = ([RECOVER], "structured 40% ATP (that row's model), then LoRA recovery")
     return rows
 
 
@@ -84,12 +87,23 @@ def parse_args(names: list[str]):
     return p.parse_args()
 
 
+def source_of(args, name: str) -> Path:
+    """The model a row starts from: the float32 folder, or for `<row>+recover` with stages
+    [recover] only, that row's exported folder."""
+    if not name.endswith("+recover"):
+        return args.folder
+    base = name.removesuffix("+recover")
+    if not (args.runs / base / "results.json").is_file():
+        raise SystemExit(f"{name} starts from the model of {base}: run that row first")
+    return args.runs / base
+
+
 def recipe(args, name: str, stages: list) -> dict:
     return {
         "name": name,
         "seed": 0,
         "calibration_dtype": "bfloat16",
-        "model": {"source": str(args.folder)},
+        "model": {"source": str(source_of(args, name).resolve())},
         "data": data_section(args.data),
         "stages": stages,
         "eval": {"perplexity": True, "dense": not stages},
@@ -185,7 +199,9 @@ def table(rows: list[dict]) -> str:
         lines += ["", "Recovery (LoRA, masked merge): validation perplexity on held-out Brown before / after, training loss first / last steps:", ""]
         for r in recov:
             s = next(s for s in r["stages"] if s["kind"] == "recover")
-            lines.append(f"- {r['name']}: validation {fmt(s['ppl_before'])} -> {fmt(s['ppl_after'])}; loss {s['loss_first']:.3f} -> "
+            base = by_name.get(r["name"].removesuffix("+recover"))
+            wiki = f"WikiText-2 {fmt(base['perplexity'])} -> {fmt(r['perplexity'])}; " if base else ""
+            lines.append(f"- {r['name']}: {wiki}validation {fmt(s['ppl_before'])} -> {fmt(s['ppl_after'])}; loss {s['loss_first']:.3f} -> "
                          f"{s['loss_last']:.3f}; {s['zeros_kept']}/{s['zeros_before']} zeros kept; {s['seconds']:.0f} s")
     searched = [r for r in rows for s in r["stages"] if s.get("search")]
     if searched:

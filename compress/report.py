@@ -313,7 +313,10 @@ EXPORT_SECTIONS = {"hf": _hf_lines, "gguf": _gguf_lines, "onnx": _onnx_lines}
 def summary_table(results: dict) -> Table:
     table = Table(title=results["name"])
     for column in ("model", "perplexity", "zero-shot acc", "params", "sparsity", "bits/weight", "seconds"):
-        table.add_column(column, justify="right" if column != "model" else "left")
+        if column == "model":
+            table.add_column(column, justify="left", no_wrap=True, min_width=10)  # "compressed" stays whole on 80 columns
+        else:
+            table.add_column(column, justify="right")
     ppl, zs, size = results["perplexity"], results.get("zero_shot", {}), results["size"]
     dense_params = size.get("params_dense", results["model"]["params"])
     table.add_row("dense", _ppl(ppl.get("dense")), _acc(zs.get("dense")), f"{dense_params / 1e6:.1f}M", "-", "-", "-")

@@ -20,15 +20,18 @@ def modules(dtype):
 def test_weight_file_restores_in_place_bit_for_bit(tmp_path, dtype):
     layers = modules(dtype)
     dense = {k: m.weight.detach().clone() for k, m in layers.items()}
+    biases = {k: m.bias.detach().clone() for k, m in layers.items()}  # spilled too: structured pruning changes them
     storage = {k: m.weight.data.data_ptr() for k, m in layers.items()}
     spilled = WeightFile(tmp_path / "w.bin", layers)
     spilled.save()
-    assert (tmp_path / "w.bin").stat().st_size == sum(W.numel() * W.element_size() for W in dense.values())
+    assert (tmp_path / "w.bin").stat().st_size == sum(t.numel() * t.element_size() for t in [*dense.values(), *biases.values()])
     for m in layers.values():
         m.weight.data.mul_(0).add_(3)
+        m.bias.data.mul_(0).add_(3)
     spilled.load()
     for k, m in layers.items():
         assert torch.equal(m.weight, dense[k]) and m.weight.data.data_ptr() == storage[k]
+        assert torch.equal(m.bias, biases[k])
 
 
 def test_zero_mask_reapplies_exactly_the_zeros():
