@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from sparsity import data_section, require_inputs  # noqa: E402  (the same token windows as the sparsity table)
+from sparsity import data_section, require_inputs, run_recipe  # noqa: E402  (the same token windows as the sparsity table)
 
 RESULTS = HERE / "results" / "memory"
 ATP = {"kind": "atp", "beta": "auto", "trials": 5}
@@ -70,16 +68,7 @@ def recipe(args, name: str, source: str, stage: dict | None) -> dict:
 
 def run_one(args, name: str) -> dict:
     source, stage = CONFIGS[name]
-    args.runs.mkdir(parents=True, exist_ok=True)
-    path = args.runs / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe(args, name, source, stage), sort_keys=False))
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "compress", "run", str(path), "--overwrite", "-q"], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-    out = args.runs / name
-    results = json.loads((out / "results.json").read_text())
-    metadata = json.loads((out / "metadata.json").read_text())
+    results, metadata, wall = run_recipe(args.runs, name, recipe(args, name, source, stage))
     record = results["stages"][0] if results["stages"] else None
     return {
         "name": name,
@@ -92,7 +81,7 @@ def run_one(args, name: str) -> dict:
         "peak_phase": results["memory"]["peak_phase"],
         "peak_rss_mb_after": results["memory"]["peak_rss_mb_after"],
         "seconds": results["seconds"],
-        "wall_seconds": round(time.perf_counter() - start, 1),
+        "wall_seconds": round(wall, 1),
         "versions": metadata["versions"],
         "git": metadata["git"],
     }

@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from sparsity import data_section, require_inputs  # noqa: E402  (the same token windows as the sparsity table)
+from sparsity import data_section, require_inputs, run_recipe  # noqa: E402  (the same token windows as the sparsity table)
 
 RESULTS = HERE / "results" / "restructure"
 ATP = {"kind": "atp", "beta": "auto", "trials": 4}
@@ -113,16 +111,7 @@ def recipe(args, name: str, stages: list) -> dict:
 
 
 def run_one(args, name: str, stages: list, what: str) -> dict:
-    args.runs.mkdir(parents=True, exist_ok=True)
-    path = args.runs / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe(args, name, stages), sort_keys=False))
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "compress", "run", str(path), "--overwrite", "-q"], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-    out = args.runs / name
-    results = json.loads((out / "results.json").read_text())
-    metadata = json.loads((out / "metadata.json").read_text())
+    results, metadata, wall = run_recipe(args.runs, name, recipe(args, name, stages))
     for record in results["stages"]:
         for key in ("layer_achieved", "layer_rank", "layer_params", "layer_output_error", "losses"):
             if key == "losses" and key in record:
@@ -136,7 +125,7 @@ def run_one(args, name: str, stages: list, what: str) -> dict:
         "block_linear_weights": results["size"]["block_linear_weights"],
         "file_mb": results["size"]["safetensors_mb"],
         "stage_seconds": [round(r["seconds"], 1) for r in results["stages"]],
-        "wall_seconds": round(time.perf_counter() - start, 1),
+        "wall_seconds": round(wall, 1),
         "peak_rss_mb": metadata["peak_rss_mb"],
         "export": {k: results["export"]["hf"].get(k) for k in ("format", "weights", "parity")},
         "stages": results["stages"],

@@ -115,18 +115,24 @@ def find(rows: list[dict], method: str, sparsity: float, alloc: str) -> dict | N
     return next((r for r in rows if r["stage"] and (r["stage"]["method"], r["stage"]["sparsity"], allocator(r)) == key), None)
 
 
-def run_one(args, name: str, alloc: str | None, stage: dict | None, zero_shot: bool) -> dict:
-    args.runs.mkdir(parents=True, exist_ok=True)
-    path = args.runs / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe(args, name, stage, zero_shot), sort_keys=False))
+def run_recipe(runs: Path, name: str, recipe: dict) -> tuple[dict, dict, float]:
+    """Write runs/<name>.yaml and `compress run` it in its own process (so peak RSS is the run's
+    own); returns its results.json, metadata.json and the wall seconds. A failed run stops the
+    benchmark with the run's last stderr."""
+    runs.mkdir(parents=True, exist_ok=True)
+    path = runs / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "compress", "run", str(path), "--overwrite", "-q"], capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-    out = args.runs / name
-    results = json.loads((out / "results.json").read_text())
-    metadata = json.loads((out / "metadata.json").read_text())
+    out = runs / name
+    return json.loads((out / "results.json").read_text()), json.loads((out / "metadata.json").read_text()), wall
+
+
+def run_one(args, name: str, alloc: str | None, stage: dict | None, zero_shot: bool) -> dict:
+    results, metadata, wall = run_recipe(args.runs, name, recipe(args, name, stage, zero_shot))
     stages = results["stages"]
     for s in stages:
         s.pop("layer_achieved", None)  # in metadata.json of the run; too long for the summary
