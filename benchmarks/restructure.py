@@ -137,24 +137,15 @@ def run_one(args, name: str, stages: list, what: str) -> dict:
 def measure_speed(args, row: dict) -> dict:
     """torch fp32 tokens/s of the exported folder (prefill 512, decode 128), reloaded by our loader."""
     import torch
-    from speed import DECODE_NEW, PROMPT, decode_rate, median_rate
 
     from compress.model import load_model
+    from compress.speed import torch_rates
 
     torch.set_num_threads(args.threads)
-    folder = args.runs / row["name"]
-    model = load_model(str(folder)).model
-    tokens = torch.randint(0, 49152, (1, 512), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        prefill = median_rate(lambda: model(tokens, use_cache=False), 512, 3)
-        prompt = tokens[:, :PROMPT]
-
-        def decode():
-            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=DECODE_NEW, min_new_tokens=DECODE_NEW,
-                           do_sample=False, pad_token_id=0)
-
-        decode_tps = decode_rate(decode, lambda: model(prompt, use_cache=False), 3)
-    return {"prefill_512": round(prefill, 1), "decode_128": round(decode_tps, 2), "threads": args.threads}
+    model = load_model(str(args.runs / row["name"])).model
+    ids = torch.randint(0, 49152, (512,), generator=torch.Generator().manual_seed(0)).tolist()
+    rates = torch_rates(model, ids, 3)
+    return {"prefill_512": round(rates["prefill_512"], 1), "decode_128": round(rates["decode_128"], 2), "threads": args.threads}
 
 
 def fmt(x, digits=2):

@@ -24,18 +24,17 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+from compress import speed
+from compress.speed import DECODE_NEW, PREFILL, PROMPT
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "speed"
-PREFILL = (128, 512)
-DECODE_NEW, PROMPT = 128, 16
 GGUF_TYPES = ["f16", "q8_0", "q4_0", "q4_k_m"]
 ENGINES = ["torch-fp32", "torch-bf16"] + [f"llama.cpp-{t}" for t in GGUF_TYPES] + ["onnxruntime", "deepsparse"]
 
@@ -93,99 +92,15 @@ def tokens(tokenizer, n: int) -> list[int]:
     return ids[:n]
 
 
-# ---------------------------------------------------------------- timing
-
-
-def median_rate(run, n_tokens: int, repeats: int) -> float:
-    run()  # warm-up: kernels, caches, repacking
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return n_tokens / statistics.median(times)
+# ---------------------------------------------------------------- timing (compress/speed.py)
 
 
 def torch_rates(model, ids: list[int], dtype, repeats: int) -> dict:
     model = model.to(dtype)
-    out = {}
-    with torch.inference_mode():
-        for n in PREFILL:
-            x = torch.tensor([ids[:n]])
-            out[f"prefill_{n}"] = median_rate(lambda: model(x, use_cache=False), n, repeats)
-        prompt = torch.tensor([ids[:PROMPT]])
-
-        def decode():
-            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=DECODE_NEW, min_new_tokens=DECODE_NEW,
-                           do_sample=False, pad_token_id=0)
-
-        out[f"decode_{DECODE_NEW}"] = decode_rate(decode, lambda: model(prompt, use_cache=False), repeats)
-    model.to(torch.float32)
-    return out
-
-
-def decode_rate(generate, prefill_prompt, repeats: int) -> float:
-    """New tokens per second, the prompt's prefill time taken out."""
-    generate()
-    times, prompt_times = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        prefill_prompt()
-        prompt_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        generate()
-        times.append(time.perf_counter() - start)
-    return DECODE_NEW / max(statistics.median(times) - statistics.median(prompt_times), 1e-9)
-
-
-def llama_rates(path: Path, ids: list[int], threads: int, repeats: int) -> dict:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(str(path), n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
-    out = {}
     try:
-        for n in PREFILL:
-            def prefill(n=n):
-                llm.reset()
-                llm.eval(ids[:n])
-            out[f"prefill_{n}"] = median_rate(prefill, n, repeats)
-
-        def decode():
-            llm.reset()
-            llm.eval(ids[:PROMPT])
-            token = ids[PROMPT]
-            for _ in range(DECODE_NEW):
-                llm.eval([token])
-                token = int(llm.scores[llm.n_tokens - 1].argmax())  # greedy, as torch's generate
-
-        def prompt_only():
-            llm.reset()
-            llm.eval(ids[:PROMPT])
-
-        out[f"decode_{DECODE_NEW}"] = decode_rate(decode, prompt_only, repeats)
+        return speed.torch_rates(model, ids, repeats)
     finally:
-        llm.close()
-    return out
-
-
-def ort_rates(folder: Path, info: dict, ids: list[int], repeats: int) -> dict:
-    """ONNX Runtime through the exporter's own runner: prefill graph, then the KV-cache decode graph."""
-    from compress.export import onnx as onnx_export
-
-    prefill = onnx_export.session(folder / info["graphs"]["prefill"])  # threads: torch.get_num_threads()
-    decode = onnx_export.session(folder / info["graphs"]["decode"])
-    out = {}
-    for n in PREFILL:
-        x = torch.tensor([ids[:n]])
-        out[f"prefill_{n}"] = median_rate(lambda: onnx_export.run(prefill, x), n, repeats)
-    prompt = torch.tensor([ids[:PROMPT]])
-    step = onnx_export.decode_step(decode)
-
-    def generate():
-        onnx_export.greedy(prompt, onnx_export.run(prefill, prompt), step, DECODE_NEW, [])
-
-    out[f"decode_{DECODE_NEW}"] = decode_rate(generate, lambda: onnx_export.run(prefill, prompt), repeats)
-    return out
+        model.to(torch.float32)
 
 
 def deepsparse_rates(args, folder: Path, info: dict) -> dict:
@@ -240,7 +155,7 @@ def measure(args, model_name: str, sparsity: float) -> dict:
                 info = gguf_export.save(model, tokenizer, work / "gguf", gguf_export.GgufExport(types=[kind]), work / "scratch")
                 entry = info["files"][kind]
                 row.update({"mb": entry["mb"], "tensor_types": entry["tensor_types"], "zeros_kept": entry["zeros_kept"]})
-                row.update(llama_rates(work / "gguf" / entry["file"], ids, args.threads, args.repeats))
+                row.update(speed.llama_rates(work / "gguf" / entry["file"], ids, args.repeats))
                 (work / "gguf" / entry["file"]).unlink()
             elif engine in ("onnxruntime", "deepsparse"):
                 if not (work / "onnx" / "export.json").is_file():  # one export serves both engines
@@ -248,7 +163,7 @@ def measure(args, model_name: str, sparsity: float) -> dict:
                     (work / "onnx" / "export.json").write_text(json.dumps(info))
                 info = json.loads((work / "onnx" / "export.json").read_text())
                 row["mb"] = info["mb"]
-                row.update(ort_rates(work / "onnx", info, ids, args.repeats) if engine == "onnxruntime" else deepsparse_rates(args, work / "onnx", info))
+                row.update(speed.ort_rates(work / "onnx", info, ids, args.repeats) if engine == "onnxruntime" else deepsparse_rates(args, work / "onnx", info))
         except Exception as err:  # a benchmark row that fails says why, the others still run
             row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         rows[engine] = row
