@@ -1,4 +1,4 @@
-"""Offline zero-shot accuracy of an in-memory causal LM on six local task files.
+"""Zero-shot accuracy of a causal LM on six local task files (offline) or lm-eval's own tasks.
 
 Route: lm-eval 0.4.13 scores everything. Its `HFLM` wraps the model and tokenizer we already hold,
 and each task is an lm-eval `ConfigurableTask` built from a local YAML file in `compress/tasks/`
@@ -41,6 +41,18 @@ characters (`len(choice)`, its `acc_bytes` uses bytes); the two differ only for 
 with non-ASCII characters (62 in piqa, 28 in arc-easy, 27 in arc-challenge).
 
 `limit` keeps the first `limit` items of each file, so runs are deterministic.
+
+Beyond the six local tasks, any other name is one of lm-eval's own tasks, loaded by lm-eval's
+TaskManager (its full index, ~15 s) with its dataset from the hub; when the name is unknown or the
+dataset cannot be downloaded (offline), one CompressError names the task and the reason.
+
+Standard errors: with bootstrap_iters=0 lm-eval reports none, so each acc / acc_norm gets the
+binomial standard error of a mean, sqrt(p(1-p)/(n-1)) (lm-eval's mean_stderr), and the mean over
+k tasks sqrt(sum se_i^2)/k (tasks are independent samples).
+
+Exported artefacts are scored by handing `zero_shot` / `run_lm_eval` a ready lm-eval LM (`lm=`):
+compress.runtimes builds one per runtime (HFLM for an HF folder, llama.cpp for GGUF, ONNX Runtime
+for ONNX).
 """
 
 from __future__ import annotations
@@ -49,6 +61,7 @@ import copy
 import functools
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Sequence
@@ -214,63 +227,122 @@ def zero_shot(
     model,
     tokenizer,
     tasks: Sequence[str],
-    data_dir: Path,
+    data_dir: Path | None = None,
     limit: int | None = None,
     batch_size: int = 16,
     bos: bool | None = None,
+    lm=None,
 ) -> dict:
-    """Zero-shot acc / acc_norm per task, their mean acc, and the wall time in seconds.
+    """Zero-shot acc / acc_norm per task with their standard errors, the mean acc and its standard
+    error, and the wall time in seconds.
 
+    tasks: names in TASKS are read from local files in data_dir; any other name is one of
+    lm-eval's own tasks, loaded (and its dataset downloaded) by lm-eval's TaskManager.
     bos: put BOS first in every request (lm-eval's add_bos_token); None: as the tokenizer does
     by default, which is what lm-eval's HFLM does for Gemma and Llama tokenizers.
-    Returns {"tasks": {name: {"acc", "acc_norm" (None for winogrande), "n"}}, "mean_acc", "bos",
-    "seconds"}, where bos says whether the encoded requests really started with BOS.
+    lm: a ready lm-eval LM (e.g. compress.runtimes' GGUF or ONNX one) to score with instead of
+    HFLM over model and tokenizer, which may then be None.
+    Returns {"tasks": {name: {"acc", "acc_norm" (None where the task has none), "acc_stderr",
+    "acc_norm_stderr", "n"}}, "mean_acc", "mean_acc_stderr", "bos", "seconds"}, where bos says
+    whether the encoded requests really started with BOS.
     """
     start = time.perf_counter()
     if not tasks:
-        raise CompressError(f"zero-shot: no tasks given; choose from {', '.join(TASKS)}")
+        raise CompressError(f"zero-shot: no tasks given; choose from {', '.join(TASKS)} or an lm-eval task name")
     if limit is not None and limit < 1:
         raise CompressError(f"zero-shot: limit must be a positive number of items, got {limit}")
+    local = [task for task in tasks if task in DATA_FILES]
+    if local and data_dir is None:
+        raise CompressError(f"zero-shot: tasks {', '.join(local)} are read from local files: give their folder (tasks_dir)")
     # Read every file first, so that a bad file fails before any scoring time is spent.
-    docs = {task: load_docs(task, data_dir, limit) for task in tasks}
-    results = run_lm_eval(model, tokenizer, docs, batch_size=batch_size, bos=bos)
+    docs = {task: load_docs(task, data_dir, limit) for task in local}
+    standard = load_standard_tasks([task for task in tasks if task not in DATA_FILES])
+    results = run_lm_eval(model, tokenizer, docs, batch_size=batch_size, bos=bos, lm=lm, standard=standard, limit=limit)
     per_task = {task: _task_metrics(results, task) for task in tasks}
     if bos is not None and results["bos"] != bos:
         log.warning("zero-shot: asked for %s BOS, but lm-eval encodes with this tokenizer's own template (%s BOS)",
                     "a" if bos else "no", "with" if results["bos"] else "without")
+    accs = [m["acc"] for m in per_task.values() if m["acc"] is not None]
+    errors = [m["acc_stderr"] for m in per_task.values() if m["acc"] is not None]
     return {
         "tasks": per_task,
-        "mean_acc": sum(m["acc"] for m in per_task.values()) / len(per_task),
+        "mean_acc": sum(accs) / len(accs) if accs else None,
+        # independent tasks: the variance of a mean of k means is the sum of their variances / k^2
+        "mean_acc_stderr": math.sqrt(sum(e * e for e in errors)) / len(errors) if accs and None not in errors else None,
         "bos": results["bos"],
         "seconds": time.perf_counter() - start,
     }
 
 
-def run_lm_eval(model, tokenizer, docs: dict[str, list[dict[str, Any]]], batch_size: int = 16, bos: bool | None = None) -> dict:
-    """lm-eval's full result dict (with per-doc `samples`) for the given docs of each task, plus
-    "bos": whether lm-eval's encoding of a request starts with the BOS token."""
+def build_hflm(model, tokenizer, batch_size: int = 16, bos: bool | None = None):
+    """lm-eval's HFLM over the model and tokenizer we hold (softmax in float32, the caller's
+    tokenizer never changed)."""
+    return _import_lm_eval().HFLM(
+        pretrained=model,
+        tokenizer=_tokenizer_for_lm_eval(tokenizer),
+        batch_size=batch_size,
+        softmax_dtype=torch.float32,
+        add_bos_token=bos,
+    )
+
+
+def run_lm_eval(
+    model,
+    tokenizer,
+    docs: dict[str, list[dict[str, Any]]],
+    batch_size: int = 16,
+    bos: bool | None = None,
+    lm=None,
+    standard: dict | None = None,
+    limit: int | None = None,
+) -> dict:
+    """lm-eval's full result dict (with per-doc `samples`) for the given docs of each local task
+    and the `standard` lm-eval tasks (from load_standard_tasks; `limit` items each), plus "bos":
+    whether lm-eval's encoding of a request starts with the BOS token. lm: score with this lm-eval
+    LM instead of an HFLM over model and tokenizer."""
     lm_eval = _import_lm_eval()
     # An empty manager: the default one indexes all of lm-eval's built-in tasks (slow).
     task_dict = lm_eval.TaskManager(include_defaults=False).load(
         [_lm_eval_task(lm_eval, task, task_docs) for task, task_docs in docs.items()]
-    )
-    was_training = model.training  # HFLM switches the model to eval mode; we switch it back
+    ) if docs else {}
+    for name in ("tasks", "groups", "group_map"):  # TaskManager.load's three dicts, merged
+        task_dict.setdefault(name, {}).update((standard or {}).get(name, {}))
+    was_training = model is not None and model.training  # HFLM switches the model to eval mode; we switch it back
     try:
-        lm = lm_eval.HFLM(
-            pretrained=model,
-            tokenizer=_tokenizer_for_lm_eval(tokenizer),
-            batch_size=batch_size,
-            softmax_dtype=torch.float32,
-            add_bos_token=bos,
-        )
-        model.eval()
+        if lm is None:
+            lm = build_hflm(model, tokenizer, batch_size, bos)
+            model.eval()
         with torch.inference_mode():
-            results = lm_eval.evaluate(lm, task_dict, bootstrap_iters=0, log_samples=True)
-        bos_id = getattr(lm.tokenizer, "bos_token_id", None)
+            # local docs are cut to `limit` already; the standard tasks are cut here
+            results = lm_eval.evaluate(lm, task_dict, limit=limit if standard else None, bootstrap_iters=0, log_samples=True)
+        bos_id = getattr(lm, "bos_token_id", None) if getattr(lm, "tokenizer", None) is None else getattr(lm.tokenizer, "bos_token_id", None)
         results["bos"] = bos_id is not None and lm.tok_encode("Question")[:1] == [bos_id]
         return results
     finally:
-        model.train(was_training)
+        if model is not None:
+            model.train(was_training)
+
+
+def load_standard_tasks(names: Sequence[str]) -> dict:
+    """lm-eval's own tasks by name (TaskManager.load's dict), datasets downloaded by lm-eval.
+    One CompressError names the task and why it cannot be used (unknown, or offline)."""
+    if not names:
+        return {}
+    lm_eval = _import_lm_eval()
+    manager = lm_eval.TaskManager()  # indexes every built-in task: ~15 s, paid only here
+    loaded: dict = {}
+    for name in names:
+        if name not in manager.all_tasks:
+            raise CompressError(f"zero-shot: unknown task {name!r}: not a local task ({', '.join(TASKS)}) nor one of lm-eval's")
+        try:
+            one = manager.load([name])
+        except Exception as err:  # datasets and the hub raise many types (ConnectionError, OSError, ...)
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise CompressError(f"zero-shot: unknown task {name!r} here: not a local task ({', '.join(TASKS)}), "
+                                f"and lm-eval could not load its dataset (offline?): {type(err).__name__}: {first}") from err
+        for key, value in one.items():
+            loaded.setdefault(key, {}).update(value)
+    return loaded
 
 
 def _lm_eval_task(lm_eval, task: str, docs: list[dict[str, Any]]):
@@ -297,11 +369,23 @@ def _tokenizer_for_lm_eval(tokenizer):
 
 def _task_metrics(results: dict, task: str) -> dict[str, Any]:
     scores = results["results"][task]
+    n = int(results["n-samples"][task]["effective"])
+    acc, acc_norm = scores.get("acc,none"), None if task in _ACC_ONLY else scores.get("acc_norm,none")
     return {
-        "acc": float(scores["acc,none"]),
-        "acc_norm": None if task in _ACC_ONLY else float(scores["acc_norm,none"]),
-        "n": int(results["n-samples"][task]["effective"]),
+        "acc": None if acc is None else float(acc),
+        "acc_norm": None if acc_norm is None else float(acc_norm),
+        "acc_stderr": binomial_stderr(acc, n),
+        "acc_norm_stderr": binomial_stderr(acc_norm, n),
+        "n": n,
     }
+
+
+def binomial_stderr(p: float | None, n: int) -> float | None:
+    """Standard error of a mean of n 0/1 scores: sqrt(p(1-p)/(n-1)), lm-eval's mean_stderr
+    (sample standard deviation / sqrt(n)); we run with bootstrap_iters=0, so lm-eval reports none."""
+    if p is None or n < 2:
+        return None
+    return math.sqrt(float(p) * (1 - float(p)) / (n - 1))
 
 
 def _check_task(task: str) -> None:

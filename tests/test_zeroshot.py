@@ -250,9 +250,7 @@ def test_limit_and_side_effects(data_dir: Path, model, tokenizer):
     assert result["tasks"]["arc_easy"]["n"] == 2
     assert model.training, "the caller's training flag is restored"
     assert tokenizer.pad_token is None, "the caller's tokenizer is left alone"
-    model.eval()
-    with pytest.raises(zeroshot.CompressError, match="unknown task 'boolq'"):
-        zero_shot(model, tokenizer, ["boolq"], data_dir)
+    model.eval()  # task names lm-eval cannot load: tests/test_runtimes.py (indexing lm-eval's registry costs ~15 s)
 
 
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real zero-shot data not found at {REAL_DATA}")
