@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from compress import runinfo
+from compress import identity, runinfo, speed
 from compress.context import StageContext
 from compress.data import build_segments
 from compress.errors import CompressError
@@ -171,6 +171,61 @@ def export_sizes(folder: Path, exports: dict) -> dict:
     return sizes
 
 
+def tasks_dir(e) -> Path | None:
+    return Path(e.tasks_dir) if e.tasks_dir else None
+
+
+def speed_tokens(segments: dict) -> list[int]:
+    """Real text for the speed measurement: the evaluation windows (or calibration ones) in a row."""
+    seg = segments.get("evaluation") or segments["calibration"]
+    return seg.tokens.flatten()[: max(speed.PREFILL) + speed.PROMPT + 1].tolist()
+
+
+def artefacts(recipe: Recipe, folder: Path, exports: dict) -> list[tuple[str, str, Path]]:
+    """(label, kind, path) of every exported artefact eval.artefacts names, in its order."""
+    out = []
+    for item in recipe.eval.artefacts:
+        kind, _, gguf_type = item.partition(":")
+        if kind == "hf":
+            out.append(("hf", "hf", folder))
+        elif kind == "onnx":
+            out.append(("onnx", "onnx", folder / EXPORTERS["onnx"].subdir))
+        elif kind == "gguf":
+            for typ, entry in exports["gguf"]["files"].items():
+                if gguf_type in ("", typ):
+                    out.append((f"gguf {typ}", "gguf", folder / EXPORTERS["gguf"].subdir / entry["file"]))
+    return out
+
+
+def evaluate_artefact(recipe: Recipe, label: str, kind: str, path: Path, folder: Path, exports: dict, segments: dict, bos) -> dict:
+    """Perplexity, zero-shot accuracy and speed of one exported file, in its own runtime (the
+    numbers a user of that file gets)."""
+    from compress.runtimes import open_runtime, runtime_perplexity
+
+    e = recipe.eval
+    entry: dict = {"artefact": kind, "path": str(path.relative_to(folder)) or "."}
+    runtime = open_runtime(kind, path, label)
+    try:
+        if e.perplexity:
+            entry["perplexity"] = runtime_perplexity(runtime, segments["evaluation"].tokens).as_dict()
+            log.info("%s perplexity %.3f", label, entry["perplexity"]["ppl"])
+        if e.tasks:
+            entry["zero_shot"] = zero_shot(None, None, e.tasks, tasks_dir(e), e.limit, e.tasks_batch_size, bos,
+                                           lm=runtime.lm(e.tasks_batch_size, bos))
+            log.info("%s zero-shot mean accuracy %.4f", label, entry["zero_shot"]["mean_acc"])
+        if e.speed:
+            ids = speed_tokens(segments)
+            if kind == "gguf":
+                entry["speed"] = speed.llama_rates(path, ids, e.speed_repeats)
+            elif kind == "onnx":
+                entry["speed"] = speed.ort_rates(path, exports["onnx"], ids, e.speed_repeats)
+            else:
+                entry["speed"] = speed.torch_rates(runtime.model, ids, e.speed_repeats)
+    finally:
+        runtime.close()
+    return entry
+
+
 def check_context(configs: dict, config) -> None:
     """Windows longer than the model's context would run past its position embeddings.
     configs: {role: SegmentsConfig}; config: the model's config."""
@@ -206,6 +261,7 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str]) -
     name = recipe.name or recipe_path.stem
     e = recipe.eval
 
+    run_id = identity.run_id(recipe)  # before anything is read: the files as they were when the run began
     with staging_dir(final) as tmp:
         with phases("load_model"):
             m = recipe.model
@@ -234,7 +290,7 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str]) -
                 log.info("%s perplexity %.3f", which, ppl[which]["ppl"])
             if e.tasks:
                 with phases(f"tasks_{which}"):
-                    tasks[which] = zero_shot(model, loaded.tokenizer, e.tasks, Path(e.tasks_dir), e.limit, e.tasks_batch_size, eval_bos)
+                    tasks[which] = zero_shot(model, loaded.tokenizer, e.tasks, tasks_dir(e), e.limit, e.tasks_batch_size, eval_bos)
                 log.info("%s zero-shot mean accuracy %.4f", which, tasks[which]["mean_acc"])
 
         if measure_dense:
@@ -252,8 +308,15 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str]) -
             log.info("stage %d (%s) done: %s in %.1f s", k, stage.kind, record.summary(), record.seconds)
         del ctx
 
-        if measure_final:
+        if measure_final and "model" in e.artefacts:
             evaluate("compressed")
+        evaluations = {}
+        if "model" in e.artefacts:  # the in-memory model: the compressed one, or the dense one of a run without stages
+            which = "compressed" if measure_final else "dense"
+            evaluations["model"] = {"artefact": "model", "path": None, "perplexity": ppl[which], "zero_shot": tasks[which]}
+            if e.speed:
+                with phases("speed_model"):
+                    evaluations["model"]["speed"] = speed.torch_rates(model, speed_tokens(segments), e.speed_repeats)
 
         params = sum(p.numel() for p in model.parameters())
         dense_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20  # the model as plain tensors
@@ -270,6 +333,11 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str]) -
         loaded.model, model = model, None  # export_all frees it before reloading the exports
         export = export_all(recipe, loaded, tmp, scratch, segments, phases)
         shutil.rmtree(scratch, ignore_errors=True)
+        loaded.model = None  # the artefacts are evaluated from their files, one at a time
+        gc.collect()
+        for label, kind, path in artefacts(recipe, tmp, export):
+            with phases(f"eval_{label.replace(' ', '_')}"):
+                evaluations[label] = evaluate_artefact(recipe, label, kind, path, tmp, export, segments, eval_bos)
 
         results = {
             "name": name,
@@ -278,6 +346,7 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str]) -
             "perplexity": ppl,
             "zero_shot": tasks,
             "zero_shot_limit": e.limit,
+            "evaluations": evaluations,
             "stages": records,
             "size": {
                 "params": params,
@@ -299,6 +368,7 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str]) -
             "overrides": list(overrides),
             "recipe": recipe.model_dump(mode="json"),
             "recipe_sha256": recipe.sha256(),
+            "run_id": run_id,
             "seed": recipe.seed,
             "versions": runinfo.versions(),
             "git": runinfo.git_commit(),

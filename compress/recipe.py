@@ -64,24 +64,46 @@ class DataSection(Config):
         return raw
 
 
-ZeroShotTask = Literal["piqa", "arc_easy", "arc_challenge", "openbookqa", "winogrande", "hellaswag"]
+ARTEFACTS = ("model", "hf", "gguf", "onnx")
 
 
 class EvalSection(Config):
     perplexity: bool = True
     dense: bool = True  # also measure the model before compression, for the comparison
     batch_size: int = Field(default=1, gt=0)
-    # zero-shot accuracy through lm-eval (the `eval` extra) on local task files
-    tasks: list[ZeroShotTask] = []
+    # zero-shot accuracy through lm-eval (the `eval` extra): the six local tasks (piqa, arc_easy,
+    # arc_challenge, openbookqa, winogrande, hellaswag) read tasks_dir; other lm-eval task names
+    # read lm-eval's own datasets (a network is needed)
+    tasks: list[str] = []
     tasks_dir: str | None = None  # folder with piqa.jsonl, arc-easy.jsonl, ..., hellaswag-val.txt
     limit: int | None = Field(default=None, gt=0)  # first N items of each task; None: all
     tasks_batch_size: int = Field(default=16, gt=0)
+    # What the compressed numbers are measured on: the in-memory model, and/or exported artefacts
+    # reloaded in their own runtime (hf folder, every gguf file or gguf:<type>, onnx)
+    artefacts: list[str] = ["model"]
+    speed: bool = False  # tokens/s (prefill 128/512, decode 128) of each artefact in `on`
+    speed_repeats: int = Field(default=3, gt=0)
 
     @model_validator(mode="after")
     def _tasks_need_files(self):
-        if self.tasks and self.tasks_dir is None:
-            raise ValueError("tasks_dir is required with tasks (the folder holding the task files)")
+        from compress.zeroshot import DATA_FILES
+
+        local = [t for t in self.tasks if t in DATA_FILES]
+        if local and self.tasks_dir is None:
+            raise ValueError(f"tasks_dir is required with the local tasks {local} (the folder holding the task files)")
         return self
+
+    @field_validator("artefacts")
+    @classmethod
+    def _artefacts(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError(f"name at least one of {', '.join(ARTEFACTS)} (or gguf:<type>)")
+        for item in value:
+            if item.split(":", 1)[0] not in ARTEFACTS or (":" in item and not item.startswith("gguf:")):
+                raise ValueError(f"unknown artefact {item!r}; expected {', '.join(ARTEFACTS)} or gguf:<type>")
+        if len(set(value)) != len(value):
+            raise ValueError("an artefact is named twice")
+        return value
 
 
 class ExportSection(Config):
@@ -123,6 +145,18 @@ class Recipe(Config):
     eval: EvalSection = EvalSection()
     export: ExportSection = ExportSection()
     output_dir: str | None = None  # default: runs/<recipe file name>
+
+    @model_validator(mode="after")
+    def _evaluated_artefacts_are_exported(self):
+        for item in self.eval.artefacts:
+            kind, _, gguf_type = item.partition(":")
+            if kind == "model":
+                continue
+            if getattr(self.export, kind) is None:
+                raise ValueError(f"eval.artefacts: {item!r} is evaluated after export, but export.{kind} is off")
+            if gguf_type and gguf_type not in self.export.gguf.types:
+                raise ValueError(f"eval.artefacts: {item!r}: export.gguf.types is {self.export.gguf.types}, without {gguf_type}")
+        return self
 
     def data_roles(self) -> dict:
         """The roles a run cuts text for (evaluation only when perplexity is measured). Roles

@@ -88,6 +88,21 @@ def _evaluation_lines(results: dict) -> list[str]:
     ]
 
 
+def _artefact_lines(evaluations: dict) -> list[str]:
+    """The compressed model as each artefact measured it (eval.artefacts), speed included."""
+    if not evaluations or (list(evaluations) == ["model"] and not evaluations["model"].get("speed")):
+        return []  # the table above says it all
+    lines = ["", "Measured on each artefact (exports reloaded in their own runtime):", "",
+             "| artefact | file | perplexity | zero-shot mean acc | prefill tok/s | decode tok/s |", "|---|---|---|---|---|---|"]
+    for label, ev in evaluations.items():
+        speed = ev.get("speed") or {}
+        prefill = speed.get("prefill_512", speed.get("prefill_128"))
+        prefill = "-" if prefill is None else f"{prefill:.0f}"
+        decode = "-" if "decode_128" not in speed else f"{speed['decode_128']:.1f}"
+        lines.append(f"| {label} | {ev.get('path') or 'in memory'} | {_ppl(ev.get('perplexity'))} | {_acc(ev.get('zero_shot'))} | {prefill} | {decode} |")
+    return lines
+
+
 def write_report(out: Path, results: dict) -> list[str]:
     """report.md and one plot per stage (and per beta search); returns the files written."""
     files = ["report.md"]
@@ -114,6 +129,7 @@ def write_report(out: Path, results: dict) -> list[str]:
             per_task = ", ".join(f"{t} {m['acc']:.3f}" for t, m in zs[which]["tasks"].items())
             bos = "BOS first" if zs[which].get("bos") else "no BOS"
             lines.append(f"\nZero-shot acc ({which}, first {results['zero_shot_limit'] or 'all'} items per task, {bos}): {per_task}")
+    lines += _artefact_lines(results.get("evaluations") or {})
     memory = results.get("memory")
     if memory:
         lines += ["", f"Peak memory {memory['peak_rss_mb']:.0f} MB (resident), reached during {memory['peak_phase']}."]
@@ -326,4 +342,7 @@ def summary_table(results: dict) -> Table:
             "compressed", _ppl(ppl.get("compressed")), _acc(zs.get("compressed")), f"{size['params'] / 1e6:.1f}M",
             f"{size['block_linear_sparsity']:.3f}", f"{size['block_linear_bits_per_weight']:.2f}", f"{stage_seconds:.0f}",
         )
+    for label, ev in (results.get("evaluations") or {}).items():
+        if label != "model":  # an export, reloaded in its runtime
+            table.add_row(f" {label}", _ppl(ev.get("perplexity")), _acc(ev.get("zero_shot")), "", "", "", "")
     return table

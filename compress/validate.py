@@ -42,12 +42,16 @@ def check_recipe(recipe: Recipe, recipe_path: Path) -> list[str]:
     if recipe.eval.tasks:
         from compress.zeroshot import DATA_FILES
 
-        folder = resolve_path(recipe.eval.tasks_dir, None)
-        if not folder.is_dir():
+        local = [task for task in recipe.eval.tasks if task in DATA_FILES]
+        folder = resolve_path(recipe.eval.tasks_dir, None) if local else None
+        if folder is not None and not folder.is_dir():
             raise CompressError(f"eval.tasks_dir: {folder} is not a folder")
-        for task in recipe.eval.tasks:
+        for task in local:
             if not (folder / DATA_FILES[task]).is_file():
                 raise CompressError(f"eval.tasks_dir: {folder / DATA_FILES[task]} not found (needed by task {task})")
+        others = [task for task in recipe.eval.tasks if task not in DATA_FILES]
+        if others:
+            notes.append(f"eval.tasks: {', '.join(others)} are not local tasks: lm-eval reads them from its own datasets (needs a network)")
     final = output_dir_for(recipe, recipe_path)
     check_output_dir(final, overwrite=None)
     if final.exists():
