@@ -1,4 +1,4 @@
-"""`compress run | validate | eval | export`. Bad input: one line on stderr, exit status 2, no traceback."""
+"""`compress run | validate | eval | compare | sweep | export`. Bad input: one line on stderr, exit status 2, no traceback."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from compress.errors import CompressError
 
@@ -28,8 +29,8 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except CompressError as err:
-            console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        except CompressError as err:  # escaped: 'atp-compress[ray]' or a --grid value like [a] prints as written
+            console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("interrupted; nothing was written to output_dir")
@@ -130,6 +131,51 @@ def eval_(
     segments = build_segments({"evaluation": config}, loaded.tokenizer)
     result = perplexity(loaded.model, segments["evaluation"].tokens)
     print(json.dumps({"model": model, "data": data, "bos": segments["evaluation"].bos, **result.as_dict()}, indent=2))
+
+
+@app.command()
+@user_errors
+def compare(
+    items: list[str] = typer.Argument(..., help="Finished run folders and/or recipe .yaml files (a recipe without a finished run is run first)."),
+    out: Path = typer.Option(Path("runs/comparison"), "--out", help="Folder for comparison.md, .csv, .json and the plots."),
+    run_missing: bool = typer.Option(True, "--run/--no-run", help="Run recipes that have no finished run (--no-run: fail instead)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Put finished runs side by side: one table (perplexity, zero-shot accuracy, size, speed) and plots."""
+    setup_logging(quiet)
+    from compress.compare import entries_from_args, write_comparison
+
+    write_comparison(entries_from_args(items, run_missing), out)
+    console.print(f"wrote {out}/comparison.md (and .csv, .json, plots)", highlight=False)
+
+
+@app.command()
+@user_errors
+def sweep(
+    template: Path = typer.Argument(..., help="Template recipe YAML file."),
+    grid: Optional[list[str]] = typer.Option(None, "--grid", help="key.path=value1,value2,... (repeatable): one run per combination of the values; each value is read as YAML, commas inside [] or {} do not split."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a template value in every run, e.g. --set threads=4 (repeatable; the value is read as YAML)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Sweep folder: recipes/, runs/, failed/, comparison.md (default runs/sweep-<template name>)."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Runs at a time in local processes (default 1), each with cpu_count/jobs torch threads unless the recipe sets threads."),
+    ray: bool = typer.Option(False, "--ray", help="Run on Ray instead: start or attach a local Ray (ray.init()); each run asks for its recipe's threads (default 1) as CPUs. Needs pip install 'atp-compress\\[ray]'."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", metavar="ADDRESS", help="Run on the Ray cluster at ADDRESS (implies --ray), e.g. ray://head:10001 or auto."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings, failures and the summary."),
+) -> None:
+    """Run a template recipe over a grid of values (locally in parallel or on Ray), resume what
+    finished, and write one comparison table. Exit status 1 if some run failed."""
+    setup_logging(quiet)
+    from compress.sweep import sweep as run_sweep
+
+    ray = ray or ray_address is not None
+    if ray and jobs is not None:
+        raise CompressError("--jobs and --ray: give one (Ray decides how many runs fit at a time)")
+    result = run_sweep(template, grid or [], set_ or [], out, jobs or 1, ray, ray_address)
+    total, failed, where = len(result.points), len(result.failed), escape(str(result.out))
+    console.print(f"{total} runs: {len(result.ran)} ran, {len(result.skipped)} finished earlier (skipped), {failed} failed", highlight=False)
+    console.print(f"wrote {where}/comparison.md (and .csv, .json, plots); recipes in {where}/recipes/", highlight=False)
+    if failed:
+        console.print(f"[bold red]{failed} of {total} runs failed[/] (errors in {where}/failed/; rerun the sweep to retry them)", highlight=False)
+        raise typer.Exit(1)
 
 
 @app.command("export")
