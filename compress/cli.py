@@ -100,37 +100,35 @@ def validate(
 @app.command("eval")
 @user_errors
 def eval_(
-    model: str = typer.Argument("smollm2-135m", help="Registered name, HF folder, .gguf file or hub id."),
-    data: str = typer.Option("python-docs", help="Evaluation text: a .txt/.jsonl file, python-docs, wikitext2 or c4."),
+    model: str = typer.Argument("smollm2-135m", help="Registered name, HF folder, run folder, .gguf file, ONNX export folder or hub id."),
+    runtime: str = typer.Option("torch", help="torch (our loader; a GGUF dequantised), llama.cpp (a .gguf file as it is) or onnx (an ONNX export's folder)."),
+    data: str = typer.Option("python-docs", help="Evaluation text: a .txt/.jsonl file, python-docs, wikitext2 or c4; 'none' for no perplexity."),
     seqlen: int = typer.Option(512, min=2, help="Window length in tokens."),
     nsamples: Optional[int] = typer.Option(None, min=1, help="Number of windows (default: all)."),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    tasks: Optional[str] = typer.Option(None, help="Zero-shot tasks, comma-separated: piqa,arc_easy,arc_challenge,openbookqa,winogrande,hellaswag (need --tasks-dir) or lm-eval task names."),
+    tasks_dir: Optional[Path] = typer.Option(None, help="Folder with the local task files (piqa.jsonl, ..., hellaswag-val.txt)."),
+    limit: Optional[int] = typer.Option(None, min=1, help="First N items of each task."),
+    speed: bool = typer.Option(False, help="Also measure tokens/s (prefill 128/512, decode 128) in the runtime."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 (torch runtime)."),
     bos: str = typer.Option("auto", help="BOS first in every window: auto (as the tokenizer does), true or false."),
     allow_pickle: bool = typer.Option(False, help="Allow .bin/.pt checkpoints."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Perplexity of a model on a whole text (every full window, or the first --nsamples)."""
+    """Perplexity (every full window of a text, or the first --nsamples), zero-shot accuracy and
+    tokens/s of a model or an exported file in its own runtime; JSON on stdout."""
     setup_logging(quiet)
-    from compress.data import SegmentsConfig, build_segments
-    from compress.engine import check_context
-    from compress.evaluate import perplexity
-    from compress.model import DTYPES, load_model
+    from compress.eval_command import evaluate_source
+    from compress.model import DTYPES
 
     if dtype not in DTYPES:
         raise CompressError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     choices = {"auto": "auto", "true": True, "false": False}
     if bos not in choices:
         raise CompressError(f"--bos: expected auto, true or false, got {bos!r}")
-    loaded = load_model(model, dtype, allow_pickle)
-    # The whole source is the evaluation part: nothing here is used for calibration.
-    config = SegmentsConfig(source=data, seqlen=seqlen, nsamples=nsamples, bos=choices[bos])
-    try:
-        check_context({"evaluation": config}, loaded.model.config)
-    except CompressError as err:
-        raise CompressError(str(err).replace("data.evaluation.seqlen", "--seqlen")) from None
-    segments = build_segments({"evaluation": config}, loaded.tokenizer)
-    result = perplexity(loaded.model, segments["evaluation"].tokens)
-    print(json.dumps({"model": model, "data": data, "bos": segments["evaluation"].bos, **result.as_dict()}, indent=2))
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else []
+    result = evaluate_source(model, runtime, None if data == "none" else data, seqlen, nsamples, dtype, choices[bos], allow_pickle,
+                             task_list, tasks_dir, limit, speed)
+    print(json.dumps(result, indent=2))
 
 
 @app.command()

@@ -93,3 +93,31 @@ def test_eval_on_names_an_exported_artefact(tmp_path, folder, on, message):
     with pytest.raises(CompressError, match="eval.artefacts") as err:
         load_recipe(path, ["export.onnx=false"])
     assert message in str(err.value)
+
+
+def test_compress_eval_scores_a_gguf_file_in_llama_cpp(tmp_path, folder):
+    """`compress eval FILE --runtime llama.cpp`: the same windows and tasks as torch on the HF
+    folder the file was written from, scored by llama.cpp."""
+    from typer.testing import CliRunner
+
+    from compress.cli import app
+    from compress.export import gguf as gguf_export
+    from compress.model import load_model
+
+    loaded = load_model(str(folder))
+    gguf_export.save(loaded.model, loaded.tokenizer, tmp_path / "gguf", gguf_export.GgufExport(types=["f32"]), tmp_path / "scratch")
+    tasks = write_data(tmp_path)
+    common = ["--seqlen", "32", "--nsamples", "4", "--tasks", "piqa,arc_easy", "--tasks-dir", str(tasks), "--speed", "-q"]
+    runs = {}
+    for name, args in (("torch", [str(folder)]), ("llama.cpp", [str(tmp_path / "gguf" / "model-f32.gguf"), "--runtime", "llama.cpp"])):
+        result = CliRunner().invoke(app, ["eval", *args, *common])
+        assert result.exit_code == 0, result.output
+        runs[name] = json.loads(result.stdout[result.stdout.index("{"):])
+    torch_run, llama = runs["torch"], runs["llama.cpp"]
+    assert llama["artefact"] == "gguf f32" and llama["tokens"] == torch_run["tokens"] == 4 * 31
+    assert llama["ppl"] == pytest.approx(torch_run["ppl"], rel=1e-3)
+    for task, m in llama["zero_shot"]["tasks"].items():
+        assert abs(m["acc"] - torch_run["zero_shot"]["tasks"][task]["acc"]) <= 1 / m["n"] + 1e-9
+    assert llama["speed"]["decode_128"] > 0 and torch_run["speed"]["prefill_128"] > 0
+    result = CliRunner().invoke(app, ["eval", str(folder), "--runtime", "llama.cpp"])
+    assert result.exit_code == 2 and "--runtime llama.cpp: " in result.output and "is not a .gguf file" in result.output
