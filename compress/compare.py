@@ -134,6 +134,7 @@ def rows_for(entry: Entry) -> list[dict]:
             "bits_per_weight": size["block_linear_bits_per_weight"],
             "params": size["params"],
             "file_mb": file_mb(label, size),
+            "exports_mb": dict(size.get("files_mb", {})),  # every export the run wrote, evaluated or not
             "compress_seconds": round(sum(r["seconds"] for r in stages), 1),
             "peak_rss_mb": (results.get("memory") or {}).get("peak_rss_mb", metadata.get("peak_rss_mb")),
             "prefill_tps": (ev.get("speed") or {}).get("prefill_512") or (ev.get("speed") or {}).get("prefill_128"),
@@ -199,12 +200,13 @@ def write_csv(rows: list[dict], path: Path) -> None:
     tasks = task_names(rows)
     fields = ["run", "on", "perplexity", *[f"{t}_acc" for t in tasks], *[f"{t}_stderr" for t in tasks], "mean_acc", "mean_acc_stderr",
               "sparsity", "bits_per_weight", "params", "file_mb", "compress_seconds", "peak_rss_mb", "prefill_tps", "decode_tps",
-              "stages", "run_dir", "run_id", "command", "error"]
+              "exports_mb", "stages", "run_dir", "run_id", "command", "error"]
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
             flat = dict(row)
+            flat["exports_mb"] = "; ".join(f"{k} {v}" for k, v in (row.get("exports_mb") or {}).items())
             for t in tasks:
                 m = row.get("tasks", {}).get(t)
                 flat[f"{t}_acc"], flat[f"{t}_stderr"] = (m["acc"], m["stderr"]) if m else (None, None)
@@ -239,12 +241,13 @@ def markdown(rows: list[dict], plots: dict) -> str:
                  _num(r["sparsity"], 3), _num(r["bits_per_weight"], 2), _num(r["params"] / 1e6, 1), _num(r["file_mb"], 1),
                  _num(r["compress_seconds"], 0), _num(r["peak_rss_mb"], 0), _num(r["prefill_tps"], 0), _num(r["decode_tps"], 1)]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "## Stages", ""]
+    lines += ["", "## Stages and exports", ""]
     seen = set()
     for r in rows:
         if r["run"] not in seen and not r.get("error"):
             seen.add(r["run"])
-            lines.append(f"- **{r['run']}**: {r['stages']}")
+            files = ", ".join(f"{k} {v:.1f} MB" for k, v in (r.get("exports_mb") or {}).items())
+            lines.append(f"- **{r['run']}**: {r['stages']}" + (f"; exports: {files}" if files else ""))
     for title, name in (("Per-block allocation", "allocation"), ("Quality vs size", "pareto_size"), ("Quality vs speed", "pareto_speed"),
                         ("Beta search", "beta_search")):
         if plots.get(name):
