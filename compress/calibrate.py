@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -100,9 +100,10 @@ def capture_inputs(model: nn.Module, tokens: torch.Tensor, dtype: torch.dtype | 
         raise _StopForward
 
     tokens = tokens.to(next(model.parameters()).device)
+    streamed = getattr(model, "block_store", None) is not None
     with no_cache(model):
         handles = [b.register_forward_pre_hook(record_extras(i), with_kwargs=True) for i, b in enumerate(blocks)]
-        with hooks(handles):
+        with hooks(handles), passthrough(blocks, streamed):
             try:
                 model(tokens[:1], use_cache=False)
             except _StopForward:
@@ -115,6 +116,21 @@ def capture_inputs(model: nn.Module, tokens: torch.Tensor, dtype: torch.dtype | 
                 except _StopForward:
                     pass
     return BlockInputs(hidden, extras)
+
+
+@contextmanager
+def passthrough(blocks, on: bool) -> Iterator[None]:
+    """Blocks that hand their input on unchanged: a streamed model's blocks have no weights in
+    memory, and the extras a block receives do not depend on what the blocks before it computed."""
+    if on:
+        for block in blocks:
+            block.forward = lambda hidden_states, *args, **kwargs: hidden_states
+    try:
+        yield
+    finally:
+        if on:
+            for block in blocks:
+                del block.forward
 
 
 def run_block(
@@ -140,7 +156,8 @@ def sequential(
     compress: Compress,
     desc: str = "blocks",
     dtype: torch.dtype | None = None,
-) -> None:
+    keep_last: bool = False,
+) -> list[torch.Tensor] | None:
     """Walk the blocks in order: observe, compress, propagate (see the module docstring).
 
     observe(i, block) returns {module: accumulator}; each accumulator gets the module's input
@@ -153,35 +170,51 @@ def sequential(
     dtype: run the forward passes in this dtype (bfloat16 matmuls are ~3x faster on CPUs with
     native support) on a copy of each block; statistics still accumulate in float32 and the
     weights change in the model's own dtype.
+
+    keep_last: also run the last block and return its outputs (a block-wise forward pass).
+    A streamed model (compress/stream.py) has one block in memory at a time: each is loaded
+    before its turn, saved when compress changed it, and a checkpoint after each block lets a
+    killed run resume at the next one.
     """
     blocks = decoder_blocks(model)
-    hidden = [_cast(h, dtype) for h in inputs.hidden]
+    store = getattr(model, "block_store", None)
+    # a pass that changes weights can resume; a forward-only one (keep_last) just runs again
+    start, resumed = store.begin_pass() if store is not None and not keep_last else (0, None)
+    hidden = [_cast(h, dtype) for h in (resumed if resumed is not None else inputs.hidden)]
     with no_cache(model):
         for i, block in enumerate(tqdm(blocks, desc=desc, leave=False)):
-            extra = _cast(inputs.extras[i], dtype)
-            work = _working_copy(block, dtype)
-            outputs = None
-            watched = observe(i, block)
-            if watched:
-                names = {module: name for name, module in block.named_modules()}
-                acc = {work.get_submodule(names[m]): a for m, a in watched.items()}  # keyed by the copy that runs
-                leader = _same_input_leaders(work, acc, hidden[0], extra)
-                fed = [m for m in acc if leader[m] is m]
-                with hooks([m.register_forward_hook(_feed(acc[m])) for m in fed]):
-                    outputs = run_block(work, hidden, extra)
-                for m in acc:
-                    if leader[m] is not m:
-                        acc[m].share(acc[leader[m]])
-            changed = compress(i, block)
-            if i == len(blocks) - 1:
-                break  # nothing reads the last block's outputs
-            if changed and work is not block:
+            if i < start:
+                continue  # done before the run was killed: its weights are on disk
+            with store.loaded(i) if store is not None else nullcontext({}) as state:
+                extra = _cast(inputs.extras[i], dtype)
                 work = _working_copy(block, dtype)
-            if outputs is None:
-                outputs = run_block(work, hidden, extra)
-            elif changed:
-                run_block(work, hidden, extra, out=outputs)
-            hidden = outputs
+                outputs = None
+                watched = observe(i, block)
+                if watched:
+                    names = {module: name for name, module in block.named_modules()}
+                    acc = {work.get_submodule(names[m]): a for m, a in watched.items()}  # keyed by the copy that runs
+                    leader = _same_input_leaders(work, acc, hidden[0], extra)
+                    fed = [m for m in acc if leader[m] is m]
+                    with hooks([m.register_forward_hook(_feed(acc[m])) for m in fed]):
+                        outputs = run_block(work, hidden, extra)
+                    for m in acc:
+                        if leader[m] is not m:
+                            acc[m].share(acc[leader[m]])
+                changed = compress(i, block)
+                state["changed"] = changed
+                if i == len(blocks) - 1 and not keep_last:
+                    break  # nothing reads the last block's outputs
+                if changed and work is not block:
+                    work = _working_copy(block, dtype)
+                if outputs is None:
+                    outputs = run_block(work, hidden, extra)
+                elif changed:
+                    run_block(work, hidden, extra, out=outputs)
+                hidden = outputs
+                del work
+            if store is not None and changed:
+                store.checkpoint(i + 1, hidden)
+    return hidden if keep_last else None
 
 
 def _same_input_leaders(block: nn.Module, accumulators: dict, x: torch.Tensor, extra) -> dict:

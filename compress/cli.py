@@ -65,6 +65,7 @@ def run(
     recipe: Path = typer.Argument(..., help="Recipe YAML file."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     overwrite: bool = typer.Option(False, help="Replace output_dir if it exists (only once the new run is complete)."),
+    restart: bool = typer.Option(False, help="model.stream: discard the checkpoints of an interrupted run of this recipe and start over."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and the final table."),
 ) -> None:
     """Run a recipe: compress, evaluate, export, and write a report into output_dir."""
@@ -75,7 +76,7 @@ def run(
 
     overrides = set_ or []
     parsed = load_recipe(recipe, overrides)
-    result = engine.run(parsed, recipe, overrides, overwrite)
+    result = engine.run(parsed, recipe, overrides, overwrite, restart)
     Console().print(summary_table(result.results))
     console.print(f"wrote {result.output_dir}/ (report.md, results.json, metadata.json, model)")
 

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from compress import identity, runinfo, speed
+from compress import identity, runinfo, speed, stream
 from compress.context import StageContext
 from compress.data import build_segments
 from compress.errors import CompressError
 from compress.evaluate import perplexity
 from compress.export import EXPORTERS, preflight
 from compress.export.reference import reference_for_run
-from compress.model import DTYPES, block_linears, context_length, decoder_blocks, load_model, model_type
+from compress.model import DTYPES, LoadedModel, block_linears, context_length, decoder_blocks, load_model, model_type
 from compress.quant import stored_bits
 from compress.recipe import Recipe
 from compress.report import write_report
@@ -67,17 +67,30 @@ def check_output_dir(final: Path, overwrite: bool | None) -> None:
 
 
 @contextmanager
-def staging_dir(final: Path):
-    """A temporary folder next to `final`; removed if the body fails."""
+def staging_dir(final: Path, resume_id: str | None = None, restart: bool = False):
+    """A temporary folder next to `final`; removed if the body fails. resume_id (a streamed run):
+    the folder is named by the run's id and kept when the run fails, so that the same recipe run
+    again continues from its checkpoints (restart: start over)."""
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+        if resume_id is None:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+        else:
+            tmp = final.parent / f".{final.name}.resume-{resume_id[:16]}"
+            if restart:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if tmp.is_dir():
+                log.info("resuming from the checkpoints in %s", tmp)
+            tmp.mkdir(exist_ok=True)
     except OSError as err:
         raise CompressError(f"output_dir: cannot create a folder beside {final}: {err.strerror or err}") from err
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if resume_id is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            log.warning("the run's checkpoints stay in %s: run the same recipe again to resume (--restart to start over)", tmp)
         raise
 
 
@@ -122,14 +135,34 @@ class Phases:
 def linear_size(model) -> dict:
     """The Linear layers inside decoder blocks: how many weights, the share that is exactly zero,
     and the bits per weight their checkpoint format stores (scales and zero points included)."""
-    modules = [m for block in decoder_blocks(model) for m in block_linears(block).values()]
-    weights = sum(m.weight.numel() for m in modules)
-    zeros = weights - sum(int(torch.count_nonzero(m.weight)) for m in modules)
+    weights = zeros = bits = 0
+    for block in each_block(model):
+        modules = list(block_linears(block).values())
+        weights += sum(m.weight.numel() for m in modules)
+        zeros += sum(m.weight.numel() - int(torch.count_nonzero(m.weight)) for m in modules)
+        bits += sum(stored_bits(m) for m in modules)
     return {
         "block_linear_weights": weights,
         "block_linear_sparsity": zeros / weights,
-        "block_linear_bits_per_weight": sum(stored_bits(m) for m in modules) / weights,
+        "block_linear_bits_per_weight": bits / weights,
     }
+
+
+def each_block(model):
+    """The decoder blocks, a streamed model's materialised one at a time."""
+    store = stream.store_of(model)
+    if store is None:
+        yield from decoder_blocks(model)
+    else:
+        for _, block in store.each(final=True):
+            yield block
+
+
+def count_nonzero(model) -> int:
+    resident = sum(int(torch.count_nonzero(p)) for p in model.parameters() if p.device.type != "meta")  # (p != 0).sum() makes an int64 copy
+    if stream.store_of(model) is None:
+        return resident
+    return resident + sum(int(torch.count_nonzero(p)) for block in each_block(model) for p in block.parameters())
 
 
 def export_all(recipe: Recipe, loaded, tmp: Path, scratch: Path, segments: dict, phases) -> dict:
@@ -138,6 +171,13 @@ def export_all(recipe: Recipe, loaded, tmp: Path, scratch: Path, segments: dict,
     mismatch fails the run. Returns {exporter name: info}."""
     selected = recipe.export.selected()
     model, exports = loaded.model, {}
+    if stream.store_of(model) is not None:  # validated: the dense HF folder only
+        with phases("export_hf"):
+            exports["hf"] = stream.save_hf(model, loaded.tokenizer, tmp)
+        if recipe.export.check:
+            with phases("check_hf"):
+                exports["hf"].update(stream.check_hf(model, tmp))
+        return exports
     for name, cfg in selected:
         exporter = EXPORTERS[name]
         dest = tmp / exporter.subdir  # "" for the top of the run folder
@@ -235,11 +275,11 @@ def check_context(configs: dict, config) -> None:
             raise CompressError(f"data.{role}.seqlen: {data.seqlen} is beyond the model's context length ({longest} tokens)")
 
 
-def run(recipe: Recipe, recipe_path: Path, overrides: list[str] = (), overwrite: bool = False) -> RunResult:
+def run(recipe: Recipe, recipe_path: Path, overrides: list[str] = (), overwrite: bool = False, restart: bool = False) -> RunResult:
     final = output_dir_for(recipe, recipe_path)
     check_output_dir(final, overwrite)
     with torch_threads(recipe.threads):
-        return _run(recipe, recipe_path, final, list(overrides))
+        return _run(recipe, recipe_path, final, list(overrides), restart)
 
 
 @contextmanager
@@ -254,7 +294,7 @@ def torch_threads(threads: int | None):
         torch.set_num_threads(before)
 
 
-def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str]) -> RunResult:
+def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str], restart: bool = False) -> RunResult:
     torch.manual_seed(recipe.seed)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     phases = Phases()
@@ -262,15 +302,21 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str]) -
     e = recipe.eval
 
     run_id = identity.run_id(recipe)  # before anything is read: the files as they were when the run began
-    with staging_dir(final) as tmp:
+    m = recipe.model
+    with staging_dir(final, run_id if m.stream else None, restart) as tmp:
         with phases("load_model"):
-            m = recipe.model
-            loaded = load_model(m.source, m.dtype, m.allow_pickle, m.trust_remote_code, m.revision, m.device)
+            if m.stream:  # blocks stay on disk (compress/stream.py)
+                model, tokenizer, path = stream.load_streamed(m.source, DTYPES[m.dtype], tmp)
+                loaded = LoadedModel(model, tokenizer, m.source, str(path), "folder")
+            else:
+                loaded = load_model(m.source, m.dtype, m.allow_pickle, m.trust_remote_code, m.revision, m.device)
         model = loaded.model
+        store = stream.store_of(model)
         blocks = len(decoder_blocks(model))
         params_dense = sum(p.numel() for p in model.parameters())  # structured / low-rank stages change it
         log.info("loaded %s (%s, %d blocks)", loaded.resolved, model_type(model), blocks)
-        preflight(recipe.export, model, loaded.tokenizer, recipe.quantises())
+        if store is None:
+            preflight(recipe.export, model, loaded.tokenizer, recipe.quantises())
 
         with phases("data"):
             configs = recipe.data_roles()
@@ -302,9 +348,17 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str]) -
         for k, stage in enumerate(recipe.stages):
             ctx.stage_key = f"stages[{k}]"
             _, apply = STAGES[stage.kind]
+            if store is not None:
+                store.begin_stage(k)
+                if store.stage_done(k):  # finished before the run was killed
+                    records.append(store.record(k))
+                    log.info("stage %d (%s) finished in an earlier run: resumed after it", k, stage.kind)
+                    continue
             with phases(f"stage{k}_{stage.kind}"):
                 model, record = apply(model, ctx, stage)
             records.append(record.as_dict())
+            if store is not None:
+                store.end_stage(k, records[-1])
             log.info("stage %d (%s) done: %s in %.1f s", k, stage.kind, record.summary(), record.seconds)
         del ctx
 
@@ -320,7 +374,7 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str]) -
 
         params = sum(p.numel() for p in model.parameters())
         dense_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20  # the model as plain tensors
-        nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())  # (p != 0).sum() makes an int64 copy
+        nonzero = count_nonzero(model)
         linears = linear_size(model)
         model_info = {
             "source": loaded.source,
@@ -333,6 +387,8 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str]) -
         loaded.model, model = model, None  # export_all frees it before reloading the exports
         export = export_all(recipe, loaded, tmp, scratch, segments, phases)
         shutil.rmtree(scratch, ignore_errors=True)
+        if store is not None:
+            shutil.rmtree(store.root, ignore_errors=True)  # block versions and checkpoints: the export holds the result
         loaded.model = None  # the artefacts are evaluated from their files, one at a time
         gc.collect()
         for label, kind, path in artefacts(recipe, tmp, export):

@@ -49,6 +49,11 @@ def summed_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
 def perplexity(model, tokens: torch.Tensor, batch_size: int = 1, desc: str = "perplexity") -> Perplexity:
     """tokens: (windows, seqlen) int64."""
     start = time.perf_counter()
+    if getattr(model, "block_store", None) is not None:  # a streamed model: block by block over all windows
+        from compress.stream import streamed_logits_nll
+
+        total_nll, count = streamed_logits_nll(model, tokens, None)
+        return _result(total_nll, count, tokens, start)
     total_nll = 0.0
     count = 0
     device = next(model.parameters()).device
@@ -58,6 +63,10 @@ def perplexity(model, tokens: torch.Tensor, batch_size: int = 1, desc: str = "pe
             total_nll += summed_nll(logits[:, :-1], batch[:, 1:])
             count += batch[:, 1:].numel()
             del logits
+    return _result(total_nll, count, tokens, start)
+
+
+def _result(total_nll: float, count: int, tokens: torch.Tensor, start: float) -> Perplexity:
     mean = total_nll / count
     return Perplexity(
         ppl=math.exp(mean) if mean < 700 else math.inf,

@@ -34,6 +34,9 @@ class ModelSection(Config):
     allow_pickle: bool = False  # allow .bin/.pt checkpoints (unpickling can run code)
     trust_remote_code: bool = False
     revision: str | None = None
+    # decoder blocks stay on disk and are materialised one at a time (compress/stream.py): for
+    # models bigger than memory; an interrupted run resumes from its last finished block
+    stream: bool = False
 
     @field_validator("device")
     @classmethod
@@ -156,6 +159,27 @@ class Recipe(Config):
                 raise ValueError(f"eval.artefacts: {item!r} is evaluated after export, but export.{kind} is off")
             if gguf_type and gguf_type not in self.export.gguf.types:
                 raise ValueError(f"eval.artefacts: {item!r}: export.gguf.types is {self.export.gguf.types}, without {gguf_type}")
+        return self
+
+    @model_validator(mode="after")
+    def _streamed_runs(self):
+        """What a streamed run can do so far: prune stages with a fixed allocation, perplexity,
+        and a dense HF export."""
+        if not self.model.stream:
+            return self
+        for k, stage in enumerate(self.stages):
+            if stage.kind != "prune" or stage.quantize is not None:
+                raise ValueError(f"stages[{k}]: model.stream runs prune stages only so far (no {stage.kind if stage.kind != 'prune' else 'joint quantize'})")
+            alloc = stage.allocation
+            if getattr(alloc, "beta", None) == "auto" or alloc.kind == "alpha":
+                raise ValueError(f"stages[{k}].allocation: model.stream needs a fixed schedule (uniform, explicit, owl, or atp with a "
+                                 "numeric beta): beta: auto and alpha would read every block several times; choose beta on a smaller sibling")
+        if self.eval.tasks:
+            raise ValueError("eval.tasks: zero-shot scoring needs the whole model in memory; model.stream measures perplexity only")
+        if self.eval.artefacts != ["model"] or self.eval.speed:
+            raise ValueError("eval.artefacts / eval.speed: a streamed run measures the model block by block only")
+        if self.export.gguf is not None or self.export.onnx is not None or (self.export.hf is not None and self.export.hf.format != "dense"):
+            raise ValueError("export: a streamed run writes the dense HF folder only (export.hf: true); convert it afterwards")
         return self
 
     def data_roles(self) -> dict:

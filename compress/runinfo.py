@@ -40,8 +40,17 @@ def git_commit() -> dict[str, object]:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process so far. Linux: VmHWM, the high-water mark of this
+    process's own memory map; ru_maxrss is not usable there, as it carries over across exec
+    the parent's peak at fork (a run started from a 700 MB process would read at least 700 MB)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, elsewhere an estimate
 
 
 def machine() -> dict[str, object]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Literal, NamedTuple
 
@@ -28,6 +29,7 @@ from compress.quant import Grid, GroupSize
 from compress.search import search_beta
 from compress.sparsity import fraction_zero, magnitude_score, matrix_mask, nm_mask, row_mask, wanda_score
 from compress.stats import Hessian, InputNorms
+from compress.stream import store_of
 
 log = logging.getLogger("compress")
 
@@ -209,9 +211,12 @@ STATISTICS = {"wanda": InputNorms, "sparsegpt": Hessian}
 def prune_model(model, ctx: StageContext, cfg: PruneConfig, layers, plans: list[BlockPlan], notes: list[str]) -> None:
     """Prune every selected layer; Wanda and SparseGPT calibrate block by block on pruned outputs."""
     if cfg.method == "magnitude":  # needs no data: no forward pass at all
-        for block_layers, plan in zip(layers, plans):
-            for module in block_layers.values():
-                prune_layer(module, plan, cfg, None)
+        store = store_of(model)
+        for i, (block_layers, plan) in enumerate(zip(layers, plans)):
+            with store.loaded(i) if store is not None else nullcontext({}) as state:
+                for module in block_layers.values():
+                    prune_layer(module, plan, cfg, None)
+                state["changed"] = True
         return
     stats: dict[str, object] = {}
 
@@ -317,12 +322,18 @@ def apply(model, ctx: StageContext, cfg: PruneConfig) -> tuple[nn.Module, PruneR
     plans = plan_blocks(ratios, cfg.pattern)
     if search is None:
         prune_model(model, ctx, cfg, layers, plans, notes)
-    return model, measure(cfg, layers, ratios, plans, beta, search, skipped, notes, time.perf_counter() - start)
+    return model, measure(model, cfg, layers, ratios, plans, beta, search, skipped, notes, time.perf_counter() - start)
 
 
-def measure(cfg: PruneConfig, layers, ratios, plans, beta, search, skipped, notes, seconds) -> PruneRecord:
-    """What was actually achieved, counted from the weights."""
-    layer_achieved = {name: fraction_zero(get_weight(m)) for block in layers for name, m in block.items()}
+def measure(model, cfg: PruneConfig, layers, ratios, plans, beta, search, skipped, notes, seconds) -> PruneRecord:
+    """What was actually achieved, counted from the weights (a streamed model's block by block)."""
+    store = store_of(model)
+    if store is None:
+        layer_achieved = {name: fraction_zero(get_weight(m)) for block in layers for name, m in block.items()}
+    else:
+        layer_achieved = {}
+        for i, _ in store.each(final=True):
+            layer_achieved.update({name: fraction_zero(get_weight(m)) for name, m in layers[i].items()})
     sizes = block_weight_counts(layers)
     block_achieved = []
     for block in layers:
