@@ -324,7 +324,9 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str], r
             segments = build_segments(configs, loaded.tokenizer)
 
         # With no stages the dense model is the result: it is measured once, as dense.
-        measure_dense, measure_final = e.dense or not recipe.stages, bool(recipe.stages)
+        # (a run without stages measures the in-memory model only when eval.artefacts names it)
+        measure_dense = e.dense if recipe.stages else "model" in e.artefacts
+        measure_final = bool(recipe.stages)
         ppl: dict[str, dict | None] = {"dense": None, "compressed": None}
         tasks: dict[str, dict | None] = {"dense": None, "compressed": None}
         eval_bos = segments["evaluation"].bos if e.perplexity else None

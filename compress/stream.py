@@ -266,8 +266,11 @@ def save_hf(model, tokenizer, dest: Path) -> dict:
     for i in range(len(store.blocks)):
         name = f"model-{i + 2:05d}-of-{n:05d}.safetensors"
         staged = store.final(i)
-        if staged is not None:
-            shutil.copyfile(staged, dest / name)
+        if staged is not None:  # a hard link where it can (the staged copy is deleted after the export): no second copy on disk
+            try:
+                os.link(staged, dest / name)
+            except OSError:
+                shutil.copyfile(staged, dest / name)
         else:
             with store.loaded(i):
                 save_file({f"{store.prefix}.{i}.{k}": p.detach().contiguous() for k, p in store.blocks[i].named_parameters()},
