@@ -71,9 +71,7 @@ def plot_pareto(rows: list[dict], key: str, xlabel: str, path: Path, cost_lower:
         if metric == "perplexity" and max(ys) / max(min(ys), 1e-9) > 20:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(plt, fig, path)
 
 
 def plot_allocation(runs: dict[str, dict], path: Path) -> bool:
@@ -95,13 +93,8 @@ def plot_allocation(runs: dict[str, dict], path: Path) -> bool:
     for ax, (ylabel, lines) in zip(axes[0], panels):
         for tag, values in lines:
             ax.plot(range(len(values)), values, "o-", markersize=3, label=tag)
-        ax.set_xlabel("decoder block")
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        finish_axes(ax, "decoder block", ylabel)
+    save(plt, fig, path)
     return True
 
 
@@ -116,12 +109,20 @@ def plot_searches(runs: dict[str, dict], path: Path) -> bool:
         line, = ax.plot([t["beta"] for t in trials], [t["score"] for t in trials], "o-", markersize=3, label=tag)
         best = min(trials, key=lambda t: t["score"])
         ax.scatter([best["beta"]], [best["score"]], color=line.get_color(), marker="*", s=80)
-    ax.set_xlabel("beta")
-    ax.set_ylabel("validation perplexity")
     ax.set_yscale("log")
+    finish_axes(ax, "beta", "validation perplexity")
+    save(plt, fig, path)
+    return True
+
+
+def finish_axes(ax, xlabel: str, ylabel: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
+
+
+def save(plt, fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
