@@ -163,17 +163,16 @@ class Recipe(Config):
 
     @model_validator(mode="after")
     def _streamed_runs(self):
-        """What a streamed run can do so far: prune stages with a fixed allocation, perplexity,
-        and a dense HF export."""
+        """What a streamed run can do so far: prune stages (any allocation but alpha),
+        perplexity, and a dense HF export."""
         if not self.model.stream:
             return self
         for k, stage in enumerate(self.stages):
             if stage.kind != "prune" or stage.quantize is not None:
                 raise ValueError(f"stages[{k}]: model.stream runs prune stages only so far (no {stage.kind if stage.kind != 'prune' else 'joint quantize'})")
-            alloc = stage.allocation
-            if getattr(alloc, "beta", None) == "auto" or alloc.kind == "alpha":
-                raise ValueError(f"stages[{k}].allocation: model.stream needs a fixed schedule (uniform, explicit, owl, or atp with a "
-                                 "numeric beta): beta: auto and alpha would read every block several times; choose beta on a smaller sibling")
+            if stage.allocation.kind == "alpha":
+                raise ValueError(f"stages[{k}].allocation: alpha is not streamed yet (it reads every block's spectrum before pruning); "
+                                 "use atp, owl, uniform or explicit")
         if self.eval.tasks:
             raise ValueError("eval.tasks: zero-shot scoring needs the whole model in memory; model.stream measures perplexity only")
         if self.eval.artefacts != ["model"] or self.eval.speed:

@@ -94,6 +94,9 @@ def search_beta(
     """
     if ctx.validation is None:
         raise CompressError(f"{ctx.stage_key}.allocation.beta: 'auto' needs validation data (data.validation)")
+    store = getattr(model, "block_store", None)
+    if store is not None:
+        return streamed_search(model, ctx, store, beta_max, trials, plan, compress)
     scores: dict[Hashable, float] = {}  # rounding can map several betas to one plan: score it once
     best: dict = {"score": math.inf}
     with scratch_folder(ctx.scratch_dir) as folder:
@@ -134,4 +137,36 @@ def search_beta(
         else:  # every trial scored inf (diverged): compress once more with the beta returned
             start.load()
             compress(chosen, notes)
+    return beta, [t.as_dict() for t in trials_done], notes
+
+
+def streamed_search(model, ctx, store, beta_max: float, trials: int, plan, compress) -> tuple[float, list[dict], list[str]]:
+    """search_beta for a streamed model (compress/stream.py): every trial reads the stage's input
+    blocks from disk and writes its own; the winner's files are adopted."""
+    scores: dict[Hashable, float] = {}
+    best: dict = {"score": math.inf}
+
+    def trial(beta: float) -> float:
+        key = plan(beta)
+        if key not in scores:
+            t, trial_notes = len(scores), []
+            store.begin_trial(t)
+            try:
+                compress(key, trial_notes)
+                scores[key] = perplexity(model, ctx.validation.tokens, desc="validation").ppl
+            finally:
+                store.end_trial()
+            log.info("  beta=%.5f  validation ppl %.3f", beta, scores[key])
+            if scores[key] < best["score"]:
+                best.update(score=scores[key], key=key, trial=t, notes=trial_notes)
+        return scores[key]
+
+    beta, trials_done = golden_section(trial, 0.0, beta_max, trials)
+    chosen, notes = plan(beta), []
+    if best.get("key") == chosen:
+        store.adopt_trial(best["trial"])
+        notes = best["notes"]
+    else:  # every trial scored inf (diverged): compress once more with the beta returned
+        store.adopt_trial(-1)  # drops every trial's files
+        compress(chosen, notes)
     return beta, [t.as_dict() for t in trials_done], notes

@@ -17,6 +17,11 @@ then the propagated activations and the index of the next block). A run killed a
 started again on the same recipe (same run_id, hence the same staging folder) skips the finished
 stages and blocks, and produces the same files as a run that was never interrupted.
 
+Beta search (`beta: auto`): each trial is a streamed pass from the stage's input versions, which
+no trial changes (so no copy of the weights is spilled or restored), writing its own block files
+beside them, then a streamed validation pass over those; the winner's files become the stage's.
+A run killed during a search starts that stage's search again.
+
 Sources: an HF folder of safetensors (memory-mapped, read tensor by tensor). GGUF files and hub
 ids are not streamed yet.
 """
@@ -79,12 +84,14 @@ class BlockStore:
         self.blocks = decoder_blocks(model)
         self.stage = 0  # the running stage: its writes go to stage<k>/
         self.passes = 0  # sequential passes begun in this stage (a checkpoint names its pass)
+        self.trial: int | None = None  # a beta-search trial: writes go to stage<k>/trial<t>/, and reads find them
         self.root.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------ versions
 
-    def path(self, stage: int, i: int) -> Path:
-        return self.root / f"stage{stage}" / f"block{i:05d}.safetensors"
+    def path(self, stage: int, i: int, trial: int | None = None) -> Path:
+        folder = self.root / f"stage{stage}"
+        return (folder if trial is None else folder / f"trial{trial}") / f"block{i:05d}.safetensors"
 
     def newest(self, i: int, before: int | None = None) -> Path | None:
         """The newest file of block i written by a stage before `before` (default: the running one)."""
@@ -129,6 +136,8 @@ class BlockStore:
         from accelerate.utils import set_module_tensor_to_device
 
         staged = self.final(i) if final else self.newest(i)
+        if self.trial is not None and self.path(self.stage, i, self.trial).is_file():
+            staged = self.path(self.stage, i, self.trial)  # the running trial's own version
         handle = safe_open(staged, "pt") if staged is not None else None
         for name in self._names(i):
             tensor = handle.get_tensor(name) if handle is not None else self.source.get(name)
@@ -138,7 +147,8 @@ class BlockStore:
         """Block i's current weights as the running stage's version (atomic: a kill never leaves
         half a file under the final name)."""
         tensors = {f"{self.prefix}.{i}.{n}": p.detach().contiguous() for n, p in self.blocks[i].named_parameters(recurse=True)}
-        path = self.path(self.stage, i)
+        path = self.path(self.stage, i, self.trial)
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp))
         os.replace(tmp, path)
@@ -164,6 +174,25 @@ class BlockStore:
             with self.loaded(i, final):
                 yield i, block
 
+    # ------------------------------------------------------------ beta-search trials
+
+    def begin_trial(self, t: int) -> None:
+        """Trial t compresses every block from the stage's input versions (on disk, untouched by
+        other trials: no restore needed) and writes its own versions beside them."""
+        shutil.rmtree(self.root / f"stage{self.stage}" / f"trial{t}", ignore_errors=True)
+        self.trial = t
+
+    def end_trial(self) -> None:
+        self.trial = None
+
+    def adopt_trial(self, t: int) -> None:
+        """The chosen trial's blocks become the stage's; the other trials' files go."""
+        folder = self.root / f"stage{self.stage}"
+        for f in (folder / f"trial{t}").glob("block*.safetensors"):
+            os.replace(f, folder / f.name)
+        for trial in folder.glob("trial*"):
+            shutil.rmtree(trial, ignore_errors=True)
+
     # ------------------------------------------------------------ checkpoints (resume)
 
     def _ckpt(self) -> Path:
@@ -173,6 +202,8 @@ class BlockStore:
         """(first block to run, propagated activations into it) for the next pass of this stage:
         (0, None) unless a checkpoint of this pass is on disk (a run that was killed)."""
         self.passes += 1
+        if self.trial is not None:
+            return 0, None  # a search killed half way starts again (its trials are not checkpointed)
         path = self._ckpt()
         if not path.is_file():
             return 0, None
@@ -184,6 +215,8 @@ class BlockStore:
         return start, state["hidden"]
 
     def checkpoint(self, next_block: int, hidden: list[torch.Tensor] | None) -> None:
+        if self.trial is not None:
+            return
         path = self._ckpt()
         tmp = path.with_suffix(".tmp")
         torch.save({"next": next_block, "hidden": hidden}, tmp)
