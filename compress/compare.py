@@ -8,7 +8,7 @@ no finished run of exactly that recipe, model file and data is there.
 
 Columns: perplexity; zero-shot accuracy per task and their mean, each with its standard error
 (binomial, sqrt(p(1-p)/(n-1))); mean sparsity and stored bits per weight of the decoder-block
-Linears; parameters; the artefact's file size (the HF export's safetensors for `model` rows);
+Linears (for a GGUF row: the file's bits per parameter, embeddings included); parameters; the artefact's file size (the HF export's safetensors for `model` rows);
 compression seconds (the stages); peak resident memory; tokens/s where eval.speed measured them.
 """
 
@@ -131,7 +131,9 @@ def rows_for(entry: Entry) -> list[dict]:
             "mean_acc": zs.get("mean_acc"),
             "mean_acc_stderr": zs.get("mean_acc_stderr", mean_stderr(tasks)),
             "sparsity": size["block_linear_sparsity"],
-            "bits_per_weight": size["block_linear_bits_per_weight"],
+            # a GGUF file mixes types (and holds the embeddings): its bits per parameter, from its size
+            "bits_per_weight": (round(file_mb(label, size) * 2**23 / size["params"], 2) if ev.get("artefact") == "gguf" and file_mb(label, size)
+                                else size["block_linear_bits_per_weight"]),
             "params": size["params"],
             "file_mb": file_mb(label, size),
             "exports_mb": dict(size.get("files_mb", {})),  # every export the run wrote, evaluated or not

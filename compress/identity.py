@@ -3,8 +3,9 @@
 `compress compare` and `compress sweep` read a finished run instead of recomputing it when its
 metadata.json carries the same run_id. The hash covers:
 
-* the recipe after defaults and --set overrides, minus what does not change the numbers: where
-  the run is written (output_dir), its display name, and torch's thread count;
+* the recipe after --set overrides, every value that differs from its default (so a field added
+  to the schema later does not change the id of finished runs), minus what does not change the
+  numbers: where the run is written (output_dir), its display name, and torch's thread count;
 * the model's files (a local GGUF file, or an HF folder's config, weights and tokenizer files;
   a registered name is hashed through the file it resolves to; a hub id by id and revision);
 * every local data file the recipe reads (calibration, validation, evaluation text, zero-shot
@@ -36,7 +37,9 @@ CHUNK = 1 << 24
 
 def run_id(recipe: Recipe) -> str:
     """Hex SHA-256 identifying what `recipe` computes (see the module doc)."""
-    resolved = {k: v for k, v in recipe.model_dump(mode="json").items() if k not in NOT_IDENTITY}
+    # values left at their defaults are left out: a field added to the schema later (with a
+    # default that keeps the old behaviour) must not change the id of every finished run
+    resolved = {k: v for k, v in recipe.model_dump(mode="json", exclude_defaults=True).items() if k not in NOT_IDENTITY}
     identity = {"recipe": resolved, "model": model_fingerprint(recipe), "data": data_fingerprints(recipe)}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
