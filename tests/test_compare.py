@@ -92,6 +92,9 @@ def test_a_recipe_whose_inputs_changed_is_not_read_as_finished(finished, tmp_pat
     out = tmp / "runs" / "uniform"
     assert identity.finished(out, recipe)
     assert not identity.finished(out, load_recipe(recipes["uniform"], ["stages.0.sparsity=0.4"]))
+    # a value written at its default is the same computation (and a field added to the schema
+    # with a default does not change the id of finished runs)
+    assert identity.run_id(load_recipe(recipes["uniform"], ["seed=0", "model.stream=false"])) == identity.run_id(recipe)
     # where and how fast a run goes is not what it computes
     assert identity.run_id(load_recipe(recipes["uniform"], ["output_dir=/elsewhere", "threads=1", "name=x"])) == identity.run_id(recipe)
     # the same recipe on other text is another run
