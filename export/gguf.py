@@ -254,15 +254,22 @@ def gguf_tensors(model, arch: Arch):
         yield name, hf_name, (permute_rows(w, heads) if heads else w), heads
 
 
-def grid_blocks(module, heads: int | None) -> tuple[Q, np.ndarray] | None:
-    """The layer's GPTQ grid written as GGUF blocks (raw bytes), when the grid is one: symmetric,
-    4 or 8 bits, groups of 32 columns in column order. None otherwise."""
+def on_block_grid(module) -> bool:
+    """The layer's GPTQ grid is a GGUF block type as it stands: symmetric, 4 or 8 bits, groups of
+    32 columns in column order."""
     state = getattr(module, "quant_state", None)
     if state is None or not state.grid.sym or state.grid.bits not in GRID_TYPES:
-        return None
+        return False
     cols = state.g_idx.numel()
-    if cols % 32 or state.grid.width(cols) != 32 or not torch.equal(state.g_idx.long(), torch.arange(cols) // 32):
+    return cols % 32 == 0 and state.grid.width(cols) == 32 and torch.equal(state.g_idx.long(), torch.arange(cols) // 32)
+
+
+def grid_blocks(module, heads: int | None) -> tuple[Q, np.ndarray] | None:
+    """The layer's GPTQ grid written as GGUF blocks (raw bytes), when the grid is one (see
+    on_block_grid). None otherwise."""
+    if not on_block_grid(module):
         return None
+    state = module.quant_state
     bits = state.grid.bits
     q = state.codes(module.weight.detach()).to(torch.int64) - (1 << (bits - 1))  # (rows, cols), centred
     scales = state.scales.t()  # (rows, groups): float16 values
@@ -381,8 +388,8 @@ def file_name(kind: str) -> str:
 
 def save(model, tokenizer, dest: Path, cfg: GgufExport, scratch: Path) -> dict:
     arch = arch_of(model)
-    grid_kinds = {GRID_TYPES[m.quant_state.grid.bits][0] for m in model.modules()
-                  if getattr(m, "quant_state", None) is not None and m.quant_state.grid.bits in GRID_TYPES}
+    # a type the GPTQ grid can be written as block for block (g128 4-bit is not Q4_0: llama.cpp requantises it)
+    grid_kinds = {GRID_TYPES[m.quant_state.grid.bits][0] for m in model.modules() if on_block_grid(m)}
     if needs_llama_cpp(cfg, grid_kinds) and not llama_cpp_available():
         raise CompressError(f"export.gguf: types {needs_llama_cpp(cfg, grid_kinds)} need llama.cpp's quantizer; {NO_LLAMA_CPP}")
     dest.mkdir(parents=True, exist_ok=True)
@@ -434,8 +441,7 @@ def verify(model, dest: Path, info: dict, cfg: GgufExport) -> dict:
             continue
         def written_exactly(name, hf_name, w, kind=kind, f16=frozenset(entry.get("f16", ()))):
             # f32: every tensor; grid files: the GPTQ layers that went in as blocks
-            return kind == "f32" or (getattr(modules.get(hf_name.removesuffix(".weight")), "quant_state", None) is not None
-                                     and hf_name not in f16)
+            return kind == "f32" or (on_block_grid(modules.get(hf_name.removesuffix(".weight"))) and hf_name not in f16)
 
         worst, checked = 0.0, 0
         for _, _, w, values in decoded(dest / entry["file"], model, arch, written_exactly):

@@ -97,6 +97,22 @@ def test_gptq_grid_written_as_q4_0_runs_in_llama_cpp_without_requantising(tmp_pa
     assert c["top1_agreement"] >= 0.95 and c["perplexity"] == pytest.approx(c["reference_perplexity"], rel=0.02)
 
 
+def test_a_gptq_grid_that_is_not_q4_0_is_requantised_by_llama_cpp_and_says_so(tmp_path, tokenizer):
+    """Groups of 128 are not Q4_0's 32-value blocks: the q4_0 file comes from llama.cpp's quantizer
+    (it used to be written as mostly Q8_0 under the q4_0 name, and failed its own check)."""
+    from compress.context import StageContext
+    from compress.stages.quantize import QuantizeConfig, apply
+
+    model = model_for("llama")
+    calibration = build_segments({"calibration": SegmentsConfig(source="python-docs", nsamples=4, seqlen=64)}, tokenizer)["calibration"]
+    cfg = QuantizeConfig(kind="quantize", method="gptq", bits=4, group_size=128, act_order=False)
+    model, _ = apply(model, StageContext(calibration, None, torch.float32, scratch_dir=tmp_path / "s"), cfg)
+    info = export_and_check(tmp_path, model, tokenizer, ["q4_0"])
+    entry = info["files"]["q4_0"]
+    assert entry["how"] == "llama.cpp quantize from F32" and entry["tensor_types"].get("Q4_0", 0) >= 14  # 7 matrices x 2 blocks
+    assert any("dequantised and requantised by llama.cpp" in n for n in info["notes"])
+
+
 def test_digit_splitting_tokenizer_is_written_as_smollm(tmp_path):
     tokenizer = build_tokenizer(512)
     backend = tokenizer.backend_tokenizer
