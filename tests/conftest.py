@@ -57,6 +57,22 @@ def build_tokenizer(vocab_size: int = 256, bos: bool = False) -> PreTrainedToken
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<bos>")
 
 
+@pytest.fixture(autouse=True)
+def restore_progress_env():
+    """`-q` through the in-process CLI (typer's CliRunner) turns progress bars off by setting
+    environment variables; they must not leak into later tests' subprocesses."""
+    import os
+
+    keys = ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")
+    before = {k: os.environ.get(k) for k in keys}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()

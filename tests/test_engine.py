@@ -1,6 +1,7 @@
 """End to end on a tiny model folder: outputs, provenance, reload parity, atomic publishing, CLI."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -98,7 +99,8 @@ def test_overwrite_replaces_after_success(tmp_path, tiny_folder):
 
 
 def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "compress", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")}  # the default: bars on
+    return subprocess.run([sys.executable, "-m", "compress", *args], capture_output=True, text=True, cwd=cwd, timeout=600, env=env)
 
 
 @pytest.mark.parametrize(
