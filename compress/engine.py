@@ -237,7 +237,7 @@ def artefacts(recipe: Recipe, folder: Path, exports: dict) -> list[tuple[str, st
     return out
 
 
-def evaluate_artefact(recipe: Recipe, label: str, kind: str, path: Path, folder: Path, exports: dict, segments: dict, bos) -> dict:
+def evaluate_artefact(recipe: Recipe, label: str, kind: str, path: Path, folder: Path, segments: dict, bos) -> dict:
     """Perplexity, zero-shot accuracy and speed of one exported file, in its own runtime (the
     numbers a user of that file gets)."""
     from compress.runtimes import open_runtime, runtime_perplexity
@@ -254,13 +254,7 @@ def evaluate_artefact(recipe: Recipe, label: str, kind: str, path: Path, folder:
                                            lm=runtime.lm(e.tasks_batch_size, bos))
             log.info("%s zero-shot mean accuracy %.4f", label, entry["zero_shot"]["mean_acc"])
         if e.speed:
-            ids = speed_tokens(segments)
-            if kind == "gguf":
-                entry["speed"] = speed.llama_rates(path, ids, e.speed_repeats)
-            elif kind == "onnx":
-                entry["speed"] = speed.ort_rates(path, exports["onnx"], ids, e.speed_repeats)
-            else:
-                entry["speed"] = speed.torch_rates(runtime.model, ids, e.speed_repeats)
+            entry["speed"] = speed.runtime_rates(runtime, speed_tokens(segments), e.speed_repeats)
     finally:
         runtime.close()
     return entry
@@ -395,7 +389,7 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str], r
         gc.collect()
         for label, kind, path in artefacts(recipe, tmp, export):
             with phases(f"eval_{label.replace(' ', '_')}"):
-                evaluations[label] = evaluate_artefact(recipe, label, kind, path, tmp, export, segments, eval_bos)
+                evaluations[label] = evaluate_artefact(recipe, label, kind, path, tmp, segments, eval_bos)
 
         results = {
             "name": name,

@@ -67,15 +67,7 @@ def evaluate_source(source: str, runtime: str = "torch", data: str | None = "pyt
         if speed:
             ids = (windows.flatten().tolist() if windows is not None else tokenizer("\n".join(["The quick brown fox."] * 200)).input_ids)
             ids = ids[: max(speed_mod.PREFILL) + speed_mod.PROMPT + 1]
-            if runtime == "llama.cpp":
-                rt.close()  # the speed measurement opens the file with its own context
-                out["speed"] = speed_mod.llama_rates(Path(source), ids)
-            elif runtime == "onnx":
-                if not (Path(source) / "decode.onnx").is_file():
-                    raise CompressError(f"--speed: {source} has no decode.onnx (exported with kv_cache: false); decode speed needs it")
-                out["speed"] = speed_mod.ort_rates(Path(source), {"graphs": {"prefill": "prefill.onnx", "decode": "decode.onnx"}}, ids)
-            else:
-                out["speed"] = speed_mod.torch_rates(rt.model, ids)
+            out["speed"] = speed_mod.runtime_rates(rt, ids)
     finally:
         rt.close()
     return out

@@ -114,3 +114,20 @@ def ort_rates(folder: Path, info: dict, ids: list[int], repeats: int = 3) -> dic
 
     out[f"decode_{DECODE_NEW}"] = decode_rate(generate, lambda: onnx_export.run(prefill, prompt), repeats)
     return out
+
+
+def runtime_rates(runtime, ids: list[int], repeats: int = 3) -> dict:
+    """Tokens/s of a compress.runtimes Runtime in its own engine: llama.cpp for a GGUF file, ONNX
+    Runtime's prefill + decode graphs for an ONNX export, torch otherwise."""
+    from compress.errors import CompressError
+    from compress.export.onnx import DECODE, PREFILL
+    from compress.runtimes import GgufRuntime, OnnxRuntime
+
+    if isinstance(runtime, GgufRuntime):
+        runtime.close()  # the measurement opens the file with a context of its own: one copy in memory
+        return llama_rates(runtime.path, ids, repeats)
+    if isinstance(runtime, OnnxRuntime):
+        if not (runtime.path / DECODE).is_file():
+            raise CompressError(f"speed: {runtime.path} has no {DECODE} (exported with kv_cache: false); decode speed needs it")
+        return ort_rates(runtime.path, {"graphs": {"prefill": PREFILL, "decode": DECODE}}, ids, repeats)
+    return torch_rates(runtime.model, ids, repeats)
