@@ -132,16 +132,22 @@ class Phases:
         return {"peak_rss_mb": peak, "peak_phase": phase, "peak_rss_mb_after": dict(self.peak_rss_mb)}
 
 
-def linear_size(model) -> dict:
-    """The Linear layers inside decoder blocks: how many weights, the share that is exactly zero,
-    and the bits per weight their checkpoint format stores (scales and zero points included)."""
+def weight_counts(model) -> tuple[int, dict]:
+    """Nonzero parameters of the whole model, and the Linear layers inside decoder blocks: how many
+    weights, the share that is exactly zero, and the bits per weight their checkpoint format stores
+    (scales and zero points included). One walk over the blocks: a streamed model's are read from
+    disk once for both."""
+    in_blocks = {id(p) for p in decoder_blocks(model).parameters()}
+    # (p != 0).sum() would make an int64 copy; meta: a streamed block, counted below
+    nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters() if id(p) not in in_blocks and p.device.type != "meta")
     weights = zeros = bits = 0
     for block in each_block(model):
+        nonzero += sum(int(torch.count_nonzero(p)) for p in block.parameters())
         modules = list(block_linears(block).values())
         weights += sum(m.weight.numel() for m in modules)
         zeros += sum(m.weight.numel() - int(torch.count_nonzero(m.weight)) for m in modules)
         bits += sum(stored_bits(m) for m in modules)
-    return {
+    return nonzero, {
         "block_linear_weights": weights,
         "block_linear_sparsity": zeros / weights,
         "block_linear_bits_per_weight": bits / weights,
@@ -156,13 +162,6 @@ def each_block(model):
     else:
         for _, block in store.each(final=True):
             yield block
-
-
-def count_nonzero(model) -> int:
-    resident = sum(int(torch.count_nonzero(p)) for p in model.parameters() if p.device.type != "meta")  # (p != 0).sum() makes an int64 copy
-    if stream.store_of(model) is None:
-        return resident
-    return resident + sum(int(torch.count_nonzero(p)) for block in each_block(model) for p in block.parameters())
 
 
 def export_all(recipe: Recipe, loaded, tmp: Path, scratch: Path, segments: dict, phases) -> dict:
@@ -370,8 +369,7 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str], r
 
         params = sum(p.numel() for p in model.parameters())
         dense_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20  # the model as plain tensors
-        nonzero = count_nonzero(model)
-        linears = linear_size(model)
+        nonzero, linears = weight_counts(model)
         model_info = {
             "source": loaded.source,
             "resolved": loaded.resolved,
