@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from compress import devices
 from compress.model import decoder_blocks
 
 
@@ -100,10 +101,11 @@ def capture_inputs(model: nn.Module, tokens: torch.Tensor, dtype: torch.dtype | 
         raise _StopForward
 
     tokens = tokens.to(next(model.parameters()).device)
-    streamed = getattr(model, "block_store", None) is not None
+    # a streamed model's blocks are not in memory; an onloaded one's are in CPU RAM, too slow to run whole
+    skip_blocks = getattr(model, "block_store", None) is not None or devices.of(model) is not None
     with no_cache(model):
         handles = [b.register_forward_pre_hook(record_extras(i), with_kwargs=True) for i, b in enumerate(blocks)]
-        with hooks(handles), passthrough(blocks, streamed):
+        with hooks(handles), passthrough(blocks, skip_blocks):
             try:
                 model(tokens[:1], use_cache=False)
             except _StopForward:
@@ -120,8 +122,8 @@ def capture_inputs(model: nn.Module, tokens: torch.Tensor, dtype: torch.dtype | 
 
 @contextmanager
 def passthrough(blocks, on: bool) -> Iterator[None]:
-    """Blocks that hand their input on unchanged: a streamed model's blocks have no weights in
-    memory, and the extras a block receives do not depend on what the blocks before it computed."""
+    """Blocks that hand their input on unchanged: the extras a block receives do not depend on
+    what the blocks before it computed, so recording them needs none of the blocks' arithmetic."""
     if on:
         for block in blocks:
             block.forward = lambda hidden_states, *args, **kwargs: hidden_states
@@ -175,18 +177,21 @@ def sequential(
     A streamed model (compress/stream.py) has one block in memory at a time: each is loaded
     before its turn, saved when compress changed it, and a checkpoint after each block lets a
     killed run resume at the next one.
+    With `model.device: cuda` (compress/devices.py) each block is moved to the GPU for its turn
+    and back; the activations stay on the GPU (keep_last returns them there).
     """
     blocks = decoder_blocks(model)
     store = getattr(model, "block_store", None)
+    device = devices.of(model)
     # a pass that changes weights can resume; a forward-only one (keep_last) just runs again
     start, resumed = store.begin_pass() if store is not None and not keep_last else (0, None)
-    hidden = [_cast(h, dtype) for h in (resumed if resumed is not None else inputs.hidden)]
+    hidden = [devices.move(_cast(h, dtype), device) for h in (resumed if resumed is not None else inputs.hidden)]
     with no_cache(model):
         for i, block in enumerate(tqdm(blocks, desc=desc, leave=False)):
             if i < start:
                 continue  # done before the run was killed: its weights are on disk
-            with store.loaded(i) if store is not None else nullcontext({}) as state:
-                extra = _cast(inputs.extras[i], dtype)
+            with store.loaded(i) if store is not None else nullcontext({}) as state, devices.onloaded(block, device):
+                extra = devices.move(_cast(inputs.extras[i], dtype), device)
                 work = _working_copy(block, dtype)
                 outputs = None
                 watched = observe(i, block)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from compress import identity, runinfo, speed, stream
+from compress import devices, identity, runinfo, speed, stream
 from compress.context import StageContext
 from compress.data import build_segments
 from compress.errors import CompressError
@@ -302,8 +302,9 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str], r
                 model, tokenizer, path = stream.load_streamed(m.source, DTYPES[m.dtype], tmp)
                 loaded = LoadedModel(model, tokenizer, m.source, str(path), "folder")
             else:
-                loaded = load_model(m.source, m.dtype, m.allow_pickle, m.trust_remote_code, m.revision, m.device)
+                loaded = load_model(m.source, m.dtype, m.allow_pickle, m.trust_remote_code, m.revision)
         model = loaded.model
+        devices.attach(model, m.device)  # the weights stay in CPU RAM; blocks visit the GPU (compress/devices.py)
         store = stream.store_of(model)
         blocks = len(decoder_blocks(model))
         params_dense = sum(p.numel() for p in model.parameters())  # structured / low-rank stages change it
@@ -330,7 +331,7 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str], r
                     ppl[which] = perplexity(model, segments["evaluation"].tokens, e.batch_size, f"{which} ppl").as_dict()
                 log.info("%s perplexity %.3f", which, ppl[which]["ppl"])
             if e.tasks:
-                with phases(f"tasks_{which}"):
+                with phases(f"tasks_{which}"), devices.dispatched(model):
                     tasks[which] = zero_shot(model, loaded.tokenizer, e.tasks, tasks_dir(e), e.limit, e.tasks_batch_size, eval_bos)
                 log.info("%s zero-shot mean accuracy %.4f", which, tasks[which]["mean_acc"])
 
@@ -364,7 +365,7 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str], r
             which = "compressed" if measure_final else "dense"
             evaluations["model"] = {"artefact": "model", "path": None, "perplexity": ppl[which], "zero_shot": tasks[which]}
             if e.speed:
-                with phases("speed_model"):
+                with phases("speed_model"), devices.dispatched(model):
                     evaluations["model"]["speed"] = speed.torch_rates(model, speed_tokens(segments), e.speed_repeats)
 
         params = sum(p.numel() for p in model.parameters())

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from compress import devices
 from compress.calibrate import no_cache
 
 
@@ -49,21 +50,36 @@ def summed_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
 def perplexity(model, tokens: torch.Tensor, batch_size: int = 1, desc: str = "perplexity") -> Perplexity:
     """tokens: (windows, seqlen) int64."""
     start = time.perf_counter()
-    if getattr(model, "block_store", None) is not None:  # a streamed model: block by block over all windows
-        from compress.stream import streamed_logits_nll
-
-        total_nll, count = streamed_logits_nll(model, tokens, None)
+    if getattr(model, "block_store", None) is not None:
+        total_nll, count = blockwise_nll(model, tokens)  # a streamed model: one block in memory at a time
         return _result(total_nll, count, tokens, start)
     total_nll = 0.0
     count = 0
-    device = next(model.parameters()).device
-    with no_cache(model):
+    with devices.dispatched(model) as device, no_cache(model):
         for batch in tqdm(tokens.to(device).split(batch_size), desc=desc, leave=False):
             logits = model(batch, use_cache=False).logits  # (b, seqlen, vocab)
             total_nll += summed_nll(logits[:, :-1], batch[:, 1:])
             count += batch[:, 1:].numel()
             del logits
     return _result(total_nll, count, tokens, start)
+
+
+def blockwise_nll(model, tokens: torch.Tensor) -> tuple[float, int]:
+    """Summed NLL of every window (tokens 1..T-1) and the count, the blocks run one at a time over
+    all windows (one pass over the weights, not one per window): the evaluation of a streamed
+    model (compress/stream.py), each block onloaded to the recipe's GPU if it names one."""
+    from compress.calibrate import capture_inputs, sequential
+
+    device = devices.of(model)
+    inputs = capture_inputs(model, tokens)
+    hidden = sequential(model, inputs, lambda i, b: {}, lambda i, b: False, "perplexity blocks", keep_last=True)
+    norm, head = model.model.norm, model.get_output_embeddings()
+    total = 0.0
+    with torch.inference_mode(), devices.onloaded(norm, device), devices.onloaded(head, device):
+        for h, window in zip(hidden, tokens):
+            logits = head(norm(h.to(head.weight.dtype)))
+            total += summed_nll(logits[:, :-1], window[1:].unsqueeze(0).to(logits.device))
+    return total, tokens.shape[0] * (tokens.shape[1] - 1)
 
 
 def _result(total_nll: float, count: int, tokens: torch.Tensor, start: float) -> Perplexity:

@@ -88,14 +88,10 @@ def load_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     revision: str | None = None,
-    device: str = "cpu",
 ) -> LoadedModel:
-    """Load model and tokenizer in eval mode, as a plain dense torch model on `device`."""
-    if device != "cpu" and not torch.cuda.is_available():
-        raise CompressError(f"model.device: '{device}' asked for, but this torch ({torch.__version__}) sees no CUDA device")
-    loaded = _load(source, DTYPES[dtype], allow_pickle, trust_remote_code, revision)
-    loaded.model.to(device)
-    return loaded
+    """Load model and tokenizer in eval mode, as a plain dense torch model in CPU RAM (a recipe's
+    model.device moves blocks to a GPU only for their turn: compress/devices.py)."""
+    return _load(source, DTYPES[dtype], allow_pickle, trust_remote_code, revision)
 
 
 def locate(source: str, allow_pickle: bool = False) -> tuple[str, Path | None]:

@@ -30,7 +30,9 @@ Stage = Annotated[Union[tuple(config for config, _ in STAGES.values())], Field(d
 class ModelSection(Config):
     source: str = "smollm2-135m"  # registered name, HF folder, .gguf file, or hub id
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "cpu"  # "cuda", "cuda:1": the whole model on that GPU (needs a CUDA build of torch)
+    # "cuda", "cuda:1", "auto": weights stay in CPU RAM, each block visits the GPU for its turn;
+    # whole-model evaluation spread by accelerate (auto: over every GPU); compress/devices.py
+    device: str = "cpu"
     allow_pickle: bool = False  # allow .bin/.pt checkpoints (unpickling can run code)
     trust_remote_code: bool = False
     revision: str | None = None
@@ -41,8 +43,8 @@ class ModelSection(Config):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
-            raise ValueError("device must be cpu, cuda or cuda:N")
+        if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", value):
+            raise ValueError("device must be cpu, cuda, cuda:N or auto")
         return value
 
 

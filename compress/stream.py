@@ -22,8 +22,8 @@ no trial changes (so no copy of the weights is spilled or restored), writing its
 beside them, then a streamed validation pass over those; the winner's files become the stage's.
 A run killed during a search starts that stage's search again.
 
-Sources: an HF folder of safetensors (memory-mapped, read tensor by tensor). GGUF files and hub
-ids are not streamed yet.
+Sources: an HF folder of safetensors (memory-mapped, read tensor by tensor) or a GGUF file
+(memory-mapped, each tensor dequantised when it is read). Hub ids are not streamed: download first.
 """
 
 from __future__ import annotations
@@ -70,6 +70,46 @@ class WeightSource:
             raise CompressError(f"model.source: {self.folder} has no tensor {name}")
         with safe_open(self.files[name], "pt") as handle:
             return handle.get_tensor(name)
+
+
+class GgufWeightSource:
+    """HF tensor name -> a GGUF file's tensor, dequantised one at a time from the memory-mapped file
+    (with gguf's own dequantisers, as transformers does when it loads the whole file), q/k rows
+    put back from llama.cpp's interleaved rope order into Hugging Face's."""
+
+    def __init__(self, path: Path, model):
+        import gguf
+
+        from compress.export.gguf_arch import ARCHS, head_dim
+
+        self.folder = Path(path)
+        config = model.config
+        arch = ARCHS.get(config.model_type)
+        if arch is None:
+            raise CompressError(f"model.stream: streaming a GGUF file reads {', '.join(ARCHS)} models; {path} is {config.model_type}")
+        self.permute, self.head_dim = arch.permute_qk, head_dim(config)
+        reader = gguf.GGUFReader(path)  # memory-mapped: nothing is read until a tensor's data is touched
+        tensors = {t.name: t for t in reader.tensors}
+        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.name.upper()], config.num_hidden_layers)
+        self.files = {}  # hf name -> the file's tensor (named like WeightSource's map)
+        for hf_name, _ in model.named_parameters(remove_duplicate=False):
+            gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if gguf_name in tensors:
+                self.files[hf_name] = tensors[gguf_name]
+
+    def get(self, name: str) -> torch.Tensor:
+        import gguf
+
+        from compress.export.gguf import ROPE_ROWS
+
+        if name not in self.files:
+            raise CompressError(f"model.source: {self.folder} has no tensor for {name}")
+        t = self.files[name]
+        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+        if self.permute and name.endswith(ROPE_ROWS):  # interleaved pairs -> rotate-half, head by head
+            heads = w.shape[0] // self.head_dim
+            w = w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+        return w
 
 
 class BlockStore:
@@ -219,7 +259,8 @@ class BlockStore:
             return
         path = self._ckpt()
         tmp = path.with_suffix(".tmp")
-        torch.save({"next": next_block, "hidden": hidden}, tmp)
+        cpu = None if hidden is None else [h.cpu() for h in hidden]  # a no-op on CPU; GPU activations resume anywhere
+        torch.save({"next": next_block, "hidden": cpu}, tmp)
         os.replace(tmp, path)
         # fault injection for the resume tests and benchmark: die as `kill -9` would, right here
         if os.environ.get(KILL_AFTER) == f"{self.stage}:{next_block - 1}":
@@ -239,17 +280,19 @@ def load_streamed(source: str, dtype: torch.dtype, staging: Path):
     from compress.model import block_prefix, check_supported, locate
 
     kind, path = locate(source)
-    if kind != "folder":
-        raise CompressError(f"model.stream: streams an HF folder of safetensors; {source} is a {kind} source. "
-                            "Write it to a folder first (compress run with no stages and export.hf: true)")
-    config = AutoConfig.from_pretrained(path)
+    if kind == "hub":
+        raise CompressError(f"model.stream: streams a local HF folder of safetensors or a GGUF file; {source} is a hub id. "
+                            "Download it to a folder first")
+    gguf_file = {"gguf_file": path.name} if kind != "folder" else {}  # a GGUF file, or the registered default model's
+    folder = path.parent if gguf_file else path
+    config = AutoConfig.from_pretrained(folder, **gguf_file)
     if config.model_type not in STREAMED_FAMILIES:
         raise CompressError(f"model.stream: {config.model_type} is not streamed yet (streamed: {', '.join(STREAMED_FAMILIES)})")
     with init_empty_weights(include_buffers=False):  # parameters on meta; rotary buffers computed for real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     check_supported(model)
     model.eval()
-    weights = WeightSource(path)
+    weights = GgufWeightSource(path, model) if gguf_file else WeightSource(path)
     prefix = block_prefix(model) + "."
     tied = set()
     if getattr(config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
@@ -261,27 +304,10 @@ def load_streamed(source: str, dtype: torch.dtype, staging: Path):
     if tied:
         model.tie_weights()
     model.block_store = BlockStore(model, weights, staging, dtype)
-    return model, AutoTokenizer.from_pretrained(path), path
+    return model, AutoTokenizer.from_pretrained(folder, **gguf_file), path
 
 
 # ---------------------------------------------------------------- evaluation and export
-
-
-def streamed_logits_nll(model, tokens: torch.Tensor, dtype: torch.dtype | None) -> tuple[float, int]:
-    """Summed NLL of every window (tokens 1..T-1) and the count, the blocks run one at a time over
-    all windows (one pass over the weights, not one per window)."""
-    from compress.calibrate import capture_inputs, sequential
-    from compress.evaluate import summed_nll
-
-    inputs = capture_inputs(model, tokens, dtype)
-    hidden = sequential(model, inputs, lambda i, b: {}, lambda i, b: False, "perplexity blocks", dtype, keep_last=True)
-    norm, head = model.model.norm, model.get_output_embeddings()
-    total = 0.0
-    with torch.inference_mode():
-        for h, window in zip(hidden, tokens):
-            logits = head(norm(h.to(head.weight.dtype)))
-            total += summed_nll(logits[:, :-1], window[1:].unsqueeze(0))
-    return total, tokens.shape[0] * (tokens.shape[1] - 1)
 
 
 def save_hf(model, tokenizer, dest: Path) -> dict:

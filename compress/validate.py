@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
 from compress.data import BUILTIN_SOURCES, DATASET_SOURCES, build_segments, check_file_source, resolve_path
 from compress.engine import check_context, check_output_dir, output_dir_for
+from compress import devices
 from compress.errors import CompressError
 from compress.export import preflight
 from compress.export.gptq import check_packable
@@ -28,8 +28,7 @@ def check_recipe(recipe: Recipe, recipe_path: Path) -> list[str]:
     """Raise CompressError on the first problem; return notes worth showing."""
     notes = []
     m = recipe.model
-    if m.device != "cpu" and not torch.cuda.is_available():
-        raise CompressError(f"model.device: '{m.device}' asked for, but this torch ({torch.__version__}) sees no CUDA device")
+    devices.check(m.device)
     config = read_config(m.source, m.trust_remote_code, m.allow_pickle)  # raises on a bad local path
     if config is None:
         notes.append(f"model.source: '{m.source}' is not local; it will be fetched from the hub (needs a network)")

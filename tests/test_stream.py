@@ -16,7 +16,7 @@ from compress import engine
 from compress.errors import CompressError
 from compress.recipe import load_recipe
 from compress.stream import KILL_AFTER, WeightSource
-from conftest import build_tokenizer, model_from_config
+from conftest import build_tokenizer, model_from_config, needs_default_model
 
 
 def save_model(folder, arch="llama", layers=4, hidden=64, intermediate=128, seed=0):
@@ -34,8 +34,8 @@ STAGES = """\
 """
 
 
-def write_recipe(path, source, out, stages=STAGES, stream=True, nsamples=4):
-    path.write_text(textwrap.dedent(f"""\
+def write_recipe(path, source, out, stages=STAGES, stream=True, nsamples=4, extra=""):
+    path.write_text(extra + textwrap.dedent(f"""\
         model: {{source: {source}, stream: {str(stream).lower()}}}
         data:
           calibration: {{source: python-docs, nsamples: {nsamples}, seqlen: 32}}
@@ -139,9 +139,44 @@ def test_what_a_streamed_run_cannot_do_yet_is_refused_before_it_starts(tmp_path,
         load_recipe(path, overrides)
 
 
-def test_a_gguf_source_is_not_streamed(tmp_path):
-    gguf = tmp_path / "m.gguf"
-    gguf.write_bytes(b"GGUF")
-    path = write_recipe(tmp_path / "r.yaml", gguf, tmp_path / "out", stages="  - {kind: prune, method: magnitude, sparsity: 0.5}\n")
-    with pytest.raises(CompressError, match="model.stream: streams an HF folder of safetensors"):
+def test_a_hub_id_is_not_streamed(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", "some-org/some-model", tmp_path / "out", stages="  - {kind: prune, method: magnitude, sparsity: 0.5}\n")
+    with pytest.raises(CompressError, match="some-org/some-model is a hub id. Download it to a folder first"):
         engine.run(load_recipe(path), path)
+
+
+@needs_default_model
+def test_a_gguf_file_streams_the_tensors_transformers_loads():
+    """Each tensor dequantised from the memory-mapped file on its own equals what transformers
+    loads with the whole file (q/k rows back in Hugging Face's rope order)."""
+    from compress.model import load_model, resolve_registered
+    from compress.stream import GgufWeightSource
+
+    model = load_model("smollm2-135m").model
+    source = GgufWeightSource(resolve_registered("smollm2-135m"), model)
+    state = model.state_dict()
+    assert len(source.files) == len(state) - 1  # the tied head is the embedding, not a tensor of the file
+    for name, tensor in source.files.items():
+        assert torch.equal(source.get(name), state[name]), name
+
+
+def test_a_streamed_run_from_a_gguf_file_equals_the_in_memory_run(tmp_path):
+    """A tiny Llama written as a Q8_0 GGUF by our exporter (q/k rows permuted, matrices quantised)."""
+    from compress.export import gguf as gguf_export
+    from compress.export.gguf_arch import arch_of
+
+    model = model_from_config("llama", 0, vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    source = tmp_path / "tiny.gguf"
+    gguf_export.write_file(source, model, build_tokenizer(300), arch_of(model), tmp_path, "q8_0")
+    results = {}
+    for stream in (False, True):
+        path = write_recipe(tmp_path / f"r{stream}.yaml", source, tmp_path / f"out-{stream}", stream=stream)
+        engine.run(load_recipe(path), path)
+        results[stream] = json.loads((tmp_path / f"out-{stream}" / "results.json").read_text())
+    for key in ("dense", "compressed"):
+        assert results[True]["perplexity"][key]["ppl"] == pytest.approx(results[False]["perplexity"][key]["ppl"], rel=1e-5)
+    streamed, in_memory = weights(tmp_path / "out-True"), weights(tmp_path / "out-False")
+    assert set(streamed) == set(in_memory)
+    for name, tensor in in_memory.items():
+        assert torch.equal(streamed[name], tensor), name

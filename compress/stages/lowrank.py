@@ -39,7 +39,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from compress import allocate
+from compress import allocate, devices
 from compress.allocate import AtpAllocation, ExplicitAllocation, RatioAllocation, UniformAllocation
 from compress.calibrate import sequential
 from compress.config import Config, LayerPatterns
@@ -295,7 +295,7 @@ def lowrank_model(model, ctx: StageContext, cfg: LowRankConfig, layers, ranks: d
             if factors.damping is not None and factors.damping > cfg.dampening:
                 notes.append(f"{name}: asvd needed dampening {factors.damping:g} (asked {cfg.dampening:g})")
             set_weight(module, factors.dense())
-            setattr(module, FACTORS, factors)
+            setattr(module, FACTORS, devices.on_cpu(factors))
         return bool(stats)
 
     sequential(model, ctx.block_inputs(model), observe, compress, f"{cfg.method} low-rank", ctx.calibration_dtype)

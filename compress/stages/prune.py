@@ -17,7 +17,7 @@ import torch
 from pydantic import BeforeValidator, Field, PlainSerializer, model_validator
 from torch import nn
 
-from compress import allocate
+from compress import allocate, devices
 from compress.allocate import Allocation, UniformAllocation
 from compress.calibrate import sequential
 from compress.config import Config, LayerPatterns
@@ -194,7 +194,7 @@ def prune_layer(module: nn.Module, plan: BlockPlan, cfg: PruneConfig, stats) -> 
         W_new, damp, state = sparsegpt_prune(W, stats.H, plan.ratio, plan.nm, cfg.blocksize, cfg.dampening, grid)
         set_weight(module, W_new)
         if state is not None:
-            module.quant_state = state
+            module.quant_state = devices.on_cpu(state)
         return damp
     score = magnitude_score(W) if cfg.method == "magnitude" else wanda_score(W.float(), stats.norm2)
     if plan.nm is not None:

@@ -21,7 +21,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from compress import allocate
+from compress import allocate, devices
 from compress.allocate import AtpAllocation, UniformAllocation
 from compress.calibrate import sequential
 from compress.config import Config, LayerPatterns
@@ -188,7 +188,7 @@ def quantize_model(model, ctx: StageContext, cfg: QuantizeConfig, layers, block_
     def finish(module, W_new, state):
         set_weight(module, W_new)
         if state is not None:
-            module.quant_state = state
+            module.quant_state = devices.on_cpu(state)
         if cfg.method == "bnb":
             module.bnb_format = cfg.bnb_format
 

@@ -32,6 +32,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from compress import devices
 from compress.allocate import UniformAllocation
 from compress.config import Config, LayerPatterns
 from compress.context import StageContext
@@ -312,14 +313,15 @@ def apply(model, ctx: StageContext, cfg: RecoverConfig) -> tuple[nn.Module, Reco
     notes: list[str] = []
     ppl_before = validation_ppl(model, ctx, cfg)
 
-    device = next(model.parameters()).device
-    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    device = devices.of(model)  # model.device: cuda trains there, the whole model on the GPU
+    rng_devices = [device.index or 0] if device is not None else []
     with in_float32(model), torch.random.fork_rng(devices=rng_devices):  # the seed stays local to this stage
         torch.manual_seed(cfg.seed)
         with lora_attached(model, lora_config(cfg, layers, ranks)) as wrapped:
             trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
-            losses = train(wrapped, data, cfg)
-            merge(wrapped, modules, zeros if cfg.keep_sparsity else None)
+            with devices.onloaded(wrapped, device):
+                losses = train(wrapped, data, cfg)
+            merge(wrapped, modules, zeros if cfg.keep_sparsity else None)  # in CPU RAM, where the zero mask is
     model.eval()
 
     ppl_after = validation_ppl(model, ctx, cfg)
