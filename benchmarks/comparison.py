@@ -16,13 +16,15 @@ written into that run's results.json as `speed` with "measured_after_run": true.
     python benchmarks/comparison.py --folder /tmp/smollm2-hf
     python benchmarks/comparison.py --only dense wanda-60-atp --no-speed
 
-Writes benchmarks/results/comparison/ (comparison.md, .csv, .json, plots).
+Writes benchmarks/results/comparison/ (comparison.md, .csv, .json, plots, and runs/<row>/ with each
+row's results.json and metadata.json, from which the table rebuilds without the run folders).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -109,18 +111,41 @@ def measure_speed(args, run_dir: Path) -> None:
     path.write_text(json.dumps(results, indent=2) + "\n")
 
 
-def write_table(args) -> None:
-    from compress.compare import entries_from_args, write_comparison
+def keep_record(args, name: str) -> None:
+    """A copy of the run's results.json and metadata.json under OUT/runs/<name>/ (committed), so
+    the table and its plots rebuild on a clone where runs/ (hundreds of MB of models) is absent."""
+    kept = OUT / "runs" / name
+    kept.mkdir(parents=True, exist_ok=True)
+    for file in ("results.json", "metadata.json"):
+        shutil.copyfile(args.runs / name / file, kept / file)
 
-    finished = [str(args.runs / f"{n}.yaml") for n in ROWS if (args.runs / n / "results.json").is_file()]
-    write_comparison(entries_from_args(finished, run_missing=False), OUT)
+
+def write_table(args) -> None:
+    """Rows from the run folders where present, else from the kept records; rows measured before
+    records were kept (and whose run folders are gone) are carried over from the last table."""
+    from compress.compare import Entry, entries_from_args, write_comparison
+
+    previous = json.loads((OUT / "comparison.json").read_text())["rows"] if (OUT / "comparison.json").is_file() else []
+    entries, carried = [], []
+    for name in ROWS:
+        recipe_file = args.runs / f"{name}.yaml"
+        if (args.runs / name / "results.json").is_file():
+            entries += entries_from_args([str(recipe_file)], run_missing=False)
+        elif (OUT / "runs" / name / "results.json").is_file():
+            entries.append(Entry(name, OUT / "runs" / name, f"compress run {recipe_file}"))
+        else:
+            carried += [row for row in previous if row["run"] == name]
+    write_comparison(entries, OUT, carried)
 
 
 def main() -> None:
     args = parse_args()
     require_inputs(args.data, args.folder)
     args.runs.mkdir(parents=True, exist_ok=True)
-    names = args.only or list(ROWS)
+    # rows recorded in OUT (kept records or the last table) are not rerun unless named with --only
+    previous = json.loads((OUT / "comparison.json").read_text())["rows"] if (OUT / "comparison.json").is_file() else []
+    recorded = {row["run"] for row in previous if not row.get("error")} | {p.name for p in (OUT / "runs").glob("*") if (p / "results.json").is_file()}
+    names = args.only or [n for n in ROWS if n not in recorded or (args.runs / n / "results.json").is_file()]
     for name in names:
         path = args.runs / f"{name}.yaml"
         path.write_text(yaml.safe_dump(recipe(args, name, ROWS[name]), sort_keys=False))
@@ -133,10 +158,13 @@ def main() -> None:
         if proc.returncode != 0:
             raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
         print(f"    {time.perf_counter() - start:.0f} s", flush=True)
+        keep_record(args, name)
         write_table(args)  # the table so far
     if not args.no_speed:
-        for name in names:  # after all runs, one file at a time
-            measure_speed(args, args.runs / name)
+        for name in names:  # after all runs, one file at a time (a row whose folder is gone has no GGUF to time)
+            if (args.runs / name / "results.json").is_file():
+                measure_speed(args, args.runs / name)
+                keep_record(args, name)
         write_table(args)
     print(f"wrote {OUT}/comparison.md")
 

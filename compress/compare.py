@@ -176,12 +176,14 @@ def mean_stderr(tasks: dict) -> float | None:
 # ---------------------------------------------------------------- writing
 
 
-def write_comparison(entries: list[Entry], out: Path) -> list[dict]:
-    """out/comparison.md, .csv, .json and the plots; returns the rows."""
+def write_comparison(entries: list[Entry], out: Path, carried: list[dict] = ()) -> list[dict]:
+    """out/comparison.md, .csv, .json and the plots; returns the rows. `carried` are rows of an
+    earlier comparison.json whose run folders are gone: kept in the table and the Pareto plots
+    as they were (the per-block plots need the run's results and leave them out)."""
     from compress import pareto
 
     out.mkdir(parents=True, exist_ok=True)
-    rows = [row for entry in entries for row in rows_for(entry)]
+    rows = [*carried, *(row for entry in entries for row in rows_for(entry))]
     runs = {e.name: read_run(e.run_dir)[0] for e in entries if e.error is None and e.run_dir is not None}
     plots = pareto.write_plots(rows, runs, out)
     (out / "comparison.json").write_text(json.dumps({"rows": rows, "plots": plots}, indent=2) + "\n", encoding="utf-8")
