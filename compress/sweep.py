@@ -342,7 +342,7 @@ def run_ray(points: list[Point], address: str | None, cwd: str):
         refs = {}
         for p in points:
             threads = p.threads or 1
-            gpus = 1 if yaml.safe_load(p.text).get("model", {}).get("device", "cpu").startswith("cuda") else 0
+            gpus = 0 if yaml.safe_load(p.text).get("model", {}).get("device", "cpu") == "cpu" else 1  # cuda, cuda:N, auto
             refs[task.options(num_cpus=threads, num_gpus=gpus).remote(p.name, str(p.recipe_file), p.text, threads, cwd)] = p
         pending = list(refs)
         while pending:
