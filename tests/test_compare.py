@@ -86,6 +86,17 @@ def test_compare_reads_three_finished_runs_without_loading_a_model(finished, no_
     assert "| atp | model |" in md and "![Quality vs size](pareto_size.png)" in md and "wanda 50% atp b=" in md
 
 
+def test_rows_carried_from_an_earlier_table_stay_in_it(finished, no_model_loading, tmp_path):
+    """A committed table keeps rows whose run folders are gone (benchmarks/comparison.py)."""
+    tmp, _, _ = finished
+    first = compare.write_comparison(compare.entries_from_args([str(tmp / "runs" / "dense"), str(tmp / "runs" / "uniform")]), tmp_path / "a")
+    carried = [row for row in first if row["run"] == "dense"]
+    rows = compare.write_comparison(compare.entries_from_args([str(tmp / "runs" / "uniform")]), tmp_path / "b", carried)
+    assert [r["run"] for r in rows] == ["dense", "uniform"] and rows[0] == first[0]
+    assert json.loads((tmp_path / "b" / "comparison.json").read_text())["rows"][0]["perplexity"] == first[0]["perplexity"]
+    assert "| dense | model |" in (tmp_path / "b" / "comparison.md").read_text()
+
+
 def test_a_recipe_whose_inputs_changed_is_not_read_as_finished(finished, tmp_path):
     tmp, folder, recipes = finished
     recipe = load_recipe(recipes["uniform"])
