@@ -47,7 +47,8 @@ def block_device(name: str) -> torch.device | None:
 
 
 def attach(model: nn.Module, name: str) -> None:
-    """Remember the recipe's device on the model, where the block loop and evaluation look."""
+    """Remember the recipe's device on the model, where the block loop and evaluation look
+    (check() it first: the engine does, before loading)."""
     model.compress_device = name
 
 

@@ -296,6 +296,7 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str], r
 
     run_id = identity.run_id(recipe)  # before anything is read: the files as they were when the run began
     m = recipe.model
+    devices.check(m.device)  # one line, before minutes of loading
     with staging_dir(final, run_id if m.stream else None, restart) as tmp:
         with phases("load_model"):
             if m.stream:  # blocks stay on disk (compress/stream.py)

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
+from compress import devices
 from compress.data import BUILTIN_SOURCES, DATASET_SOURCES, build_segments, check_file_source, resolve_path
 from compress.engine import check_context, check_output_dir, output_dir_for
-from compress import devices
 from compress.errors import CompressError
 from compress.export import preflight
 from compress.export.gptq import check_packable

@@ -127,6 +127,14 @@ def test_every_recipe_key_fails_in_one_line(monkeypatch, capsys, tmp_path, place
     assert err.count("(got") <= 1  # the value is named once
 
 
+@pytest.mark.parametrize("device", ["cuda", "auto"])
+def test_run_on_a_gpu_this_torch_cannot_see_fails_in_one_line(monkeypatch, capsys, tmp_path, places, device):
+    path = write(tmp_path, f"model: {{source: '{places['model']}', device: {device}}}\noutput_dir: '{places['out']}'\n")
+    status, _, err = run_cli(monkeypatch, capsys, "run", path)
+    assert status == 2 and f"model.device: '{device}' asked for, but this torch" in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     "output_dir,message",
     [
