@@ -120,12 +120,17 @@ def keep_record(args, name: str) -> None:
         shutil.copyfile(args.runs / name / file, kept / file)
 
 
+def previous_rows() -> list[dict]:
+    """The rows of the committed table (rows whose run folders are gone live only there)."""
+    return json.loads((OUT / "comparison.json").read_text())["rows"] if (OUT / "comparison.json").is_file() else []
+
+
 def write_table(args) -> None:
     """Rows from the run folders where present, else from the kept records; rows measured before
     records were kept (and whose run folders are gone) are carried over from the last table."""
     from compress.compare import Entry, entries_from_args, write_comparison
 
-    previous = json.loads((OUT / "comparison.json").read_text())["rows"] if (OUT / "comparison.json").is_file() else []
+    previous = previous_rows()
     entries, carried = [], []
     for name in ROWS:
         recipe_file = args.runs / f"{name}.yaml"
@@ -143,8 +148,7 @@ def main() -> None:
     require_inputs(args.data, args.folder)
     args.runs.mkdir(parents=True, exist_ok=True)
     # rows recorded in OUT (kept records or the last table) are not rerun unless named with --only
-    previous = json.loads((OUT / "comparison.json").read_text())["rows"] if (OUT / "comparison.json").is_file() else []
-    recorded = {row["run"] for row in previous if not row.get("error")} | {p.name for p in (OUT / "runs").glob("*") if (p / "results.json").is_file()}
+    recorded = {row["run"] for row in previous_rows() if not row.get("error")} | {p.name for p in (OUT / "runs").glob("*") if (p / "results.json").is_file()}
     names = args.only or [n for n in ROWS if n not in recorded or (args.runs / n / "results.json").is_file()]
     for name in names:
         path = args.runs / f"{name}.yaml"

@@ -100,15 +100,14 @@ class GgufWeightSource:
     def get(self, name: str) -> torch.Tensor:
         import gguf
 
-        from compress.export.gguf import ROPE_ROWS
+        from compress.export.gguf import ROPE_ROWS, unpermute_rows
 
         if name not in self.files:
             raise CompressError(f"model.source: {self.folder} has no tensor for {name}")
         t = self.files[name]
         w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
-        if self.permute and name.endswith(ROPE_ROWS):  # interleaved pairs -> rotate-half, head by head
-            heads = w.shape[0] // self.head_dim
-            w = w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+        if self.permute and name.endswith(ROPE_ROWS):  # head by head, as the exporter permuted them
+            w = unpermute_rows(w, w.shape[0] // self.head_dim)
         return w
 
 

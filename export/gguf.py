@@ -210,6 +210,12 @@ def permute_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def unpermute_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of permute_rows: llama.cpp's interleaved pairs -> rotate-half rows."""
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 ROPE_ROWS = ("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")
 # a LowRankLinear's tensors -> what the Linear it stands for has there (None: folded into the weight)
 LOWRANK_PARTS = {"down.weight": "weight", "up.weight": None, "residual.weight": None, "up.bias": "bias"}
