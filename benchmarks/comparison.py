@@ -165,7 +165,9 @@ def main() -> None:
         keep_record(args, name)
         write_table(args)  # the table so far
     if not args.no_speed:
-        for name in names:  # after all runs, one file at a time (a row whose folder is gone has no GGUF to time)
+        # after all runs, one file at a time, every row with a run folder (a row whose folder is gone
+        # has no GGUF to time); rows already timed are skipped, so a rerun only times the new ones
+        for name in ROWS:
             if (args.runs / name / "results.json").is_file():
                 measure_speed(args, args.runs / name)
                 keep_record(args, name)
