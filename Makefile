@@ -1,5 +1,5 @@
 # Two entry points (README quick start): `make demo` and `make test`. Both create .venv and install
-# into it with constraints.txt, which pins the CPU build of torch.
+# into it with constraints.txt, which pins the CPU build of torch and the measured library versions.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALL := $(PY) -m pip install --disable-pip-version-check -c constraints.txt
