@@ -144,11 +144,25 @@ def rows_for(entry: Entry) -> list[dict]:
             "stages": " -> ".join(stage_label(r) for r in stages) or "dense",
             "run_dir": str(entry.run_dir),
             "run_id": metadata.get("run_id"),
+            "versions": metadata.get("versions") or {},
             "command": reproduce(entry, metadata),
             "error": None,
         }
         rows.append(row)
     return rows
+
+
+def version_differences(rows: list[dict]) -> dict[str, dict[str, list[str]]]:
+    """{package: {version: [runs]}} for the packages whose versions differ between the rows.
+    A run is identified by its recipe, model file and data only, so a finished run is read even
+    when it was measured with another transformers or torch; the report says so."""
+    seen: dict[str, dict[str, list[str]]] = {}
+    for row in rows:
+        for package, version in (row.get("versions") or {}).items():
+            runs = seen.setdefault(package, {}).setdefault(str(version), [])
+            if row["run"] not in runs:
+                runs.append(row["run"])
+    return {package: by_version for package, by_version in seen.items() if len(by_version) > 1}
 
 
 def stage_label(record: dict) -> str:
@@ -256,6 +270,13 @@ def markdown(rows: list[dict], plots: dict) -> str:
                         ("Beta search", "beta_search")):
         if plots.get(name):
             lines += ["", f"## {title}", "", f"![{title}]({plots[name]})"]
+    differ = version_differences(rows)
+    if differ:
+        lines += ["", "## Versions differ", "",
+                  "These rows were measured with different package versions (from each run's metadata.json), "
+                  "which can move the numbers: rerun them with one set to compare like for like.", ""]
+        lines += [f"- {package}: " + "; ".join(f"{version} ({', '.join(runs)})" for version, runs in by_version.items())
+                  for package, by_version in differ.items()]
     lines += ["", "## Reproduce", ""]
     seen = set()
     for r in rows:

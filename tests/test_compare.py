@@ -3,6 +3,7 @@ carry the runs' own numbers."""
 
 import csv
 import json
+import shutil
 import textwrap
 
 import pytest
@@ -95,6 +96,26 @@ def test_rows_carried_from_an_earlier_table_stay_in_it(finished, no_model_loadin
     assert [r["run"] for r in rows] == ["dense", "uniform"] and rows[0] == first[0]
     assert json.loads((tmp_path / "b" / "comparison.json").read_text())["rows"][0]["perplexity"] == first[0]["perplexity"]
     assert "| dense | model |" in (tmp_path / "b" / "comparison.md").read_text()
+
+
+def test_rows_measured_with_other_package_versions_are_named(finished, no_model_loading, tmp_path):
+    """The same run_id can hold numbers from another transformers: the report says which rows."""
+    tmp, _, _ = finished
+    runs = tmp_path / "runs"
+    for name in ("dense", "uniform", "atp"):
+        shutil.copytree(tmp / "runs" / name, runs / name)
+    same = compare.write_comparison(compare.entries_from_args([str(runs / n) for n in ("dense", "uniform")]), tmp_path / "same")
+    assert same[0]["versions"]["transformers"] == same[1]["versions"]["transformers"]
+    assert "## Versions differ" not in (tmp_path / "same" / "comparison.md").read_text()
+
+    meta = json.loads((runs / "uniform" / "metadata.json").read_text())
+    meta["versions"]["transformers"] = "5.17.0"
+    (runs / "uniform" / "metadata.json").write_text(json.dumps(meta))
+    rows = compare.write_comparison(compare.entries_from_args([str(runs / n) for n in ("dense", "uniform", "atp")]), tmp_path / "other")
+    current = rows[0]["versions"]["transformers"]
+    assert compare.version_differences(rows) == {"transformers": {current: ["dense", "atp"], "5.17.0": ["uniform"]}}
+    md = (tmp_path / "other" / "comparison.md").read_text()
+    assert f"- transformers: {current} (dense, atp); 5.17.0 (uniform)" in md
 
 
 def test_a_recipe_whose_inputs_changed_is_not_read_as_finished(finished, tmp_path):
