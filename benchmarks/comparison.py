@@ -91,24 +91,29 @@ def recipe(args, name: str, stages: list[dict]) -> dict:
     }
 
 
-def measure_speed(args, run_dir: Path) -> None:
-    """llama.cpp tokens/s of the run's GGUF on WikiText-2 text, written into its results.json."""
+def measure_speed(args, run_dir: Path) -> bool:
+    """llama.cpp tokens/s of the run's GGUF files not timed yet, on WikiText-2 text, written into
+    its results.json. False (and nothing read or written) when every file was timed already."""
     import torch
 
     from compress.data import read_text
     from compress.model import read_tokenizer
     from compress.speed import llama_rates
 
-    torch.set_num_threads(args.threads)
     path = run_dir / "results.json"
     results = json.loads(path.read_text())
+    untimed = {label: ev for label, ev in results["evaluations"].items()
+               if ev["artefact"] == "gguf" and not (ev.get("speed") or {}).get("measured_after_run")}
+    if not untimed:
+        return False
+    torch.set_num_threads(args.threads)
     tokenizer = read_tokenizer(str(run_dir))
     ids = tokenizer(read_text(str(args.data / "wikitext2-test.raw"), "evaluation")[:20000], add_special_tokens=False).input_ids
-    for label, ev in results["evaluations"].items():
-        if ev["artefact"] == "gguf" and not (ev.get("speed") or {}).get("measured_after_run"):
-            ev["speed"] = {**llama_rates(run_dir / ev["path"], ids, 3), "threads": args.threads, "measured_after_run": True}
-            print(f"  {run_dir.name} {label}: {ev['speed']}", flush=True)
+    for label, ev in untimed.items():
+        ev["speed"] = {**llama_rates(run_dir / ev["path"], ids, 3), "threads": args.threads, "measured_after_run": True}
+        print(f"  {run_dir.name} {label}: {ev['speed']}", flush=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
+    return True
 
 
 def keep_record(args, name: str) -> None:
@@ -168,8 +173,7 @@ def main() -> None:
         # after all runs, one file at a time, every row with a run folder (a row whose folder is gone
         # has no GGUF to time); rows already timed are skipped, so a rerun only times the new ones
         for name in ROWS:
-            if (args.runs / name / "results.json").is_file():
-                measure_speed(args, args.runs / name)
+            if (args.runs / name / "results.json").is_file() and measure_speed(args, args.runs / name):
                 keep_record(args, name)
         write_table(args)
     print(f"wrote {OUT}/comparison.md")
