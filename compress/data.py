@@ -306,6 +306,11 @@ def _cut(part: torch.Tensor, role: Role, cfg: SegmentsConfig, length: int) -> to
     if role == "calibration":
         if len(part) < length:
             raise CompressError(f"{where}, fewer than one segment of seqlen {cfg.seqlen}")
+        distinct = len(part) - length + 1  # windows start at random offsets: this many differ
+        if (cfg.nsamples or 128) > distinct:
+            raise CompressError(f"data.calibration.nsamples: {cfg.nsamples} windows of seqlen {cfg.seqlen} asked for, but source "
+                                f"'{cfg.source}' gives calibration {len(part)} tokens: only {distinct} different windows; "
+                                "lower nsamples or seqlen, or give a longer source")
         return random_windows(part, cfg.nsamples or 128, length, cfg.seed)
     available = len(part) // length
     if available == 0 or (cfg.nsamples is not None and cfg.nsamples > available):

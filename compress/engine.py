@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from compress import devices, identity, runinfo, speed, stream
+from compress.calibrate import buffer_bytes
 from compress.context import StageContext
 from compress.data import build_segments
 from compress.errors import CompressError
@@ -32,7 +33,7 @@ from compress.quant import stored_bits
 from compress.recipe import Recipe
 from compress.report import write_report
 from compress.stages import STAGES
-from compress.zeroshot import zero_shot
+from compress.zeroshot import check_task_names, zero_shot
 
 log = logging.getLogger("compress")
 
@@ -91,6 +92,17 @@ def staging_dir(final: Path, resume_id: str | None = None, restart: bool = False
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             log.warning("the run's checkpoints stay in %s: run the same recipe again to resume (--restart to start over)", tmp)
+        raise
+
+
+@contextmanager
+def cancelled_on_error(pending):
+    """A background check (the GGUF converter's verdict) is stopped if the run fails before it is read."""
+    try:
+        yield
+    except BaseException:
+        if pending is not None:
+            pending.cancel()
         raise
 
 
@@ -259,13 +271,24 @@ def evaluate_artefact(recipe: Recipe, label: str, kind: str, path: Path, folder:
     return entry
 
 
-def check_context(configs: dict, config) -> None:
-    """Windows longer than the model's context would run past its position embeddings.
-    configs: {role: SegmentsConfig}; config: the model's config."""
+def check_context(configs: dict, config, dtype: torch.dtype | None = None) -> None:
+    """Windows longer than the model's context would run past its position embeddings, and
+    calibration buffers larger than the machine's memory would swap for hours. configs: {role:
+    SegmentsConfig}; config: the model's config; dtype: the calibration passes' (None: not checked)."""
     longest = context_length(config)
     for role, data in configs.items():
         if longest is not None and data.seqlen > longest:
             raise CompressError(f"data.{role}.seqlen: {data.seqlen} is beyond the model's context length ({longest} tokens)")
+    cal = configs.get("calibration")
+    hidden = getattr(getattr(config, "text_config", None) or config, "hidden_size", None)
+    available = runinfo.memory_bytes()
+    if dtype is None or cal is None or hidden is None or available is None:
+        return
+    need = buffer_bytes(cal.nsamples or 128, cal.seqlen, hidden, dtype)
+    if need > available:
+        raise CompressError(f"data.calibration: {cal.nsamples or 128} windows of {cal.seqlen} tokens need {need / 2**30:.1f} GiB for one block's "
+                            f"inputs and outputs (hidden size {hidden}), more than the {available / 2**30:.1f} GiB this machine has free; "
+                            "lower nsamples or seqlen")
 
 
 def run(recipe: Recipe, recipe_path: Path, overrides: list[str] = (), overwrite: bool = False, restart: bool = False) -> RunResult:
@@ -297,6 +320,7 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str], r
     run_id = identity.run_id(recipe)  # before anything is read: the files as they were when the run began
     m = recipe.model
     devices.check(m.device)  # one line, before minutes of loading
+    check_task_names(e.tasks)  # an unknown lm-eval task fails here, not after compressing
     with staging_dir(final, run_id if m.stream else None, restart) as tmp:
         with phases("load_model"):
             if m.stream:  # blocks stay on disk (compress/stream.py)
@@ -310,34 +334,39 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str], r
         blocks = len(decoder_blocks(model))
         params_dense = sum(p.numel() for p in model.parameters())  # structured / low-rank stages change it
         log.info("loaded %s (%s, %d blocks)", loaded.resolved, model_type(model), blocks)
-        if store is None:
-            preflight(recipe.export, model, loaded.tokenizer, recipe.quantises())
+        # the GGUF converter's verdict runs beside the data cutting and dense evaluation, and is
+        # waited for before the first stage
+        pending = preflight(recipe.export, model, loaded.tokenizer, recipe.quantises(), recipe.narrows()) if store is None else None
 
-        with phases("data"):
-            configs = recipe.data_roles()
-            check_context(configs, model.config)
-            segments = build_segments(configs, loaded.tokenizer)
+        with cancelled_on_error(pending):
+            with phases("data"):
+                configs = recipe.data_roles()
+                check_context(configs, model.config, DTYPES[recipe.calibration_dtype])
+                segments = build_segments(configs, loaded.tokenizer)
 
-        # With no stages the dense model is the result: it is measured once, as dense.
-        # (a run without stages measures the in-memory model only when eval.artefacts names it)
-        measure_dense = e.dense if recipe.stages else "model" in e.artefacts
-        measure_final = bool(recipe.stages)
-        ppl: dict[str, dict | None] = {"dense": None, "compressed": None}
-        tasks: dict[str, dict | None] = {"dense": None, "compressed": None}
-        eval_bos = segments["evaluation"].bos if e.perplexity else None
+            # With no stages the dense model is the result: it is measured once, as dense.
+            # (a run without stages measures the in-memory model only when eval.artefacts names it)
+            measure_dense = e.dense if recipe.stages else "model" in e.artefacts
+            measure_final = bool(recipe.stages)
+            ppl: dict[str, dict | None] = {"dense": None, "compressed": None}
+            tasks: dict[str, dict | None] = {"dense": None, "compressed": None}
+            eval_bos = segments["evaluation"].bos if e.perplexity else None
 
-        def evaluate(which: str) -> None:
-            if e.perplexity:
-                with phases(f"eval_{which}"):
-                    ppl[which] = perplexity(model, segments["evaluation"].tokens, e.batch_size, f"{which} ppl").as_dict()
-                log.info("%s perplexity %.3f", which, ppl[which]["ppl"])
-            if e.tasks:
-                with phases(f"tasks_{which}"), devices.dispatched(model):
-                    tasks[which] = zero_shot(model, loaded.tokenizer, e.tasks, tasks_dir(e), e.limit, e.tasks_batch_size, eval_bos)
-                log.info("%s zero-shot mean accuracy %.4f", which, tasks[which]["mean_acc"])
+            def evaluate(which: str) -> None:
+                if e.perplexity:
+                    with phases(f"eval_{which}"):
+                        ppl[which] = perplexity(model, segments["evaluation"].tokens, e.batch_size, f"{which} ppl").as_dict()
+                    log.info("%s perplexity %.3f", which, ppl[which]["ppl"])
+                if e.tasks:
+                    with phases(f"tasks_{which}"), devices.dispatched(model):
+                        tasks[which] = zero_shot(model, loaded.tokenizer, e.tasks, tasks_dir(e), e.limit, e.tasks_batch_size, eval_bos)
+                    log.info("%s zero-shot mean accuracy %.4f", which, tasks[which]["mean_acc"])
 
-        if measure_dense:
-            evaluate("dense")
+            if measure_dense:
+                evaluate("dense")
+        if pending is not None:
+            with phases("export_preflight"):
+                pending.result()
 
         scratch = tmp / ".scratch"  # spilled snapshots (beta search); never published
         ctx = StageContext(segments["calibration"], segments.get("validation"), DTYPES[recipe.calibration_dtype], scratch_dir=scratch)

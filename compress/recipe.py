@@ -195,6 +195,16 @@ class Recipe(Config):
         """Some stage puts weights on a quantisation grid (its checkpoint packs them)."""
         return any(stage.kind == "quantize" or getattr(stage, "quantize", None) is not None for stage in self.stages)
 
+    def narrows(self) -> dict | None:
+        """What the structured stages do to the blocks' widths: per_block (widths differ between
+        blocks: any allocation but uniform) and out_biases (bias compensation adds o_proj /
+        down_proj biases); None without a structured stage."""
+        stages = [s for s in self.stages if s.kind == "structured"]
+        if not stages:
+            return None
+        return {"per_block": any(s.allocation.kind != "uniform" for s in stages),
+                "out_biases": any(s.bias_compensation for s in stages)}
+
     def sha256(self) -> str:
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()

@@ -53,5 +53,22 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, elsewhere an estimate
 
 
+def memory_bytes() -> int | None:
+    """Memory this machine can give a run: MemAvailable on Linux, else all physical memory."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import os
+
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def machine() -> dict[str, object]:
     return {"platform": platform.platform(), "processor": platform.machine(), "torch_threads": torch.get_num_threads()}

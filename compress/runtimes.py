@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import struct
 import time
 from pathlib import Path
 
@@ -251,20 +252,15 @@ def common_prefix(cached, tokens: list[int]) -> int:
 
 
 def _gguf_metadata(path: Path) -> dict:
-    """The file's scalar metadata (strings and numbers), read without llama.cpp."""
-    import gguf
+    """The file's scalar metadata (strings and numbers; arrays as their length), read without llama.cpp."""
+    from compress.export.gguf_index import GgufIndex
 
     if not path.is_file():
         raise CompressError(f"{path}: not found; give a .gguf file of the export")
     try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as err:
+        return GgufIndex(path).fields
+    except (ValueError, OSError, struct.error) as err:
         raise CompressError(f"{path}: not a readable GGUF file: {err}") from None
-    out = {}
-    for name, field in reader.fields.items():
-        if len(field.types) == 1:  # scalars only: arrays (the vocabulary) are not needed here
-            out[name] = field.contents()
-    return out
 
 
 def _gguf_type(path: Path) -> str:

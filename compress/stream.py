@@ -41,6 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from compress.errors import CompressError
+from compress.tokenizer_files import save_tokenizer
 
 log = logging.getLogger("compress")
 
@@ -72,6 +73,13 @@ class WeightSource:
             return handle.get_tensor(name)
 
 
+# HF model_type -> (llama.cpp architecture, q/k rows interleaved for llama's rope): the GGUF files
+# a streamed run reads tensor by tensor, undoing what llama.cpp's converter did to them (whole-file
+# loads go through transformers, which knows every family).
+GGUF_READ = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
+ROPE_ROWS = ("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")
+
+
 class GgufWeightSource:
     """HF tensor name -> a GGUF file's tensor, dequantised one at a time from the memory-mapped file
     (with gguf's own dequantisers, as transformers does when it loads the whole file), q/k rows
@@ -80,17 +88,17 @@ class GgufWeightSource:
     def __init__(self, path: Path, model):
         import gguf
 
-        from compress.export.gguf_arch import ARCHS, head_dim
+        from compress.export.gguf_arch import head_dim
 
         self.folder = Path(path)
         config = model.config
-        arch = ARCHS.get(config.model_type)
-        if arch is None:
-            raise CompressError(f"model.stream: streaming a GGUF file reads {', '.join(ARCHS)} models; {path} is {config.model_type}")
-        self.permute, self.head_dim = arch.permute_qk, head_dim(config)
+        if config.model_type not in GGUF_READ:
+            raise CompressError(f"model.stream: streaming a GGUF file reads {', '.join(GGUF_READ)} models; {path} is {config.model_type}")
+        arch, self.permute = GGUF_READ[config.model_type]
+        self.head_dim = head_dim(config)
         reader = gguf.GGUFReader(path)  # memory-mapped: nothing is read until a tensor's data is touched
         tensors = {t.name: t for t in reader.tensors}
-        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.name.upper()], config.num_hidden_layers)
+        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
         self.files = {}  # hf name -> the file's tensor (named like WeightSource's map)
         for hf_name, _ in model.named_parameters(remove_duplicate=False):
             gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -100,7 +108,7 @@ class GgufWeightSource:
     def get(self, name: str) -> torch.Tensor:
         import gguf
 
-        from compress.export.gguf import ROPE_ROWS, unpermute_rows
+        from compress.export.gguf_arch import unpermute_rows
 
         if name not in self.files:
             raise CompressError(f"model.source: {self.folder} has no tensor for {name}")
@@ -341,7 +349,7 @@ def save_hf(model, tokenizer, dest: Path) -> dict:
     model.config.save_pretrained(dest)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(dest)
-    tokenizer.save_pretrained(dest)
+    save_tokenizer(tokenizer, dest)
     return {"format": "dense", "files": files, "streamed": True}
 
 

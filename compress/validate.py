@@ -19,7 +19,7 @@ from compress.engine import check_context, check_output_dir, output_dir_for
 from compress.errors import CompressError
 from compress.export import preflight
 from compress.export.gptq import check_packable
-from compress.model import context_length, decoder_blocks, read_config, read_tokenizer, select_linears, skeleton
+from compress.model import DTYPES, context_length, decoder_blocks, read_config, read_tokenizer, select_linears, skeleton
 from compress.recipe import Recipe
 
 
@@ -38,7 +38,7 @@ def check_recipe(recipe: Recipe, recipe_path: Path) -> list[str]:
         elif data.source not in BUILTIN_SOURCES:
             check_file_source(resolve_path(data.source, None), role)
     if recipe.eval.tasks:
-        from compress.zeroshot import DATA_FILES
+        from compress.zeroshot import DATA_FILES, check_task_names
 
         local = [task for task in recipe.eval.tasks if task in DATA_FILES]
         folder = resolve_path(recipe.eval.tasks_dir, None) if local else None
@@ -48,6 +48,7 @@ def check_recipe(recipe: Recipe, recipe_path: Path) -> list[str]:
             if not (folder / DATA_FILES[task]).is_file():
                 raise CompressError(f"eval.tasks_dir: {folder / DATA_FILES[task]} not found (needed by task {task})")
         others = [task for task in recipe.eval.tasks if task not in DATA_FILES]
+        check_task_names(others)
         if others:
             notes.append(f"eval.tasks: {', '.join(others)} are not local tasks: lm-eval reads them from its own datasets (needs a network)")
     final = output_dir_for(recipe, recipe_path)
@@ -59,12 +60,11 @@ def check_recipe(recipe: Recipe, recipe_path: Path) -> list[str]:
 
     model = skeleton(config, m.trust_remote_code)
     blocks = len(decoder_blocks(model))
-    check_context(roles, config)
+    check_context(roles, config, DTYPES[recipe.calibration_dtype])
     # Cutting the text needs only the tokenizer: too few windows, or bos on a tokenizer without
     # one, fail here rather than after the model has loaded.
     tokenizer = read_tokenizer(m.source, m.trust_remote_code, m.allow_pickle)
     build_segments(roles, tokenizer)
-    preflight(recipe.export, model, tokenizer, recipe.quantises())
     quantised_at = None
     for k, stage in enumerate(recipe.stages):
         if stage.kind == "recover" and quantised_at is not None:
@@ -77,5 +77,7 @@ def check_recipe(recipe: Recipe, recipe_path: Path) -> list[str]:
         on_grid = getattr(stage, "method", None) in ("gptq", "rtn") or getattr(stage, "quantize", None) is not None
         if on_grid and recipe.export.hf:  # exported as a GPTQ checkpoint
             check_packable({name: m for block in layers for name, m in block.items()})
+    # last: the GGUF export's check runs llama.cpp's converter on the config and tokenizer (seconds)
+    preflight(recipe.export, model, tokenizer, recipe.quantises(), recipe.narrows()).result()
     notes.append(f"model: {type(model).__name__}, {blocks} decoder blocks, context {context_length(config)} tokens")
     return notes

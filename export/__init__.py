@@ -35,9 +35,12 @@ def _exporters() -> dict[str, Exporter]:
 EXPORTERS = _exporters()
 
 
-def preflight(section, model, tokenizer, quantised: bool) -> None:
+def preflight(section, model, tokenizer, quantised: bool, narrows: dict | None = None):
     """What would fail at export time, checked before any compression: by validate (on a
-    skeleton) and by run (on the loaded model). section: the recipe's ExportSection."""
+    skeleton) and by run (on the loaded model). section: the recipe's ExportSection; quantised and
+    narrows: what the recipe's stages will do (Recipe.quantises, Recipe.narrows). Quick checks
+    raise here; the GGUF converter's verdict comes back in the background: the returned
+    gguf.Pending's result() waits for it and raises what is wrong (cancel() if the run stops first)."""
     import importlib.util
 
     from compress.errors import CompressError
@@ -45,9 +48,10 @@ def preflight(section, model, tokenizer, quantised: bool) -> None:
 
     if section.hf is not None and section.hf.format == "sparse" and quantised:
         raise CompressError("export.hf.format: sparse stores unquantised tensors, and this recipe quantises (its GPTQ/bitsandbytes checkpoint packs the weights already): use format: dense")
-    if section.gguf is not None:
-        gguf.preflight(model, tokenizer, section.gguf)
     if section.onnx is not None:
         missing = [p for p in ("onnx", "onnxscript") if importlib.util.find_spec(p) is None]
         if missing:
             raise CompressError(f"export.onnx: needs {' and '.join(missing)}: pip install 'atp-compress[onnx]'")
+    if section.gguf is not None:
+        return gguf.preflight(model, tokenizer, section.gguf, restructured=narrows)
+    return gguf.Pending(lambda: None)

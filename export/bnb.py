@@ -18,6 +18,7 @@ from torch import nn
 
 from compress.errors import CompressError
 from compress.model import get_weight
+from compress.tokenizer_files import save_tokenizer
 
 
 def bnb_layers(model) -> dict[str, nn.Module]:
@@ -55,7 +56,7 @@ def save_bnb(model, tokenizer, folder: Path, scratch: Path) -> dict:
         quantized.save_pretrained(folder, safe_serialization=True)
     finally:
         shutil.rmtree(dense, ignore_errors=True)
-    tokenizer.save_pretrained(folder)
+    save_tokenizer(tokenizer, folder)
     return {"format": f"bitsandbytes {fmt}", "quantization_config": config.to_dict(), "notes": []}
 
 

@@ -28,6 +28,7 @@ from safetensors import safe_open
 from compress.errors import CompressError
 from compress.model import block_prefix, decoder_blocks, get_weight
 from compress.quant import Grid, QuantState
+from compress.tokenizer_files import save_tokenizer
 
 PACK_MULTIPLE = 32  # in and out features must be multiples of this (3-bit words hold 32 codes)
 
@@ -209,7 +210,7 @@ def save_gptq(model, tokenizer, folder: Path) -> dict:
     finally:
         del model.config.quantization_config
     (folder / "quantize_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    tokenizer.save_pretrained(folder)
+    save_tokenizer(tokenizer, folder)
     return {"format": "gptq", "quantization_config": config, "notes": notes}
 
 

@@ -25,6 +25,7 @@ from compress.calibrate import no_cache
 from compress.config import Config
 from compress.errors import CompressError
 from compress.export import bnb, gptq, sparse
+from compress.tokenizer_files import save_tokenizer
 
 log = logging.getLogger("compress")
 
@@ -68,7 +69,7 @@ def save(model, tokenizer, folder: Path, cfg: HfExport, scratch: Path) -> dict:
         info = save_layout(model, tokenizer, folder)
     else:
         model.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
+        save_tokenizer(tokenizer, folder)
         info = {"format": "dense", "notes": []}
     info["kind"] = fmt
     info["files"] = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix != ".md")

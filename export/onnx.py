@@ -64,6 +64,7 @@ from compress.config import Config
 from compress.errors import CompressError
 from compress.export import bnb, gptq
 from compress.layout import LowRankLinear
+from compress.tokenizer_files import save_tokenizer
 
 PREFILL = "prefill.onnx"
 DECODE = "decode.onnx"
@@ -271,7 +272,7 @@ def save(model, tokenizer, dest: Path, cfg: OnnxExport, scratch: Path) -> dict:
     model.config.save_pretrained(dest)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(dest)
-    tokenizer.save_pretrained(dest)
+    save_tokenizer(tokenizer, dest)
     files = sorted(p.name for p in dest.iterdir() if p.is_file() and not p.name.startswith("."))
     return {
         "format": "onnx",

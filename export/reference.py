@@ -10,13 +10,22 @@ import torch
 from compress.calibrate import no_cache
 from compress.evaluate import perplexity
 
-# Tokenized by the HF tokenizer and by each runtime's own (GGUF): digits, contractions,
-# whitespace runs, tabs, accents, CJK, code.
+# Tokenized by the HF tokenizer and by each runtime's own (GGUF): digits, numbers, contractions,
+# whitespace runs, tabs, accents, several scripts (Latin, CJK, Cyrillic, Arabic, Devanagari,
+# Hangul, Greek), emoji, code; sample_text() puts the tokenizer's own special tokens in it.
 SAMPLE_TEXT = (
     "The 3 quick brown foxes jumped over 12,345 lazy dogs -- didn't they? Yes: they'd done it "
-    "before (in 1999), and they'll do it again.\n\n  Indented line\twith a tab; café, naïve, 東京.\n"
-    "def f(x):\n    return x ** 2  # squares\n"
+    "before (in 1999), and they'll do it again.\n\n  Indented line\twith a tab; café, naïve, 東京, "
+    "Москва, القاهرة, मुंबई, 서울, Αθήνα 🚀🦙.\n{special}"
+    "def f(x):\n    return x ** 2  # squares 3.14159, 1e-3, 0x1F\n"
 )
+
+
+def sample_text(tokenizer=None) -> str:
+    """SAMPLE_TEXT with the tokenizer's EOS and BOS written out on a line of their own (each
+    tokenizer must parse them as its special tokens, not as text)."""
+    specials = [t for t in (getattr(tokenizer, "eos_token", None), getattr(tokenizer, "bos_token", None)) if t]
+    return SAMPLE_TEXT.format(special="".join(f"{t}\n" for t in dict.fromkeys(specials)))
 
 
 @dataclass
@@ -31,7 +40,9 @@ class Reference:
     window_perplexity: float | None = None  # the in-memory model's perplexity on exactly those windows
     bos: bool = False  # evaluation windows start with BOS (never a scored target)
     sample_text: str = SAMPLE_TEXT
-    sample_ids: list[int] | None = None  # the HF tokenizer's ids of sample_text, no special tokens
+    sample_ids: list[int] | None = None  # the HF tokenizer's ids of sample_text (special tokens in it parsed, none added)
+    sample_ids_added: list[int] | None = None  # ... with the BOS / EOS the tokenizer adds by itself
+    greedy_margins: torch.Tensor | None = None  # (g,) the model's top-1 minus top-2 logit at each greedy step
 
 
 @torch.no_grad()
@@ -50,13 +61,19 @@ def take_reference(model, tokens: torch.Tensor, tokenizer=None, evaluation: torc
         min_new_tokens=new_tokens,
         do_sample=False,
         pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
+    top2 = torch.stack([step[0].float().topk(2).values for step in out.logits]).cpu()  # (g, 2)
+    out = out.sequences
     ppl = None
     if evaluation is not None and len(evaluation):
         ppl = perplexity(model, evaluation, desc="reference ppl").ppl
-    ids = tokenizer(SAMPLE_TEXT, add_special_tokens=False).input_ids if tokenizer is not None else None
+    text = sample_text(tokenizer)
+    ids = tokenizer(text, add_special_tokens=False).input_ids if tokenizer is not None else None
+    added = tokenizer(text).input_ids if tokenizer is not None else None
     return Reference(tokens, logits, param.dtype, param.device, prompt, out[:, prompt.shape[1]:].cpu(),
-                     evaluation, ppl, bos, SAMPLE_TEXT, ids)
+                     evaluation, ppl, bos, text, ids, added, top2[:, 0] - top2[:, 1])
 
 
 def reference_for_run(model, tokenizer, segments: dict, check_windows: int) -> Reference:

@@ -24,8 +24,10 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
 from compress import layout
 from compress.errors import CompressError
+from compress.tokenizer_files import save_tokenizer
 
 WEIGHTS_FILE = "model.sparse.safetensors"
 CONFIG_FILE = "sparsity_config.json"
@@ -98,7 +100,7 @@ def save_sparse(model, tokenizer, folder: Path) -> dict:
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tokenizer(tokenizer, folder)
     zeros = sum(t.numel() - int(torch.count_nonzero(t)) for n, t in tensors.items() if n in compressed)
     weights = sum(tensors[n].numel() for n in compressed)
     config = {

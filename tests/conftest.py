@@ -126,3 +126,45 @@ needs_default_model = pytest.mark.skipif(
 needs_shared_data = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f"real corpora not found at {SHARED_DATA} (only on the team's machines)"
 )
+
+
+# ---------------------------------------------------------------- real tokenizers (tests/families.py)
+
+
+def has_converter() -> bool:
+    from compress.export import llama_convert
+
+    return llama_convert.available()
+
+
+needs_converter = pytest.mark.skipif(
+    not has_converter(), reason="llama.cpp's converter is not installed: compress install-converter (make install-test runs it)"
+)
+
+
+@pytest.fixture(scope="session")
+def vocab_folder(tmp_path_factory):
+    """vocab_folder(name) -> a folder with the real tokenizer of llama.cpp's vocab file `name`
+    (or "gemma3"), built once per session; skips the test when the vocabulary is not installed."""
+    import families
+
+    root = tmp_path_factory.mktemp("vocab")
+
+    def get(vocab: str) -> Path:
+        why = families.missing(vocab)
+        if why:
+            pytest.skip(why)
+        folder = root / vocab
+        if not folder.is_dir():
+            families.build_tokenizer_folder(vocab, folder)
+        return folder
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def spm_tokenizer(vocab_folder):
+    """Llama 2's real SentencePiece tokenizer (32000 tokens), as its repository ships it."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(vocab_folder("llama-spm"))

@@ -14,17 +14,21 @@ pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'at
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'atp-compress[gguf]')")
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'atp-compress[onnx]')")
 
-from conftest import build_tokenizer, model_from_config  # noqa: E402
+from conftest import has_converter, model_from_config  # noqa: E402
 from test_zeroshot import write_data  # noqa: E402  (a few items of each local task)
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """A tiny Llama whose embedding has a row for every token (llama.cpp needs one)."""
+def folder(tmp_path_factory, vocab_folder):
+    """A tiny Llama with Llama 2's real tokenizer (llama.cpp's converter must know it)."""
+    import shutil
+
+    if not has_converter():
+        pytest.skip("llama.cpp's converter is not installed: compress install-converter")
     folder = tmp_path_factory.mktemp("artefacts") / "tiny"
-    model_from_config("llama", 0, vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    shutil.copytree(vocab_folder("llama-spm"), folder)
+    model_from_config("llama", 0, vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2).save_pretrained(folder)
-    build_tokenizer(300).save_pretrained(folder)
     return folder
 
 

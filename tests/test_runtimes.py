@@ -1,8 +1,9 @@
 """compress.runtimes: perplexity and lm-eval scores of exported artefacts in their own runtimes
 (llama.cpp for GGUF, ONNX Runtime for ONNX, torch for an HF folder) against the in-memory model.
 
-One tiny random Llama (vocabulary 320, weights spread wide so options differ clearly) is exported
-once per module as F32 GGUF, HF folder and ONNX. F32 files differ from torch only by summation
+One tiny random Llama (weights spread wide so options differ clearly) is exported once per module
+as F32 GGUF (with a real tokenizer that llama.cpp's converter knows: GPT-2's without BOS, Llama 2's
+with), HF folder and ONNX. F32 files differ from torch only by summation
 order and llama.cpp's F16 KV cache, so log-likelihoods agree to ~1e-5 relative.
 """
 
@@ -19,10 +20,11 @@ pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'at
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from compress import zeroshot  # noqa: E402
+from compress.data import adds_bos  # noqa: E402
 from compress.errors import CompressError  # noqa: E402
 from compress.evaluate import perplexity  # noqa: E402
 from compress.runtimes import GgufRuntime, open_runtime, runtime_perplexity  # noqa: E402
-from conftest import build_tokenizer, model_from_config  # noqa: E402
+from conftest import build_tokenizer, has_converter, model_from_config  # noqa: E402
 from test_zeroshot import write_data  # noqa: E402
 
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
@@ -43,8 +45,8 @@ DOCS = ["Some text to score here.", "Another, longer document about the moon, th
 TASKS = ["piqa", "arc_easy", "winogrande", "hellaswag"]
 
 
-def tiny(seed: int = 0, layers: int = 2):
-    return model_from_config("llama", seed, vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+def tiny(seed: int = 0, layers: int = 2, vocab: int = 320):
+    return model_from_config("llama", seed, vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2)
 
 
@@ -56,14 +58,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["no-bos", "bos"])
-def exported(request, tmp_path_factory):
+@pytest.fixture(scope="module", params=["gpt-2", "llama-spm"], ids=["no-bos", "bos"])
+def exported(request, tmp_path_factory, vocab_folder):
     """(model, tokenizer, folder): the tiny model, its tokenizer (with or without BOS first) and
     its F32 GGUF file written under folder."""
+    from transformers import AutoTokenizer
+
     from compress.export import gguf as gguf_export
 
-    tokenizer = build_tokenizer(300, bos=request.param)
-    model = tiny()
+    if HAS_LLAMA_CPP and not has_converter():
+        pytest.skip("llama.cpp's converter is not installed: compress install-converter")
+    tokenizer = AutoTokenizer.from_pretrained(vocab_folder(request.param))
+    model = tiny(vocab=len(tokenizer))
     folder = tmp_path_factory.mktemp("gguf")
     if HAS_LLAMA_CPP:
         gguf_export.save(model, tokenizer, folder, gguf_export.GgufExport(types=["f32"]), folder / "scratch")
@@ -161,7 +167,7 @@ def test_gguf_zero_shot_equals_the_torch_model(exported, tmp_path):
     want = zeroshot.zero_shot(model, tokenizer, TASKS, data, batch_size=4)
     with open_runtime("gguf", folder / "model-f32.gguf") as rt:
         got = zeroshot.zero_shot(None, None, TASKS, data, lm=rt.lm())
-    assert got["bos"] == want["bos"] == (tokenizer.bos_token_id is not None)
+    assert got["bos"] == want["bos"] == adds_bos(tokenizer)
     for task in TASKS:
         for key in ("acc", "acc_norm", "acc_stderr", "n"):
             assert got["tasks"][task][key] == want["tasks"][task][key], (task, key)
@@ -193,8 +199,12 @@ def test_gguf_refuses_generation_and_missing_files(exported, tmp_path):
 
 
 @pytest.mark.parametrize("kind", [pytest.param("hf"), pytest.param("gguf", marks=needs_llama_cpp), pytest.param("onnx", marks=needs_onnx)])
-def test_runtime_perplexity_equals_the_torch_models(kind, tokenizer, tmp_path):
-    model = tiny(seed=1, layers=1)
+def test_runtime_perplexity_equals_the_torch_models(kind, tokenizer, tmp_path, request):
+    if kind == "gguf":  # llama.cpp's converter needs a tokenizer it knows
+        tokenizer = request.getfixturevalue("spm_tokenizer")
+        if not has_converter():
+            pytest.skip("llama.cpp's converter is not installed: compress install-converter")
+    model = tiny(seed=1, layers=1, vocab=len(tokenizer))
     windows = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(0))
     want = perplexity(model, windows)
     if kind == "hf":
@@ -204,7 +214,7 @@ def test_runtime_perplexity_equals_the_torch_models(kind, tokenizer, tmp_path):
     elif kind == "gguf":
         from compress.export import gguf as gguf_export
 
-        gguf_export.save(model, build_tokenizer(300), tmp_path, gguf_export.GgufExport(types=["f32"]), tmp_path / "scratch")
+        gguf_export.save(model, tokenizer, tmp_path, gguf_export.GgufExport(types=["f32"]), tmp_path / "scratch")
         path = tmp_path / "model-f32.gguf"
     else:
         from compress.export import onnx as onnx_export

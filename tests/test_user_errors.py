@@ -98,10 +98,11 @@ RECIPE_CASES = [
     ("export: {{hf: x}}", "export.hf: expected true, false or the exporter's settings (a mapping), got 'x'"),
     ("export: {{hf: {{format: compressed}}}}", "export.hf.format: Input should be 'dense' or 'sparse'"),
     ("stages: [{{kind: quantize, method: rtn}}]\nexport: {{hf: {{format: sparse}}}}", "export.hf.format: sparse stores unquantised tensors"),
-    ("export: {{gguf: {{types: [q5_1]}}}}", "export.gguf.types[0]: Input should be 'f32', 'f16'"),
+    ("export: {{gguf: {{types: [q5_9]}}}}", "export.gguf.types[0]: Input should be 'f32', 'f16'"),
     ("export: {{gguf: {{types: [f16, f16]}}}}", "export.gguf.types: each type once"),
     ("export: {{gguf: {{types: []}}}}", "export.gguf.types: List should have at least 1 item"),
-    ("export: {{gguf: true}}", "export.gguf: the tokenizer has 257 tokens but the model's embedding only 256 rows"),
+    # a tokenizer trained here: llama.cpp's converter does not know how it splits words (or is not installed)
+    ("export: {{gguf: true}}", "export.gguf: llama.cpp's converter"),
     ("export: {{onnx: {{kv_cache: perhaps}}}}", "export.onnx.kv_cache: Input should be a valid boolean"),
     ("export: {{check_windows: -1}}", "export.check_windows: Input should be greater than or equal to 0"),
     ("stages: [{{kind: structured}}]", "stages[0]: ratio is required"),
@@ -114,6 +115,9 @@ RECIPE_CASES = [
     ("stages: [{{kind: recover, steps: 0}}]", "stages[0].steps: Input should be greater than 0"),
     ("stages: [{{kind: quantize, method: rtn}}, {{kind: recover}}]\nexport: {{hf: false}}", "stages[1]: recover after the quantize stage stages[0] would train weights off their grid"),
     ("output: x", "output: unknown key"),
+    ("eval: {{tasks: [mmlu_pro_ultra]}}", "eval.tasks: 'mmlu_pro_ultra' is not a local task"),
+    ("data: {{calibration: {{nsamples: 100000000, seqlen: 64}}}}", "data.calibration: 100000000 windows of 64 tokens need"),
+    ("data: {{calibration: {{nsamples: 10000000, seqlen: 2}}}}", "data.calibration.nsamples: 10000000 windows of seqlen 2 asked for"),
 ]
 
 
@@ -188,7 +192,7 @@ def test_recipe_files_that_are_not_recipes(monkeypatch, capsys, tmp_path, places
         (["export", "{dir}", "--to", "tflite"], "--to: expected one of hf, gguf, onnx, got 'tflite'"),
         (["export", "{dir}/missing", "--to", "gguf"], "{dir}/missing: no such run folder"),
         (["export", "{dir}", "--to", "gguf"], "{dir}: not a finished run"),
-        (["export", "{dir}", "--to", "gguf", "--type", "q5_1"], "--type: Input should be 'f32', 'f16'"),
+        (["export", "{dir}", "--to", "gguf", "--type", "q5_9"], "--type: Input should be 'f32', 'f16'"),
         (["export", "{dir}", "--to", "onnx", "--type", "q4_0"], "--type applies to --to gguf only"),
         (["export", "{dir}", "--to", "hf", "--format", "zip"], "--format: Input should be 'dense' or 'sparse'"),
         (["export", "{dir}"], "compress export: Missing option '--to'"),
