@@ -21,6 +21,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- families:start -->", "<!-- families:end -->"
 ORDER = ["Llama 2", "Llama 3", "Mistral", "Qwen2", "Qwen3", "Gemma 2", "Gemma 3", "Phi-3"]
 TYPES = ["f16", "q8_0", "q4_k_m", "q4_0"]
+# where each tokenizer comes from (tests/families.py): llama.cpp's vocab files, or the Gemma 3 270M
+# file (no Gemma 2 vocabulary ships; Gemma 2 gets Gemma 3's, the same kind of SentencePiece model)
+VOCAB = {"gemma3": "Gemma 3 270M's", "llama-spm": "llama-spm", "llama-bpe": "llama-bpe", "qwen2": "qwen2", "phi-3": "phi-3"}
 
 
 def file_cell(entry) -> str:
@@ -41,12 +44,12 @@ def step_cell(entry) -> str:
 
 
 def table(measured: dict) -> str:
-    head = ["family", "tokenizer (llama.cpp vocab)", "llama.cpp arch", "Wanda ATP -> GPTQ", *(f"GGUF {t}" for t in TYPES),
+    head = ["family", "real tokenizer", "llama.cpp arch", "Wanda ATP -> GPTQ", *(f"GGUF {t}" for t in TYPES),
             "structured ATP -> GGUF", "structured uniform -> GGUF", "its GGUF as model.source"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for family in [f for f in ORDER if f in measured] + sorted(set(measured) - set(ORDER)):
         row = measured[family]
-        cells = [family, row.get("tokenizer", "?"), row.get("arch", "?"), step_cell(row.get("prune + gptq")),
+        cells = [family, VOCAB.get(row.get("tokenizer"), row.get("tokenizer", "?")), row.get("arch", "?"), step_cell(row.get("prune + gptq")),
                  *(file_cell(row.get(t)) for t in TYPES), step_cell(row.get("structured")), step_cell(row.get("structured uniform")),
                  step_cell(row.get("gguf source"))]
         lines.append("| " + " | ".join(cells) + " |")

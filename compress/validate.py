@@ -15,7 +15,7 @@ from pathlib import Path
 
 from compress import devices
 from compress.data import BUILTIN_SOURCES, DATASET_SOURCES, build_segments, check_file_source, resolve_path
-from compress.engine import check_context, check_output_dir, output_dir_for
+from compress.engine import cancelled_on_error, check_context, check_output_dir, output_dir_for
 from compress.errors import CompressError
 from compress.export import preflight
 from compress.export.gptq import check_packable
@@ -65,6 +65,17 @@ def check_recipe(recipe: Recipe, recipe_path: Path) -> list[str]:
     # one, fail here rather than after the model has loaded.
     tokenizer = read_tokenizer(m.source, m.trust_remote_code, m.allow_pickle)
     build_segments(roles, tokenizer)
+    # quick export checks raise here; the GGUF converter's verdict comes back while the stages are checked
+    pending = preflight(recipe.export, model, tokenizer, recipe.quantises(), recipe.narrows())
+    with cancelled_on_error(pending):
+        check_stages(recipe, model)
+    pending.result()
+    notes.append(f"model: {type(model).__name__}, {blocks} decoder blocks, context {context_length(config)} tokens")
+    return notes
+
+
+def check_stages(recipe: Recipe, model) -> None:
+    """Each stage's layer selection and its own checks of the selected layers, on the skeleton."""
     quantised_at = None
     for k, stage in enumerate(recipe.stages):
         if stage.kind == "recover" and quantised_at is not None:
@@ -77,7 +88,4 @@ def check_recipe(recipe: Recipe, recipe_path: Path) -> list[str]:
         on_grid = getattr(stage, "method", None) in ("gptq", "rtn") or getattr(stage, "quantize", None) is not None
         if on_grid and recipe.export.hf:  # exported as a GPTQ checkpoint
             check_packable({name: m for block in layers for name, m in block.items()})
-    # last: the GGUF export's check runs llama.cpp's converter on the config and tokenizer (seconds)
-    preflight(recipe.export, model, tokenizer, recipe.quantises(), recipe.narrows()).result()
-    notes.append(f"model: {type(model).__name__}, {blocks} decoder blocks, context {context_length(config)} tokens")
-    return notes
+

@@ -120,6 +120,14 @@ def test_structured_pruning_goes_to_gguf_as_deci(tmp_path, folders, family):
     assert gguf["arch"] == "deci" and len(set(record["block_channels"])) > 1
     assert gguf["files_checked"]["f16"]["tokenization_equal"] and gguf["files_checked"]["f16"]["relative"] < LOGIT_TOLERANCE["f16"]
     write_row(RESULTS, family.name, "structured", {"ok": True, "detail": "as llama.cpp's deci (widths per block)"})
+    # every block alike and no biases added: llama's own graph takes it; qwen2's makes q n_embd wide, so deci again
+    uniform = ["{kind: structured, ratio: 0.25, bias_compensation: false}"]
+    path = write_recipe(tmp_path / "uniform.yaml", folders(family), uniform, "{hf: false, gguf: {types: [f16]}, check_windows: 2}", tmp_path / "uniform")
+    status, output = run_cli("run", path, "-q")
+    assert status == 0, output
+    gguf = json.loads((tmp_path / "uniform" / "results.json").read_text())["export"]["gguf"]
+    assert gguf["arch"] == ("llama" if family.arch == "llama" else "deci") and gguf["files_checked"]["f16"]["tokenization_equal"]
+    write_row(RESULTS, family.name, "structured uniform", {"ok": True, "detail": f"as {gguf['arch']}" + (", every block alike" if gguf["arch"] != "deci" else "")})
 
 
 REFUSED = [f for f in FAMILIES if f not in DECI]
@@ -138,11 +146,17 @@ def test_structured_pruning_is_refused_before_compressing_where_llama_cpp_has_no
         assert message.startswith(f"export.gguf: llama.cpp's {family.arch} graph takes every block's widths from block 0"), message
     else:
         assert "structured pruning needs every projection of a block" in message, message
-    write_row(RESULTS, family.name, "structured", {"ok": False, "detail": message.split(": ", 1)[1].split(";")[0].split(" (")[0]})
+    reason = message.split(": ", 1)[1]  # after the key
+    reason = reason.split(", which the structured stage")[0] + ", and deci has no slot for its norms" if family.structured else reason.split(" (")[0]
+    write_row(RESULTS, family.name, "structured", {"ok": False, "detail": reason})
     # the same model, every block equally narrowed and no biases added, is written in its family's own graph
     uniform = ["{kind: structured, ratio: 0.25, bias_compensation: false}"]
-    if family.structured:
-        path = write_recipe(tmp_path / "uniform.yaml", folders(family), uniform, "{hf: false, gguf: {types: [f16]}, check_windows: 2}", tmp_path / "uniform")
+    path = write_recipe(tmp_path / "uniform.yaml", folders(family), uniform, "{hf: false, gguf: {types: [f16]}, check_windows: 2}", tmp_path / "uniform")
+    if not family.structured:  # the stage refuses fused projections whatever the allocation
+        status, output = run_cli("validate", path)
+        assert status == 2 and "structured pruning needs every projection of a block" in output, output
+        write_row(RESULTS, family.name, "structured uniform", {"ok": False, "detail": reason})
+    else:
         status, output = run_cli("run", path, "-q")
         assert status == 0, output
         gguf = json.loads((tmp_path / "uniform" / "results.json").read_text())["export"]["gguf"]
