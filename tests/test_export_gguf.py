@@ -350,3 +350,20 @@ def test_compress_export_of_a_gptq_run_keeps_the_grid(tmp_path, spm_folder):
 
     down = read_dequantized(out)["model.layers.1.mlp.down_proj"]
     assert np.array_equal(GgufIndex(out / "gguf" / "model-q4_0.gguf").values("blk.1.ffn_down.weight"), down.numpy())
+
+
+@needs_converter
+def test_without_llama_cpp_the_converter_writes_f16_and_the_check_says_it_did_not_run(tmp_path, spm_tokenizer, monkeypatch):
+    """llama-cpp-python is a 15-minute build: without it the converter still writes the types it
+    knows (f32, f16, bf16, q8_0); the others refuse before compressing, and nothing is checked."""
+    import importlib.util as util
+
+    real = util.find_spec
+    monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    model = model_for(spm_tokenizer, hidden=64)
+    cfg = GgufExport(types=["f16"])
+    info = gguf_export.save(model, spm_tokenizer, tmp_path / "g", cfg, tmp_path / "scratch")
+    assert info["files"]["f16"]["how"] == "llama.cpp's converter" and info["files"]["f16"]["tensor_types"]["F16"] == 16
+    assert gguf_export.check(tmp_path / "g", info, None, cfg) == {"checked": False, "reason": gguf_check.NO_LLAMA_CPP}
+    with pytest.raises(CompressError, match=r"types \['q4_k_m'\] need llama.cpp's quantizer"):
+        gguf_export.preflight(model, spm_tokenizer, GgufExport(types=["f16", "q4_k_m"]))
