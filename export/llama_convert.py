@@ -117,7 +117,9 @@ class Conversion:
     pre-tokenizer). out appears only when the conversion succeeded."""
 
     def __init__(self, folder: Path, out: Path, outtype: str, log_file: Path, vocab_only: bool = False):
-        script = converter_dir() / SCRIPT
+        script = converter_dir().resolve() / SCRIPT
+        # absolute: the converter runs in its own folder (it imports conversion/ from there)
+        folder, out, log_file = Path(folder).absolute(), Path(out).absolute(), Path(log_file).absolute()
         self.out, self.log_file = out, log_file
         self.partial = out.with_name(out.name + ".partial")
         cmd = [sys.executable, str(script), str(folder), "--outfile", str(self.partial), "--outtype", outtype]

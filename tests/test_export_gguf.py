@@ -7,6 +7,7 @@ family."""
 import importlib.util
 import json
 import textwrap
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -367,3 +368,12 @@ def test_without_llama_cpp_the_converter_writes_f16_and_the_check_says_it_did_no
     assert gguf_export.check(tmp_path / "g", info, None, cfg) == {"checked": False, "reason": gguf_check.NO_LLAMA_CPP}
     with pytest.raises(CompressError, match=r"types \['q4_k_m'\] need llama.cpp's quantizer"):
         gguf_export.preflight(model, spm_tokenizer, GgufExport(types=["f16", "q4_k_m"]))
+
+
+@needs_converter
+def test_the_converter_takes_paths_relative_to_the_run(tmp_path, spm_tokenizer, monkeypatch):
+    """A recipe's output_dir is usually relative (runs/name); the converter runs in its own folder."""
+    monkeypatch.chdir(tmp_path)
+    model = model_for(spm_tokenizer, hidden=64)
+    info = gguf_export.save(model, spm_tokenizer, Path("g"), GgufExport(types=["f32"]), Path("scratch"))
+    assert (tmp_path / "g" / "model-f32.gguf").is_file() and info["files"]["f32"]["tensor_types"]["F32"] > 0
