@@ -241,10 +241,11 @@ def atp_bits(L: int, mean_bits: float, beta: float, sizes=None) -> list[int]:
     return round_to_widths(values.clamp(BIT_WIDTHS[0], BIT_WIDTHS[-1]), as_sizes(sizes, L), mean_bits)
 
 
-def round_to_widths(values: torch.Tensor, sizes: torch.Tensor, target: float, widths=BIT_WIDTHS) -> list[int]:
+def round_to_widths(values: torch.Tensor, sizes: torch.Tensor, target: float, widths=BIT_WIDTHS, at_most: bool = False) -> list[int]:
     """Each value to the width below or above it, so that the size-weighted mean is as close to
     target as the widths allow: all start below, then blocks move up in order of largest
-    remainder while that brings the mean closer (as N:M rounding does, for uneven steps)."""
+    remainder while that brings the mean closer (as N:M rounding does, for uneven steps);
+    at_most: never above target (a file size budget)."""
     w = [float(s) for s in as_sizes(sizes, len(values))]
     below = [max(b for b in widths if b <= v + 1e-9) for v in values.tolist()]
     above = [min(b for b in widths if b >= v - 1e-9) for v in values.tolist()]
@@ -253,10 +254,26 @@ def round_to_widths(values: torch.Tensor, sizes: torch.Tensor, target: float, wi
     remainder = [(v - lo) / (hi - lo) if hi > lo else 0.0 for v, lo, hi in zip(values.tolist(), below, above)]
     for i in sorted(range(len(values)), key=lambda i: -remainder[i]):
         cost = (above[i] - below[i]) * w[i]
-        if cost > 0 and abs(missing - cost) < abs(missing):
+        if cost > 0 and abs(missing - cost) < abs(missing) and (not at_most or cost <= missing + 1e-9):
             chosen[i] = above[i]
             missing -= cost
     return chosen
+
+
+def atp_ladder_beta_max(L: int, mean: float, ladder: tuple[float, ...]) -> float:
+    """Largest beta keeping every block's value within the ladder's range."""
+    return atp_bits_beta_max(L, mean, ladder[0], ladder[-1])
+
+
+def atp_ladder(L: int, mean: float, beta: float, ladder: tuple[float, ...], sizes=None) -> list[float]:
+    """ATP for a ladder of storage costs (bits per weight of llama.cpp's block formats): b_i = B +
+    beta (L-1)/2 - i beta, each rounded to a rung below or above, the size-weighted mean at most B."""
+    legal = atp_ladder_beta_max(L, mean, ladder)
+    if beta < 0 or beta > legal + 1e-12:
+        raise CompressError(f"atp: beta={beta} gives bits per weight outside [{ladder[0]:g}, {ladder[-1]:g}]; "
+                            f"with L={L} blocks and mean {mean:g} beta must be in [0, {legal:.6g}]")
+    values = mean + beta * (L - 1) / 2 - beta * torch.arange(L, dtype=torch.float64)
+    return round_to_widths(values.clamp(ladder[0], ladder[-1]), as_sizes(sizes, L), mean, ladder, at_most=True)
 
 
 def weighted_bits(bits: list[int], sizes) -> float:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from compress import ggml_formats
 from compress.errors import CompressError
+from compress.ggml_formats import BlockFormat, GgufState
 from compress.quant import Grid, QuantState, dequantize, grid_params, quantize, sequential_g_idx
 
 CHOLESKY_RETRIES = 3  # each retry multiplies the damping by 10
@@ -58,25 +60,62 @@ def visiting_order(diag: torch.Tensor, act_order: bool | str, width: int) -> tor
     return torch.cat([perm, tail])
 
 
+class BlockCursor:
+    """GPTQ on one of llama.cpp's block formats: when the pass reaches a span (one GGUF block of
+    columns), its parameters are chosen from the weights as updated so far, in stored column order
+    (a reordered pass visits a span's columns in another order); each column is then rounded on
+    its sub-block's scale. importance: diag(H) in stored order, to weigh the scale search."""
+
+    def __init__(self, fmt: BlockFormat, perm: torch.Tensor | None, cols: int, importance: torch.Tensor):
+        self.fmt, self.importance = fmt, importance
+        self.stored = perm if perm is not None else torch.arange(cols, device=importance.device)
+        self.spans: dict[int, ggml_formats.SpanParams] = {}
+
+    def start(self, position: int, current: torch.Tensor) -> None:
+        """current (rows, span): the span's weights in visiting order, from visiting position on."""
+        fmt = self.fmt
+        stored = self.stored[position : position + fmt.span]
+        base = int(stored.min())
+        local = stored - base
+        weights = torch.empty_like(current)
+        weights[:, local] = current
+        params = ggml_formats.choose(fmt, weights, self.importance[base : base + fmt.span])
+        self.spans[base // fmt.span] = params
+        scale, offset = ggml_formats.effective(fmt, params)  # (rows, subs) or (rows, 1)
+        sub = local // fmt.width if fmt.sub_bits else torch.zeros_like(local)
+        self.scale = scale[:, sub]  # (rows, span) in visiting order
+        self.offset = None if offset is None else offset[:, sub]
+
+    def column(self, w: torch.Tensor, k: int) -> torch.Tensor:
+        scale, offset = self.scale[:, k], None if self.offset is None else self.offset[:, k]
+        return ggml_formats.decode(ggml_formats.encode(w, scale, offset, self.fmt), scale, offset)
+
+    def state(self) -> GgufState:
+        return GgufState.stack(self.fmt, [self.spans[k] for k in sorted(self.spans)])
+
+
 def obs_compress(
     W: torch.Tensor,
     H: torch.Tensor,
     sparsity: float = 0.0,
     nm: tuple[int, int] | None = None,
     frozen: torch.Tensor | None = None,
-    grid: Grid | None = None,
+    grid: Grid | BlockFormat | None = None,
     blocksize: int = 128,
     dampening: float = 0.01,
     act_order: bool | str = False,
-) -> tuple[torch.Tensor, float, QuantState | None]:
+) -> tuple[torch.Tensor, float, QuantState | GgufState | None]:
     """Compressed and updated copy of W (rows, cols) in float32, the damping fraction used, and
     the grid state when quantising.
 
     sparsity / nm: prune adaptively (nm = (n, m): n of every m consecutive weights stay, and
     sparsity is ignored). frozen (rows, cols) bool: weights that must end exactly zero (pruned
     by an earlier stage); their error is compensated like any other. grid: quantise the kept
-    weights. act_order: the order columns are visited in (see visiting_order): False (as
-    stored), True (descending diag(H), GPTQ's desc_act) or "group" (group-aware reordering).
+    weights; a BlockFormat (llama.cpp's q4_0 ... q6_k) puts them on that format's blocks, whose
+    zeros are exact only for the symmetric formats (frozen zeros of asymmetric ones are rounded
+    like any weight). act_order: the order columns are visited in (see visiting_order): False (as
+    stored), True (descending diag(H), GPTQ's desc_act; not for block formats, whose blocks are
+    runs of stored columns) or "group" (group-aware reordering).
     """
     W = W.float().clone()  # (rows, cols) working copy; the caller writes it back once
     H = H.float().clone()  # (cols, cols)
@@ -86,12 +125,23 @@ def obs_compress(
     dead = torch.diag(H) == 0  # inputs that were always zero carry no information
     H[dead, dead] = 1
     W[:, dead] = 0
-    perm = visiting_order(torch.diag(H), act_order, grid.width(cols) if grid is not None else cols)
+    blocks = isinstance(grid, BlockFormat)
+    if blocks:
+        if act_order is True:
+            raise CompressError(f"act_order true scatters columns over blocks; {grid.name} blocks are runs of stored columns: use group or false")
+        if cols % grid.span:
+            raise CompressError(f"{grid.name} needs rows of whole {grid.span}-column blocks, got {cols} columns")
+        # lazy-update chunks start where spans start, so a span's weights are current when it begins
+        blocksize = grid.span if blocksize < grid.span else blocksize // grid.span * grid.span
+        importance = torch.diag(H).clone()
+    perm = visiting_order(torch.diag(H), act_order, (grid.span if blocks else grid.width(cols)) if grid is not None else cols)
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
         frozen = None if frozen is None else frozen[:, perm]
     Hinv, damp_used = inverse_hessian_factor(H, dampening)
-    if grid is not None:
+    if blocks:
+        cursor = BlockCursor(grid, perm, cols, importance)
+    elif grid is not None:
         width = grid.width(cols)
         scales = torch.zeros(grid.groups(cols), rows, device=W.device)
         zeros = torch.zeros_like(scales)
@@ -120,6 +170,16 @@ def obs_compress(
                 drop_scale[i : i + m] = drop[i : i + m] / d[i : i + m]
             if grid is None:
                 torch.mul(W1[i], drop_scale[i], out=Err1[i])  # two tensor ops per column
+            elif blocks:
+                k = (i1 + i) % grid.span
+                if k == 0:  # a new span: its parameters from the weights as they are now
+                    span = grid.span
+                    cursor.start(i1 + i, torch.cat([(W1[i : i + span] * ~drop[i : i + span]).t(), W[:, i2 : i1 + i + span]], dim=1))
+                q = cursor.column(W1[i], k)
+                if grid.holds_zero:
+                    q.masked_fill_(drop[i], 0)
+                torch.sub(W1[i], q, out=Err1[i]).div_(d[i])
+                W1[i] = q
             else:
                 if (i1 + i) % width == 0:  # a new group: its grid from the weights as they are now
                     g = (i1 + i) // width
@@ -136,7 +196,9 @@ def obs_compress(
         W[:, i2:].addmm_(Err1.t(), Hinv[i1:i2, i2:], alpha=-1)  # lazy update of the columns still to come
 
     state = None
-    if grid is not None and act_order == "group" and perm is not None:
+    if blocks:
+        state = cursor.state()
+    elif grid is not None and act_order == "group" and perm is not None:
         # groups were visited in another order but each is still one block of stored columns:
         # put their scales back in stored order; g_idx stays sequential
         order = perm[::width] // width  # stored group of each visited group
@@ -165,7 +227,7 @@ def sparsegpt_prune(
 def gptq_quantize(
     W: torch.Tensor,
     H: torch.Tensor,
-    grid: Grid,
+    grid: Grid | BlockFormat,
     frozen: torch.Tensor | None = None,
     blocksize: int = 128,
     dampening: float = 0.01,

@@ -41,24 +41,29 @@ from safetensors.torch import save_file
 
 from compress import tokenizer_files
 from compress.config import Config
+from compress.ggml_formats import FORMATS, GgufState
 from compress.errors import CompressError
-from compress.export import gguf_arch, gguf_rewrite, llama_convert
+from compress.export import gguf_arch, gguf_pack, gguf_rewrite, llama_convert
 from compress.export.gguf_index import GgufIndex
 from compress.export.gguf_arch import Widths, head_dim, lowrank_notes
 from compress.export.gguf_check import NO_LLAMA_CPP, TOP1_AGREEMENT, check  # noqa: F401  (check: the exporter's; TOP1_AGREEMENT: its floors)
 from compress.layout import LowRankLinear
 from compress.model import block_prefix, decoder_blocks, model_type
+from compress.quant import QuantState
 
 log = logging.getLogger("compress")
 
 Q = gguf.GGMLQuantizationType
-GgufType = Literal["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s", "q4_1", "q4_0",
-                   "q3_k_l", "q3_k_m", "q3_k_s", "q2_k"]
+NamedType = Literal["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s", "q4_1", "q4_0",
+                    "q3_k_l", "q3_k_m", "q3_k_s", "q2_k"]
+# "grid": every matrix the quantize stage put on a block format, in that format block for block;
+# the other tensors in llama.cpp's choice for the closest named type
+GgufType = Literal[NamedType, "grid"]
 # llama.cpp's file type (llama.h: enum llama_ftype) of each
 FTYPE = {kind: gguf.LlamaFileType.ALL_F32 if kind == "f32" else gguf.LlamaFileType[f"MOSTLY_{kind.upper()}"]
-         for kind in GgufType.__args__}
+         for kind in NamedType.__args__}
 # the block type a quantised file type aims at (K-quant mixes keep some matrices wider by design)
-MAIN_TYPE = {kind: Q[kind.upper().removesuffix("_M").removesuffix("_S").removesuffix("_L")] for kind in GgufType.__args__ if kind.startswith("q")}
+MAIN_TYPE = {kind: Q[kind.upper().removesuffix("_M").removesuffix("_S").removesuffix("_L")] for kind in NamedType.__args__ if kind.startswith("q")}
 # types the converter writes itself, used when llama.cpp's quantizer is not installed
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
 # why llama.cpp's quantizer left block matrices in another type (src/llama-quant.cpp, tensor_type_fallback)
@@ -67,15 +72,16 @@ FALLBACK_REASON = {
     "k": "K-quants need rows divisible by 256 (Q5_0 / Q5_1 / Q8_0 otherwise, F16 when not divisible by 32), "
          "and the _M / _L mixes keep some layers at higher precision by design",
 }
-# a GPTQ grid that is a GGUF block type as it stands: bits -> (file type, block type)
-GRID_TYPES = {4: ("q4_0", Q.Q4_0), 8: ("q8_0", Q.Q8_0)}
-GRID_WRITTEN = "llama.cpp quantize from F32, GPTQ grid written block for block"
+GRID_WRITTEN = "llama.cpp quantize from F32, grids written block for block"
 
 
 class GgufExport(Config):
     """`export.gguf`: the llama.cpp files to write, one per type."""
 
     types: list[GgufType] = Field(default=["f16"], min_length=1)
+    # the output and token-embedding matrices' types in the quantised files (default: llama.cpp's choice)
+    output_type: Literal["f16", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0"] | None = None
+    embedding_type: Literal["f16", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0"] | None = None
 
     @field_validator("types")
     @classmethod
@@ -325,55 +331,64 @@ def row_orders(base: Path, model, arch: str) -> dict[str, tuple[str, np.ndarray]
     return orders
 
 
-# ---------------------------------------------------------------- GPTQ grids as GGUF blocks
+# ---------------------------------------------------------------- grids written as GGUF blocks
 
 
-def on_block_grid(module) -> bool:
-    """The layer's GPTQ grid is a GGUF block type as it stands: symmetric, 4 or 8 bits, groups of
-    32 columns in column order."""
+def block_state(module) -> GgufState | None:
+    """The layer's grid as one of llama.cpp's block formats, when it is one: the quantize stage's
+    `grid:` formats, and integer GPTQ grids that are Q4_0 / Q8_0 as they stand (symmetric, 4 or 8
+    bits, groups of 32 columns in column order). None otherwise (llama.cpp requantises it)."""
     state = getattr(module, "quant_state", None)
-    if state is None or not state.grid.sym or state.grid.bits not in GRID_TYPES:
-        return False
+    if isinstance(state, GgufState):
+        return state
+    if not isinstance(state, QuantState) or not state.grid.sym or state.grid.bits not in (4, 8):
+        return None
     cols = state.g_idx.numel()
-    return cols % 32 == 0 and state.grid.width(cols) == 32 and torch.equal(state.g_idx.long(), torch.arange(cols) // 32)
+    if cols % 32 or state.grid.width(cols) != 32 or not torch.equal(state.g_idx.long(), torch.arange(cols) // 32):
+        return None
+    return GgufState(FORMATS["q4_0" if state.grid.bits == 4 else "q8_0"], d=state.scales.t().float())
+
+
+def gridded(model) -> dict[str, GgufState]:
+    """hf weight name -> block format of every layer on one."""
+    return {f"{name}.weight": st for name, m in model.named_modules() if (st := block_state(m)) is not None}
 
 
 def grid_blocks(module, perm: np.ndarray | None = None) -> tuple[np.ndarray, Q] | None:
-    """The layer's GPTQ grid as GGUF blocks (raw bytes, rows in the file's order perm), when the
-    grid is one (see on_block_grid). None otherwise."""
-    if not on_block_grid(module):
+    """The layer's grid as GGUF blocks (raw bytes, rows in the file's order perm), or None."""
+    state = block_state(module)
+    if state is None:
         return None
-    state = module.quant_state
-    bits = state.grid.bits
-    q = state.codes(module.weight.detach()).to(torch.int64) - (1 << (bits - 1))  # (rows, cols), centred
-    scales = state.scales.t()  # (rows, groups): float16 values
+    q = state.codes(module.weight.detach())
     if perm is not None:
         index = torch.from_numpy(perm)
-        q, scales = q[index], scales[index]
-    rows = q.shape[0]
-    d = scales.half().contiguous().numpy().view(np.uint8).reshape(rows, -1, 2)
-    blocks = q.reshape(rows, -1, 32)
-    if bits == 8:
-        payload = blocks.to(torch.int8).contiguous().numpy().view(np.uint8)
-    else:  # Q4_0: element j in the low nibble of byte j, element j + 16 in its high nibble
-        u = (blocks + 8).to(torch.uint8)
-        payload = (u[..., :16] | (u[..., 16:] << 4)).numpy()
-    return np.concatenate([d, payload], axis=-1).reshape(rows, -1), GRID_TYPES[bits][1]
+        q, state = q[index], state.rows(index)
+    return gguf_pack.pack(state, q), state.fmt.qtype
 
 
-def grid_kinds(model) -> set[str]:
-    """File types the model's GPTQ grid can be written as block for block (g128 4-bit is not Q4_0)."""
-    return {GRID_TYPES[m.quant_state.grid.bits][0] for m in model.modules() if on_block_grid(m)}
+# file type whose llama.cpp mix is closest to a grid: what the tensors without a grid take
+NAMED_TYPE = {"q4_0": "q4_0", "q4_1": "q4_1", "q5_0": "q5_0", "q5_1": "q5_1", "q8_0": "q8_0", "q2_k": "q2_k",
+              "q3_k": "q3_k_m", "q4_k": "q4_k_m", "q5_k": "q5_k_m", "q6_k": "q6_k"}
 
 
-def grid_replacements(model, kind: str, orders: dict) -> dict[str, tuple[np.ndarray, Q]]:
-    """gguf name -> our blocks, for every matrix on kind's grid."""
+def grid_base(model, states: dict[str, GgufState]) -> str:
+    """The named type for a `grid` file's other tensors: the one of the format most weights are on."""
+    counts = Counter()
+    modules = dict(model.named_modules())
+    for name, st in states.items():
+        counts[st.fmt.name] += modules[name.removesuffix(".weight")].weight.numel()
+    return NAMED_TYPE[counts.most_common(1)[0][0]]
+
+
+def grid_replacements(model, states: dict[str, GgufState], orders: dict, file_types: dict[str, str] | None) -> dict[str, tuple[np.ndarray, Q]]:
+    """gguf name -> our blocks for every gridded matrix; with file_types (a named type's file),
+    only where llama.cpp chose the grid's own type for that tensor."""
+    modules = dict(model.named_modules())
     out = {}
-    for name, module in model.named_modules():
-        key = f"{name}.weight"
-        if key in orders and on_block_grid(module) and GRID_TYPES[module.quant_state.grid.bits][0] == kind:
-            gguf_name, perm = orders[key]
-            out[gguf_name] = grid_blocks(module, perm)
+    for hf_name, st in states.items():
+        gguf_name, perm = orders[hf_name]
+        if file_types is None or file_types.get(gguf_name) == st.fmt.qtype.name:
+            out[gguf_name] = grid_blocks(modules[hf_name.removesuffix(".weight")], perm)
     return out
 
 
@@ -396,12 +411,16 @@ def quiet_fds(log_file: Path):
                 os.close(fd)
 
 
-def llama_quantize(source: Path, out: Path, kind: str, threads: int, log_file: Path) -> None:
+def llama_quantize(source: Path, out: Path, kind: str, threads: int, log_file: Path, cfg: "GgufExport | None" = None) -> None:
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(FTYPE[kind])
     params.nthread = threads
+    if cfg is not None and cfg.output_type:  # llama.cpp's own overrides for the two largest tensors
+        params.output_tensor_type = int(Q[cfg.output_type.upper()])
+    if cfg is not None and cfg.embedding_type:
+        params.token_embedding_type = int(Q[cfg.embedding_type.upper()])
     with quiet_fds(log_file):
         status = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params)
     if status != 0:
@@ -464,7 +483,10 @@ def save(model, tokenizer, dest: Path, cfg: GgufExport, scratch: Path) -> dict:
     window = getattr(model.config, "sliding_window", None) if model_type(model) == "mistral" else None
     if window:  # llama.cpp runs Mistral as llama, attending to the whole context
         notes.append(f"the model's sliding window ({window} tokens) is not applied by llama.cpp: outputs agree up to {window} tokens of context")
-    on_grid, quantised = grid_kinds(model), any(getattr(m, "quant_state", None) is not None for m in model.modules())
+    states, quantised = gridded(model), any(getattr(m, "quant_state", None) is not None for m in model.modules())
+    if "grid" in cfg.types and not states:
+        raise CompressError("export.gguf.types: grid writes the quantize stage's llama.cpp block formats, and no layer is on one "
+                            "(quantize with grid: q4_k ..., or GPTQ 4 / 8 bits in groups of 32 without act_order)")
     threads = torch.get_num_threads()
     files = {}
     for kind in cfg.types:
@@ -479,16 +501,20 @@ def save(model, tokenizer, dest: Path, cfg: GgufExport, scratch: Path) -> dict:
             llama_convert.convert(folder, path, kind, log_file)
             entry["how"] = "llama.cpp's converter"
         else:
-            made = scratch / file_name(kind) if kind in on_grid else path
-            llama_quantize(base, made, kind, threads, log_file)
+            named = grid_base(model, states) if kind == "grid" else kind
+            made = scratch / file_name(kind)
+            llama_quantize(base, made, named, threads, log_file, cfg)
             entry["how"] = "llama.cpp quantize from F32"
-            if kind in on_grid:
-                blocks = grid_replacements(model, kind, orders)
+            blocks = grid_replacements(model, states, orders, None if kind == "grid" else GgufIndex(made).types()) if states else {}
+            if blocks:
                 gguf_rewrite.with_tensors(made, path, blocks)
                 made.unlink()
-                entry.update(how=GRID_WRITTEN, grid_matrices=len(blocks))
-            elif quantised and kind != "f16" and kind != "bf16":
-                notes.append(f"{kind}: the model's quantisation grid is not {kind}'s: dequantised and requantised by llama.cpp")
+                entry.update(how=GRID_WRITTEN, grid_matrices=len(blocks), base=named)
+            else:
+                os.replace(made, path)
+            left = len(states) - len(blocks)
+            if quantised and kind not in ("f16", "bf16") and (left or not states):
+                notes.append(f"{kind}: {left or 'all'} quantised matrices are not on a {kind} file's types for them: dequantised and requantised by llama.cpp")
         stored = GgufIndex(path)
         types = stored.types()
         entry.update(mb=round(path.stat().st_size / 2**20, 2), tensor_types=dict(Counter(types.values())))
@@ -510,18 +536,17 @@ def verify(model, dest: Path, info: dict, cfg: GgufExport) -> dict:
     if "f32" in info["files"]:
         orders = row_orders(dest / info["files"]["f32"]["file"], model, info["family"])  # raises naming a matrix that differs
         out["f32"] = {"tensors": len(orders), "identical": True}
-    modules = dict(model.named_modules())
+    states = gridded(model)
     names = name_map(info["family"], len(decoder_blocks(model)))
     for kind, entry in info["files"].items():
         if entry["how"] != GRID_WRITTEN:
             continue
         stored = GgufIndex(dest / entry["file"])
-        checked = 0
+        types, checked = stored.types(), 0
         for hf_name, w in matrices(model):
-            m = modules.get(hf_name.removesuffix(".weight"))
-            if not (on_block_grid(m) and GRID_TYPES[m.quant_state.grid.bits][0] == kind):
-                continue
             name = names.get_name(hf_name, try_suffixes=(".weight",))
+            if hf_name not in states or types.get(name) != states[hf_name].fmt.qtype.name:
+                continue  # no grid, or requantised into another type by llama.cpp's mix
             if row_order(stored.values(name), w.numpy()) is None:
                 raise CompressError(f"export check failed: gguf {kind} tensor {name} does not decode to the model's {hf_name}")
             checked += 1

@@ -45,8 +45,8 @@ def check(dest: Path, info: dict, ref, cfg) -> dict:
         log.warning("export check: gguf files not loaded in llama.cpp: %s", NO_LLAMA_CPP)
         return {"checked": False, "reason": NO_LLAMA_CPP}
     results = {}
-    for kind, entry in info["files"].items():
-        results[kind] = check_file(dest / entry["file"], kind, ref)
+    for kind, entry in info["files"].items():  # a grid file is held to the bounds of the named type it is closest to
+        results[kind] = check_file(dest / entry["file"], entry.get("base", kind), ref)
     return {"checked": True, "files_checked": results}
 
 

@@ -1,5 +1,7 @@
-"""The quantize stage: weights onto integer grids (GPTQ, round-to-nearest) or bitsandbytes
-formats (NF4, FP4, INT8), bit-widths per block from an allocator, zeros of earlier stages kept.
+"""The quantize stage: weights onto integer grids (GPTQ, round-to-nearest), onto llama.cpp's
+block formats (`grid: q4_k`, ...: GPTQ choosing each GGUF block's scales as the format stores them,
+compress/ggml_formats.py) or bitsandbytes formats (NF4, FP4, INT8); bit-widths (or block formats)
+per block from an allocator, zeros of earlier stages kept where the grid holds a zero.
 
 GPTQ runs through the shared block runner, so each block is calibrated on the outputs of the
 blocks already compressed. Each quantised Linear keeps its grid in `module.quant_state` (GPTQ /
@@ -21,7 +23,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from compress import allocate, devices
+from compress import allocate, devices, ggml_formats
 from compress.allocate import AtpAllocation, UniformAllocation
 from compress.calibrate import sequential
 from compress.config import Config, LayerPatterns
@@ -40,9 +42,23 @@ log = logging.getLogger("compress")
 # ---------------------------------------------------------------- config
 
 
+GridName = Literal["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
+
+
 class ExplicitBits(Config):
     kind: Literal["explicit"] = "explicit"
-    bits: list[Literal[2, 3, 4, 8]]  # one width per decoder block
+    bits: list[Literal[2, 3, 4, 8]] | None = None  # one width per decoder block
+    grids: list[GridName] | None = None  # with `grid`: one llama.cpp block format per decoder block
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.bits is None) == (self.grids is None):
+            raise ValueError("give bits (one width per block) or, with grid, grids (one block format per block)")
+        return self
+
+    @property
+    def per_block(self) -> list:
+        return self.bits if self.bits is not None else self.grids
 
 
 BitsAllocation = Annotated[Union[UniformAllocation, AtpAllocation, ExplicitBits], Field(discriminator="kind")]
@@ -51,6 +67,10 @@ BitsAllocation = Annotated[Union[UniformAllocation, AtpAllocation, ExplicitBits]
 class QuantizeConfig(Config):
     kind: Literal["quantize"] = "quantize"
     method: Literal["gptq", "rtn", "bnb"] = "gptq"
+    # gptq/rtn onto one of llama.cpp's block formats (bits, group_size and sym follow from it); with
+    # atp, each block gets a format of the grid's family (K-quants, or the legacy ones)
+    grid: GridName | None = None
+    bits_per_weight: float | None = Field(default=None, gt=0)  # grid + atp: the mean as stored, scales included (default: the grid's)
     bits: float | None = None  # gptq/rtn: 2|3|4|8 (default 4); with atp the size-weighted mean, e.g. 3.0
     format: Literal["nf4", "fp4", "int8"] | None = None  # bnb only (default nf4)
     group_size: GroupSize = 128  # input columns per scale; -1: one scale per output row
@@ -68,6 +88,8 @@ class QuantizeConfig(Config):
     @model_validator(mode="after")
     def _consistent(self):
         if self.method == "bnb":
+            if self.grid is not None:
+                raise ValueError("grid (llama.cpp block formats) applies to gptq and rtn; bnb takes format")
             if self.bits is not None or not isinstance(self.allocation, UniformAllocation):
                 raise ValueError("bnb takes its width from `format` (nf4, fp4, int8): drop bits and use allocation uniform")
             if self.act_order is not None:
@@ -75,6 +97,12 @@ class QuantizeConfig(Config):
             return self
         if self.format is not None:
             raise ValueError(f"format applies to method bnb; {self.method} takes bits")
+        if self.grid is not None:
+            return self._grid_consistent()
+        if self.bits_per_weight is not None:
+            raise ValueError("bits_per_weight applies with grid (llama.cpp block formats); integer grids take bits")
+        if isinstance(self.allocation, ExplicitBits) and self.allocation.bits is None:
+            raise ValueError("allocation.grids needs grid (a llama.cpp block format); integer grids take allocation.bits")
         if self.act_order is not None and self.method != "gptq":
             raise ValueError("act_order applies to gptq only")
         alloc = self.allocation
@@ -89,9 +117,35 @@ class QuantizeConfig(Config):
             raise ValueError(f"bits must be one of 2, 3, 4, 8, got {self.bits:g}")
         return self
 
+    def _grid_consistent(self):
+        given = [key for key in ("bits", "group_size", "sym") if key in self.model_fields_set]
+        if given:
+            raise ValueError(f"{', '.join(given)}: grid {self.grid} fixes bits, block length and scale layout; drop {' and '.join(given)}")
+        if self.act_order is True:
+            raise ValueError(f"act_order true scatters columns over blocks; {self.grid} blocks are runs of stored columns: use group or false")
+        alloc = self.allocation
+        if isinstance(alloc, ExplicitBits) and alloc.grids is None:
+            raise ValueError("with grid, allocation explicit takes grids (one block format per block), not bits")
+        if self.bits_per_weight is not None and not isinstance(alloc, AtpAllocation):
+            raise ValueError("bits_per_weight is the mean an atp allocation keeps to; uniform and explicit take the formats as given")
+        if isinstance(alloc, AtpAllocation):
+            ladder = self.ladder
+            if not ladder[0] <= self.target_bits <= ladder[-1]:
+                raise ValueError(f"bits_per_weight must be within [{ladder[0]:g}, {ladder[-1]:g}] ({self.grid}'s family of formats), got {self.target_bits:g}")
+        return self
+
+    @property
+    def ladder(self) -> tuple[float, ...]:
+        """Bits per weight of the formats an allocation chooses among (the grid's family)."""
+        return tuple(ggml_formats.FORMATS[name].bits_per_weight for name in ggml_formats.ladder_of(self.grid))
+
     @property
     def target_bits(self) -> float:
-        """The mean bit-width asked for (bnb: its format's)."""
+        """The mean bit-width asked for (bnb: its format's; a grid: bits per weight as stored)."""
+        if self.grid is not None:
+            if isinstance(self.allocation, ExplicitBits):
+                return sum(ggml_formats.FORMATS[g].bits_per_weight for g in self.allocation.grids) / len(self.allocation.grids)
+            return self.bits_per_weight or ggml_formats.FORMATS[self.grid].bits_per_weight
         if self.method == "bnb":
             return {"nf4": 4, "fp4": 4, "int8": 8}[self.format or "nf4"]
         if isinstance(self.allocation, ExplicitBits):
@@ -109,11 +163,15 @@ class QuantizeConfig(Config):
     def check_layers(self, layers: list[dict[str, nn.Module]], stage_key: str) -> None:
         """What only the model's shapes can tell (validate runs this on a meta-device skeleton)."""
         alloc, where = self.allocation, f"{stage_key}.allocation"
-        if isinstance(alloc, ExplicitBits) and len(alloc.bits) != len(layers):
-            raise CompressError(f"{where}.bits: {len(alloc.bits)} entries, the model has {len(layers)} blocks")
+        if isinstance(alloc, ExplicitBits) and len(alloc.per_block) != len(layers):
+            key = "bits" if alloc.bits is not None else "grids"
+            raise CompressError(f"{where}.{key}: {len(alloc.per_block)} entries, the model has {len(layers)} blocks")
         if isinstance(alloc, AtpAllocation) and alloc.beta != "auto":
             try:
-                allocate.atp_bits(len(layers), self.target_bits, alloc.beta)
+                if self.grid is not None:
+                    allocate.atp_ladder(len(layers), self.target_bits, alloc.beta, self.ladder)
+                else:
+                    allocate.atp_bits(len(layers), self.target_bits, alloc.beta)
             except CompressError as err:
                 raise CompressError(f"{where}.beta: {err}") from None
         if self.method == "bnb" and importlib.util.find_spec("bitsandbytes") is None:
@@ -135,10 +193,10 @@ class QuantizeRecord:
     format: str  # "int4 g128 sym", "nf4", ...
     allocation: dict
     target: float  # mean bits asked for
-    block_bits: list[int]  # bit-width per decoder block
+    block_bits: list[float]  # bit-width per decoder block (a grid: its format's bits per weight as stored)
     achieved: float  # size-weighted mean bits of the quantised weights (codes only)
     bits_per_weight: float  # including scales, zero points and group indices, as stored
-    layer_bits: dict[str, int]
+    layer_bits: dict[str, float]
     layer_sqnr_db: dict[str, float]  # gptq: output signal-to-noise estimated with the layer's Hessian
     zeros_before: int  # exact zeros in the quantised layers before the stage (earlier stages' sparsity)
     zeros_kept: int  # of those, still exactly zero after it
@@ -148,6 +206,8 @@ class QuantizeRecord:
     skipped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    block_grids: list[str] | None = None  # grid: llama.cpp block format per decoder block
+    layer_grids: dict[str, str | None] | None = None  # grid: the format each layer got (a fallback where rows are not whole blocks; None: left in float)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -179,8 +239,16 @@ def bnb_roundtrip(W: torch.Tensor, fmt: str) -> torch.Tensor:
 # ---------------------------------------------------------------- the model
 
 
-def quantize_model(model, ctx: StageContext, cfg: QuantizeConfig, layers, block_bits: list[int], stats_out: dict) -> None:
-    """Quantise every selected layer of every block to its block's width, in place."""
+def layer_grid(cfg: QuantizeConfig, plan, module):
+    """What a layer is quantised onto: its block's integer Grid, or the block's llama.cpp format
+    (its fallback where the rows are not whole blocks; None: left in float, as llama.cpp would)."""
+    if cfg.grid is None:
+        return grid_of(cfg, plan)
+    return ggml_formats.fitting(plan, in_features(module))
+
+
+def quantize_model(model, ctx: StageContext, cfg: QuantizeConfig, layers, block_bits: list, stats_out: dict) -> None:
+    """Quantise every selected layer of every block to its block's width (or format), in place."""
 
     def frozen(W):  # zeros of earlier stages, which must stay exactly zero
         return (W == 0) if cfg.keep_sparsity else None
@@ -192,14 +260,19 @@ def quantize_model(model, ctx: StageContext, cfg: QuantizeConfig, layers, block_
         if cfg.method == "bnb":
             module.bnb_format = cfg.bnb_format
 
-    if cfg.method != "gptq":  # needs no data; 0 is on every grid, so zeros stay zeros
+    if cfg.method != "gptq":  # needs no data; 0 is on every integer grid, so zeros stay zeros
         for block, bits in zip(layers, block_bits):
             for module in block.values():
                 W = get_weight(module)
-                if cfg.method == "rtn":
-                    finish(module, *rtn(W, grid_of(cfg, bits)))
-                else:
+                if cfg.method == "bnb":
                     finish(module, bnb_roundtrip(W, cfg.bnb_format), None)
+                elif cfg.grid is None:
+                    finish(module, *rtn(W, grid_of(cfg, bits)))
+                elif (fmt := layer_grid(cfg, bits, module)) is not None:
+                    W_new, state = ggml_formats.rtn(W, fmt)
+                    if fmt.holds_zero and cfg.keep_sparsity:
+                        W_new = W_new.masked_fill(W == 0, 0)  # q = 0 decodes to exactly 0
+                    finish(module, W_new, state)
         return
     stats: dict[str, Hessian] = {}
 
@@ -210,15 +283,19 @@ def quantize_model(model, ctx: StageContext, cfg: QuantizeConfig, layers, block_
 
     def compress(i, block):
         for name, module in layers[i].items():
+            grid = layer_grid(cfg, block_bits[i], module)
+            if grid is None:  # rows not whole blocks of the format or its fallback: float, as llama.cpp leaves it
+                continue
             W, H = get_weight(module), stats[name].H
-            W_new, damp, state = gptq_quantize(W, H, grid_of(cfg, block_bits[i]), frozen(W), cfg.blocksize, cfg.dampening, cfg.column_order)
+            W_new, damp, state = gptq_quantize(W, H, grid, frozen(W), cfg.blocksize, cfg.dampening, cfg.column_order)
             stats_out[name] = sqnr_from_hessian(W.float(), W_new, H)
             if damp > cfg.dampening:
                 stats_out.setdefault("_notes", []).append(f"{name}: GPTQ needed dampening {damp:g} (asked {cfg.dampening:g})")
             finish(module, W_new, state)
         return bool(layers[i])
 
-    sequential(model, ctx.block_inputs(model), observe, compress, f"gptq {cfg.target_bits:g}-bit", ctx.calibration_dtype)
+    label = f"gptq {cfg.grid}" if cfg.grid else f"gptq {cfg.target_bits:g}-bit"
+    sequential(model, ctx.block_inputs(model), observe, compress, label, ctx.calibration_dtype)
 
 
 def sqnr_from_hessian(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
@@ -232,16 +309,32 @@ def sqnr_from_hessian(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> 
 # ---------------------------------------------------------------- allocation
 
 
-def widths(cfg: QuantizeConfig, layers, beta: float | None) -> list[int]:
+def widths(cfg: QuantizeConfig, layers, beta: float | None) -> list:
+    """Per block: its bit-width, or (grid) its llama.cpp block format's name."""
     L = len(layers)
     if cfg.method == "bnb":
         return [int(cfg.target_bits)] * L
     alloc = cfg.allocation
     if isinstance(alloc, ExplicitBits):
-        return list(alloc.bits)
+        return list(alloc.per_block)
+    if cfg.grid is not None:
+        if not isinstance(alloc, AtpAllocation):
+            return [cfg.grid] * L
+        return grid_plan(cfg, L, beta, block_weight_counts(layers))
     if isinstance(alloc, AtpAllocation):
         return allocate.atp_bits(L, cfg.target_bits, beta, block_weight_counts(layers))
     return [int(cfg.target_bits)] * L
+
+
+def grid_plan(cfg: QuantizeConfig, L: int, beta: float, sizes) -> list[str]:
+    """ATP over the grid's family of formats: more bits per weight early, the mean at most the target."""
+    names = ggml_formats.ladder_of(cfg.grid)
+    by_bits = {ggml_formats.FORMATS[n].bits_per_weight: n for n in names}
+    return [by_bits[b] for b in allocate.atp_ladder(L, cfg.target_bits, beta, cfg.ladder, sizes)]
+
+
+def plan_bits(cfg: QuantizeConfig, plan: list) -> list[float]:
+    return [ggml_formats.FORMATS[p].bits_per_weight for p in plan] if cfg.grid is not None else list(plan)
 
 
 # ---------------------------------------------------------------- entry point
@@ -261,9 +354,14 @@ def apply(model, ctx: StageContext, cfg: QuantizeConfig) -> tuple[nn.Module, Qua
         beta = cfg.allocation.beta
         if beta == "auto":
             L, B = len(layers), cfg.target_bits
+            sizes = block_weight_counts(layers)
+            if cfg.grid is not None:
+                beta_max, plan = allocate.atp_ladder_beta_max(L, B, cfg.ladder), lambda b: tuple(grid_plan(cfg, L, b, sizes))
+            else:
+                beta_max, plan = allocate.atp_bits_beta_max(L, B), lambda b: tuple(allocate.atp_bits(L, B, b, sizes))
             beta, search, notes = search_beta(
-                model, ctx, modules, allocate.atp_bits_beta_max(L, B), cfg.allocation.trials,
-                plan=lambda b: tuple(allocate.atp_bits(L, B, b, block_weight_counts(layers))),
+                model, ctx, modules, beta_max, cfg.allocation.trials,
+                plan=plan,
                 compress=lambda bits, trial_notes: quantize_model(model, ctx, cfg, layers, list(bits), trial_stats.setdefault(bits, {})),
                 zeros_only=False,
             )
@@ -277,11 +375,17 @@ def apply(model, ctx: StageContext, cfg: QuantizeConfig) -> tuple[nn.Module, Qua
     return model, measure(cfg, layers, block_bits, zeros_before, layer_stats, beta, search, skipped, notes, time.perf_counter() - start)
 
 
-def measure(cfg, layers, block_bits, zeros_before, layer_sqnr, beta, search, skipped, notes, seconds) -> QuantizeRecord:
-    layer_bits, stored, count = {}, 0.0, 0
-    for block, bits in zip(layers, block_bits):
+def measure(cfg, layers, plan, zeros_before, layer_sqnr, beta, search, skipped, notes, seconds) -> QuantizeRecord:
+    block_bits = plan_bits(cfg, plan)
+    layer_bits, layer_grids, fallen, stored, count = {}, {}, {}, 0.0, 0
+    for block, bits, step in zip(layers, block_bits, plan):
         for name, module in block.items():
-            layer_bits[name] = bits
+            state = getattr(module, "quant_state", None)
+            if cfg.grid is not None:  # what the layer really got: a fallback, or nothing (float)
+                layer_grids[name] = state.fmt.name if isinstance(state, ggml_formats.GgufState) else None
+                if layer_grids[name] != step:
+                    fallen[name] = layer_grids[name] or "float"
+            layer_bits[name] = stored_bits(module) / get_weight(module).numel() if cfg.grid is not None else bits
             stored += stored_bits(module)
             count += get_weight(module).numel()
     before, kept, after = zeros_before.counts()
@@ -289,12 +393,15 @@ def measure(cfg, layers, block_bits, zeros_before, layer_sqnr, beta, search, ski
         fmt = cfg.bnb_format
     else:
         order = {True: " act-order", "group": " group-aware order", False: ""}[cfg.column_order] if cfg.method == "gptq" else ""
-        fmt = f"int{cfg.target_bits:g} g{cfg.group_size} {'sym' if cfg.sym else 'asym'}{order}"
+        fmt = f"{cfg.grid} blocks{order}" if cfg.grid else f"int{cfg.target_bits:g} g{cfg.group_size} {'sym' if cfg.sym else 'asym'}{order}"
+    if fallen:
+        notes = notes + [f"{len(fallen)} layers have rows that are not whole blocks of their block's format and took llama.cpp's fallback "
+                         f"({', '.join(sorted(set(fallen.values())))}): {', '.join(list(fallen)[:3])}{'...' if len(fallen) > 3 else ''}"]
     return QuantizeRecord(
         kind="quantize",
         method=cfg.method,
         format=fmt,
-        allocation=cfg.allocation.model_dump(),
+        allocation=cfg.allocation.model_dump(exclude_none=True),
         target=cfg.target_bits,
         block_bits=block_bits,
         achieved=allocate.weighted_bits(block_bits, block_weight_counts(layers)),
@@ -309,4 +416,6 @@ def measure(cfg, layers, block_bits, zeros_before, layer_sqnr, beta, search, ski
         skipped=skipped,
         notes=notes,
         seconds=seconds,
+        block_grids=list(plan) if cfg.grid is not None else None,
+        layer_grids=layer_grids or None,
     )

@@ -1,0 +1,177 @@
+"""llama.cpp's block formats as quantisation grids (compress/ggml_formats.py): parameters chosen as
+the formats store them, GPTQ's error feedback on them, the bytes gguf decodes, the quantize stage's
+`grid:` with allocation by depth, and GGUF files that carry the grids block for block."""
+
+import importlib.util
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from compress import allocate
+from compress.export import gguf_pack
+from compress.ggml_formats import FORMATS, GgufState, choose, fitting, ladder_of, rtn
+from compress.obs import gptq_quantize
+from conftest import model_from_config, needs_converter
+
+# bits per weight as stored (ggml-common.h block sizes): what a file of each format costs
+BPW = {"q4_0": 4.5, "q4_1": 5.0, "q5_0": 5.5, "q5_1": 6.0, "q8_0": 8.5, "q2_k": 2.625, "q3_k": 3.4375, "q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625}
+
+
+def layer(rows=48, cols=512, seed=0, zeros=0.0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g) * 0.05
+    X = torch.randn(1024, cols, generator=g) * torch.linspace(0.2, 3, cols)  # uneven input scales
+    if zeros:
+        W[torch.rand(W.shape, generator=g) < zeros] = 0
+    return W, 2 * X.t() @ X / X.shape[0]
+
+
+def output_error(W, Wq, H):
+    E = W - Wq
+    return float(((E @ H) * E).sum() / ((W @ H) * W).sum())
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_every_format_decodes_in_gguf_to_our_weights_bit_for_bit(name):
+    fmt = FORMATS[name]
+    assert fmt.bits_per_weight == BPW[name]
+    W, _ = layer(cols=512)
+    W[:3, :40] = 0  # an all-zero run: zero scales must survive packing
+    Wq, state = rtn(W, fmt)
+    raw = gguf_pack.pack(state, state.codes(Wq))
+    assert raw.shape == (W.shape[0], 512 // fmt.span * gguf.GGML_QUANT_SIZES[fmt.qtype][1])
+    decoded = gguf.quants.dequantize(raw, fmt.qtype).reshape(W.shape)
+    assert np.array_equal(decoded, Wq.numpy())
+    # below a uniform quantiser over +-3 sigma with as many levels: (6 sigma / levels)^2 / 12
+    levels = fmt.hi - fmt.lo + 1
+    assert float(((Wq - W) ** 2).mean() / (W**2).mean()) < 3 / levels**2
+
+
+def test_k_quant_scales_are_stored_in_their_bits_under_a_float16_super_scale():
+    W, _ = layer(rows=8, cols=256)
+    p = choose(FORMATS["q4_k"], W)
+    assert p.sc.min() >= 0 and p.sc.max() <= 63 and p.m.max() <= 63 and p.sc.shape == (8, 8)
+    assert torch.equal(p.d, p.d.half().float()) and torch.equal(p.dmin, p.dmin.half().float())
+    p = choose(FORMATS["q6_k"], W)
+    assert p.sc.min() >= -128 and p.sc.max() <= 127 and p.sc.shape == (8, 16)
+    p = choose(FORMATS["q2_k"], W)
+    assert p.sc.max() <= 15 and p.m.max() <= 15
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_k", "q3_k", "q6_k", "q5_1"])
+def test_gptq_on_block_formats_beats_round_to_nearest_and_packs_exactly(name):
+    fmt = FORMATS[name]
+    W, H = layer(zeros=0.3)
+    frozen = W == 0
+    Wr, _ = rtn(W, fmt)
+    Wg, _, state = gptq_quantize(W, H, fmt, frozen=frozen, act_order="group")
+    assert isinstance(state, GgufState) and state.fmt is fmt
+    assert output_error(W, Wg, H) < 0.95 * output_error(W, Wr, H)
+    decoded = gguf.quants.dequantize(gguf_pack.pack(state, state.codes(Wg)), fmt.qtype).reshape(W.shape)
+    assert np.array_equal(decoded, Wg.numpy())
+    kept = float((Wg[frozen] == 0).float().mean())
+    assert kept == 1.0 if fmt.holds_zero else kept < 0.05  # asymmetric formats have no exact 0 in general
+
+
+def test_block_formats_refuse_scattered_column_orders_and_partial_blocks():
+    from compress.errors import CompressError
+
+    W, H = layer(cols=512)
+    with pytest.raises(CompressError, match="act_order true scatters columns"):
+        gptq_quantize(W, H, FORMATS["q4_k"], act_order=True)
+    with pytest.raises(CompressError, match="whole 256-column blocks, got 320"):
+        gptq_quantize(W[:, :320], H[:320, :320], FORMATS["q4_k"])
+
+
+def test_rows_that_are_not_whole_blocks_take_llama_cpp_s_fallback():
+    assert fitting("q4_k", 576).name == "q5_0" and fitting("q6_k", 576).name == "q8_0"
+    assert fitting("q2_k", 576).name == "q4_0" and fitting("q5_k", 576).name == "q5_1"
+    assert fitting("q4_k", 200) is None and fitting("q4_0", 200) is None and fitting("q4_k", 1536).name == "q4_k"
+
+
+def test_atp_over_formats_gives_more_bits_early_and_never_exceeds_the_budget():
+    ladder = tuple(FORMATS[n].bits_per_weight for n in ladder_of("q4_k"))
+    assert ladder_of("q4_k") == ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0") and ladder_of("q4_0") == ("q4_0", "q5_0", "q8_0")
+    sizes = torch.ones(30)
+    for target in (3.4375, 4.5, 4.85):
+        for beta in (0.0, 0.05, allocate.atp_ladder_beta_max(30, target, ladder)):
+            bits = allocate.atp_ladder(30, target, beta, ladder, sizes)
+            assert allocate.weighted_bits(bits, sizes) <= target + 1e-9
+            assert bits == sorted(bits, reverse=True)  # non-increasing with depth
+    mixed = allocate.atp_ladder(30, 4.85, 0.05, ladder, sizes)
+    assert mixed[0] > 4.85 > mixed[-1] and allocate.weighted_bits(mixed, sizes) > 4.6  # the budget is mostly spent
+
+
+def test_quantize_config_with_a_grid():
+    from compress.stages.quantize import QuantizeConfig
+
+    cfg = QuantizeConfig(method="gptq", grid="q4_k")
+    assert cfg.target_bits == 4.5
+    for extra, message in [({"bits": 4}, "bits: grid q4_k fixes"), ({"group_size": 32}, "group_size: grid q4_k fixes"),
+                           ({"sym": False}, "sym: grid q4_k fixes"), ({"act_order": True}, "act_order true scatters"),
+                           ({"bits_per_weight": 4.0}, "bits_per_weight is the mean an atp allocation"),
+                           ({"allocation": {"kind": "explicit", "bits": [4, 4]}}, "allocation explicit takes grids"),
+                           ({"allocation": {"kind": "atp", "beta": "auto"}, "bits_per_weight": 9.0}, r"within \[2.625, 8.5\]"),
+                           ({"method": "bnb"}, "grid .llama.cpp block formats. applies to gptq and rtn")]:
+        with pytest.raises(ValidationError, match=message):
+            QuantizeConfig(grid="q4_k", **extra)
+    with pytest.raises(ValidationError, match="allocation.grids needs grid"):
+        QuantizeConfig(allocation={"kind": "explicit", "grids": ["q4_k"]})
+    atp = QuantizeConfig(grid="q4_k", allocation={"kind": "atp", "beta": "auto"}, bits_per_weight=4.85)
+    assert atp.target_bits == 4.85 and atp.ladder[0] == 2.625
+
+
+def test_the_quantize_stage_on_grids_records_formats_and_fallbacks(tmp_path, tokenizer):
+    """An MLP of 320 channels: its down projection has rows of 320, not whole Q4_K blocks, and
+    takes Q5_0 as llama.cpp would; the other matrices are Q4_K (hidden 256)."""
+    from compress.context import StageContext
+    from compress.data import SegmentsConfig, build_segments
+    from compress.stages.quantize import QuantizeConfig, apply
+
+    model = model_from_config("llama", vocab_size=len(tokenizer), hidden_size=256, intermediate_size=320, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2)
+    calibration = build_segments({"calibration": SegmentsConfig(source="python-docs", nsamples=4, seqlen=64)}, tokenizer)["calibration"]
+    cfg = QuantizeConfig(method="gptq", grid="q4_k", allocation={"kind": "explicit", "grids": ["q6_k", "q4_k"]})
+    model, record = apply(model, StageContext(calibration, None, torch.float32, scratch_dir=tmp_path / "s"), cfg)
+    assert record.block_grids == ["q6_k", "q4_k"] and record.format == "q4_k blocks group-aware order"
+    assert record.layer_grids["model.layers.0.mlp.down_proj"] == "q8_0" and record.layer_grids["model.layers.1.mlp.down_proj"] == "q5_0"
+    assert record.layer_grids["model.layers.1.self_attn.q_proj"] == "q4_k"
+    assert any("took llama.cpp's fallback (q5_0, q8_0)" in n for n in record.notes)
+    state = model.model.layers[1].mlp.up_proj.quant_state
+    assert isinstance(state, GgufState) and torch.equal(state.dequantized(state.codes(model.model.layers[1].mlp.up_proj.weight)), model.model.layers[1].mlp.up_proj.weight)
+    assert 4.5 < record.bits_per_weight < 6.6
+
+
+@needs_converter
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+def test_a_gptq_q4_k_model_goes_into_gguf_block_for_block(tmp_path, spm_tokenizer):
+    """`types: [grid]` writes every gridded matrix as its own Q4_K blocks; `q4_k_m` is llama.cpp's
+    mix, and carries ours wherever that mix chose Q4_K. Both decode to the model's weights."""
+    from compress.context import StageContext
+    from compress.data import SegmentsConfig, build_segments
+    from compress.export import gguf as gguf_export
+    from compress.export.gguf_index import GgufIndex
+    from compress.export.reference import take_reference
+    from compress.stages.quantize import QuantizeConfig, apply
+
+    model = model_from_config("llama", vocab_size=len(spm_tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2)
+    segments = build_segments({"calibration": SegmentsConfig(source="python-docs", nsamples=4, seqlen=64),
+                               "evaluation": SegmentsConfig(source="python-docs", nsamples=4, seqlen=64)}, spm_tokenizer)
+    model, _ = apply(model, StageContext(segments["calibration"], None, torch.float32, scratch_dir=tmp_path / "s"), QuantizeConfig(grid="q4_k"))
+    cfg = gguf_export.GgufExport(types=["grid", "q4_k_m"])
+    info = gguf_export.save(model, spm_tokenizer, tmp_path / "g", cfg, tmp_path / "scratch")
+    info.update(gguf_export.verify(model, tmp_path / "g", info, cfg))
+    grid, mix = info["files"]["grid"], info["files"]["q4_k_m"]
+    assert grid["how"] == mix["how"] == gguf_export.GRID_WRITTEN and grid["base"] == "q4_k_m"
+    assert grid["grid_matrices"] == 14 and info["weights"]["grid"] == {"tensors": 14, "identical": True}
+    assert GgufIndex(tmp_path / "g" / grid["file"]).types()["blk.1.attn_v.weight"] == "Q4_K"  # our format everywhere
+    assert GgufIndex(tmp_path / "g" / mix["file"]).types()["blk.1.attn_v.weight"] == "Q6_K"  # llama.cpp's mix keeps v wider (last layer)
+    assert 0 < mix["grid_matrices"] < 14 and info["weights"]["q4_k_m"]["tensors"] == mix["grid_matrices"]
+    windows = segments["evaluation"].tokens
+    checked = gguf_export.check(tmp_path / "g", info, take_reference(model, windows[:2], spm_tokenizer, windows), cfg)["files_checked"]
+    # the block matrices are the model's own: llama.cpp's perplexity is ours but for its 8-bit activations
+    assert checked["grid"]["perplexity"] == pytest.approx(checked["grid"]["reference_perplexity"], rel=0.01)
