@@ -40,21 +40,25 @@ def test_tokenizer_model_rebuilt_from_a_gguf_encodes_as_the_original():
 
 
 @pytest.mark.parametrize("name", ["qwen2", "llama-bpe"])
-def test_byte_level_bpe_ggufs_load_with_transformers_conversion(name):
-    """Byte-level BPE vocabularies keep transformers' conversion: Qwen2's agrees on every case,
-    Llama 3's on all but one (a Vietnamese word that its Unicode normalisation splits otherwise)."""
-    path = vocab(name)
-    assert not is_sentencepiece(path)
-    tokenizer = gguf_tokenizer(path)
+def test_byte_level_bpe_ggufs_keep_transformers_conversion(name, vocab_folder):
+    """Byte-level BPE vocabularies keep transformers' conversion (what the family tests use, saved
+    and reloaded): Qwen2's agrees on every case, Llama 3's on all but one (a Vietnamese word that
+    its Unicode normalisation splits otherwise)."""
+    from transformers import AutoTokenizer
+
+    assert not is_sentencepiece(vocab(name))
+    tokenizer = AutoTokenizer.from_pretrained(vocab_folder(name))
     assert len(mismatches(lambda t: tokenizer(t, add_special_tokens=False).input_ids, name)) <= (1 if name == "llama-bpe" else 0)
 
 
-def test_gemma_user_defined_pieces_are_listed_for_the_converter(tmp_path):
+def test_gemma_user_defined_pieces_are_listed_for_the_converter(tmp_path, vocab_folder):
     """Gemma's runs of spaces and newlines are USER_DEFINED pieces: the converter learns them from
     added_tokens.json, which the HF tokenizer folder itself does not get."""
+    from transformers import AutoTokenizer
+
     path = vocab("gemma3")
     assert is_sentencepiece(path) and not prefixes_space(path)
-    tokenizer = gguf_tokenizer(path)
+    tokenizer = AutoTokenizer.from_pretrained(vocab_folder("gemma3"))
     save_tokenizer(tokenizer, tmp_path)
     assert (tmp_path / "tokenizer.model").is_file() and not (tmp_path / "added_tokens.json").exists()
     list_user_defined(tmp_path)
