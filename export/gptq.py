@@ -112,7 +112,8 @@ def unpack_layer(tensors: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
 
 
 def quantized_layers(model) -> dict[str, torch.nn.Module]:
-    return {name: m for name, m in model.named_modules() if getattr(m, "quant_state", None) is not None}
+    """Layers on an integer GPTQ grid (llama.cpp block formats are not GPTQ checkpoints)."""
+    return {name: m for name, m in model.named_modules() if isinstance(getattr(m, "quant_state", None), QuantState)}
 
 
 def check_packable(layers: dict[str, torch.nn.Module]) -> None:
@@ -186,8 +187,9 @@ def per_block_selection(model, layers) -> list[tuple[set[str], set[str]]] | None
 
 
 def gptq_state_dict(model, layers: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
-    """The model's state dict with each quantised weight replaced by its packed tensors."""
-    state = model.state_dict()
+    """The model's state dict with each quantised weight replaced by its packed tensors, and every
+    other floating tensor (embeddings, norms, the head) in float16, as gptqmodel stores them."""
+    state = {key: t.half() if t.is_floating_point() else t for key, t in model.state_dict().items()}
     for name, m in layers.items():
         del state[f"{name}.weight"]
         for key, tensor in pack_layer(get_weight(m), m.quant_state).items():
@@ -205,10 +207,13 @@ def save_gptq(model, tokenizer, folder: Path) -> dict:
     except ValueError as err:
         raise CompressError(f"export.hf: {err}") from None
     model.config.quantization_config = config
+    dtype = model.config.dtype
+    model.config.dtype = torch.float16  # what the unquantised tensors are stored in, as gptqmodel writes them
     try:
         model.save_pretrained(folder, state_dict=state, safe_serialization=True)
     finally:
         del model.config.quantization_config
+        model.config.dtype = dtype
     (folder / "quantize_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     save_tokenizer(tokenizer, folder)
     return {"format": "gptq", "quantization_config": config, "notes": notes}
@@ -268,4 +273,19 @@ def check_dequantized(model, folder: Path) -> dict:
         seen.add(name)
     if seen != set(layers):
         raise CompressError(f"export check: the GPTQ files hold {len(seen)} quantised layers, the model {len(layers)}")
-    return {"layers": len(seen), "max_abs_weight_diff": diff, "identical": diff == 0.0}
+    others = other_tensors_differ(model, folder, layers)
+    return {"layers": len(seen), "max_abs_weight_diff": diff, "identical": diff == 0.0 and not others,
+            "float16_tensors_differ": others}
+
+
+def other_tensors_differ(model, folder: Path, layers) -> list[str]:
+    """Unquantised tensors of the files that are not the model's rounded to float16 (names)."""
+    state, quantised = model.state_dict(), {f"{name}.weight" for name in layers}
+    differ = []
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                if key in state and key not in quantised and state[key].is_floating_point():
+                    if not torch.equal(f.get_tensor(key), state[key].half()):
+                        differ.append(key)
+    return differ

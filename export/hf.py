@@ -71,6 +71,10 @@ def save(model, tokenizer, folder: Path, cfg: HfExport, scratch: Path) -> dict:
         model.save_pretrained(folder, safe_serialization=True)
         save_tokenizer(tokenizer, folder)
         info = {"format": "dense", "notes": []}
+    blocks = [name for name, m in model.named_modules() if hasattr(getattr(m, "quant_state", None), "fmt")]
+    if blocks:
+        info["notes"].append(f"{len(blocks)} layers on llama.cpp block formats are stored dequantised here (no HF loader reads those "
+                             "formats): the GGUF export (types [grid]) keeps their blocks")
     info["kind"] = fmt
     info["files"] = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix != ".md")
     return info

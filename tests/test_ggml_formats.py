@@ -175,3 +175,24 @@ def test_a_gptq_q4_k_model_goes_into_gguf_block_for_block(tmp_path, spm_tokenize
     checked = gguf_export.check(tmp_path / "g", info, take_reference(model, windows[:2], spm_tokenizer, windows), cfg)["files_checked"]
     # the block matrices are the model's own: llama.cpp's perplexity is ours but for its 8-bit activations
     assert checked["grid"]["perplexity"] == pytest.approx(checked["grid"]["reference_perplexity"], rel=0.01)
+
+
+def test_formats_by_depth_are_searched_on_the_validation_text(tmp_path, tokenizer):
+    """allocation atp with beta auto over the K-quant family: each trial's plan a list of formats,
+    scored on the validation windows; the chosen plan spends at most the budget."""
+    from compress.context import StageContext
+    from compress.data import SegmentsConfig, build_segments
+    from compress.stages.quantize import QuantizeConfig, apply
+
+    model = model_from_config("llama", vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                              num_attention_heads=4, num_key_value_heads=2)
+    segments = build_segments({"calibration": SegmentsConfig(source="python-docs", nsamples=4, seqlen=64),
+                               "validation": SegmentsConfig(source="python-docs", nsamples=2, seqlen=64)}, tokenizer)
+    cfg = QuantizeConfig(method="rtn", grid="q4_k", bits_per_weight=4.85, allocation={"kind": "atp", "beta": "auto", "trials": 3})
+    ctx = StageContext(segments["calibration"], segments["validation"], torch.float32, scratch_dir=tmp_path / "s")
+    model, record = apply(model, ctx, cfg)
+    assert len(record.search) == 3 and record.search[0]["beta"] == 0.0
+    assert all(g in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0") for g in record.block_grids)
+    assert record.achieved <= 4.85 + 1e-9 and record.block_bits == sorted(record.block_bits, reverse=True)
+    state = model.model.layers[0].mlp.down_proj.quant_state
+    assert state.fmt.name == record.block_grids[0]  # the model holds the chosen trial's grids, not the last one's

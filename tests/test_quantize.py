@@ -271,6 +271,12 @@ def test_gptq_checkpoint_reloads_in_transformers(tmp_path, wide_folder, stages):
     module = reloaded.get_submodule("model.layers.1.mlp.down_proj")
     assert torch.equal(module.dequantize_weight().t().float(), ours["model.layers.1.mlp.down_proj"].half().float())
     assert (out / "model.safetensors").stat().st_size < 0.6 * (wide_folder / "model.safetensors").stat().st_size
+    # the unquantised tensors in float16, as gptqmodel stores them, and exactly the model's rounded
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.float16
+    assert export["weights"]["float16_tensors_differ"] == []
 
 
 @needs_gptqmodel
