@@ -294,11 +294,13 @@ def row_order(file_rows: np.ndarray, model_rows: np.ndarray) -> np.ndarray | Non
         return None
     if np.array_equal(file_rows, model_rows):
         return np.arange(len(file_rows))
+    # + 0.0 turns -0.0 into 0.0: a zero code times a negative scale is -0.0 on one side and may be
+    # 0.0 on the other (equal values, different bytes)
     where: dict[bytes, list[int]] = defaultdict(list)
-    for i, row in enumerate(np.ascontiguousarray(model_rows)):
+    for i, row in enumerate(np.ascontiguousarray(model_rows) + np.float32(0)):
         where[row.tobytes()].append(i)
     perm = np.empty(len(file_rows), dtype=np.int64)
-    for i, row in enumerate(np.ascontiguousarray(file_rows)):
+    for i, row in enumerate(np.ascontiguousarray(file_rows) + np.float32(0)):
         found = where.get(row.tobytes())
         if not found:
             return None

@@ -105,6 +105,10 @@ def test_row_order_pairs_each_file_row_with_the_models():
     assert gguf_export.row_order(w[:3], w) is None
     z = np.zeros((3, 2), dtype=np.float32)  # equal rows pair either way
     assert sorted(gguf_export.row_order(z, z).tolist()) == [0, 1, 2]
+    # a zero code times a negative scale decodes to -0.0: equal to the model's 0.0 (SmolLM2's q4_0 rows)
+    signed = w[perm].copy()
+    signed[0, 0], w[2, 0] = -0.0, 0.0
+    assert gguf_export.row_order(signed, w).tolist() == perm.tolist()
 
 
 def test_rope_permutation_interleaves_the_halves_of_each_head():
