@@ -62,7 +62,7 @@ from torch import nn
 
 from compress.config import Config
 from compress.errors import CompressError
-from compress.export import bnb, gptq
+from compress.export import bnb, gptq, onnx_nbits
 from compress.layout import LowRankLinear
 from compress.tokenizer_files import save_tokenizer
 
@@ -90,6 +90,9 @@ class OnnxExport(Config):
     # The dynamo exporter writes opset 18 (onnxscript's torchlib); higher ones go through the ONNX
     # version converter (18, 20 and 23 checked with onnxruntime 1.32; older runtimes stop lower).
     opset: int = Field(default=18, ge=18, le=23)
+    # quantised Linears as ONNX Runtime's MatMulNBits (packed codes + scales, export/onnx_nbits.py)
+    # where it holds them exactly; false: every Linear a dense float32 MatMul
+    matmul_nbits: bool = True
 
 
 # ------------------------------------------------------------------ graphs as torch modules
@@ -249,7 +252,8 @@ def save(model, tokenizer, dest: Path, cfg: OnnxExport, scratch: Path) -> dict:
     require("onnx", "onnxscript")
     refuse_unexportable(model)
     dest.mkdir(parents=True, exist_ok=True)
-    notes = quantisation_notes(model) + lowrank_notes(model)
+    packed, quant_notes = onnx_nbits.plan(model) if cfg.matmul_nbits else ({}, quantisation_notes(model))
+    notes = quant_notes + lowrank_notes(model)
     dtype = next(model.parameters()).dtype
     if dtype != torch.float32:
         notes.append(f"the model is {str(dtype).removeprefix('torch.')}: exported in float32 (ONNX Runtime's CPU kernels lack bfloat16)")
@@ -259,16 +263,24 @@ def save(model, tokenizer, dest: Path, cfg: OnnxExport, scratch: Path) -> dict:
         cache = cache_layout(model, example)
         layers = len(cache["kv_heads"])
         prefill = export_prefill(model, cfg, layers, example)
+        nbits = onnx_nbits.rewrite(prefill.model.graph, packed)
         prefill.save(dest / PREFILL, external_data=True)
         graphs["prefill"] = PREFILL
         del prefill
         gc.collect()  # the program holds transposed copies of the weights: gone before the next export
         if cfg.kv_cache:
             decode = export_decode(model, cfg, layers, example)
+            onnx_nbits.rewrite(decode.model.graph, packed)
             shared = save_sharing_weights(decode, dest / DECODE, dest / PREFILL)
             graphs["decode"] = DECODE
             notes.append(f"decode.onnx reads {shared} of its weight tensors from prefill.onnx.data (stored once)")
             del decode
+    if len(nbits) < len(packed):  # the exporter wrote some MatMul another way: dense, and said so
+        notes.append(f"{len(packed) - len(nbits)} quantised Linears not found as a MatMul on a constant weight: exported densely")
+    if nbits:
+        bits = sorted({p.bits for p in packed.values() if p.name in nbits})
+        notes.append(f"{len(nbits)} quantised Linears as MatMulNBits ({'/'.join(map(str, bits))}-bit codes, com.microsoft): "
+                     "ONNX Runtime dequantises them on the fly")
     model.config.save_pretrained(dest)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(dest)
@@ -283,6 +295,7 @@ def save(model, tokenizer, dest: Path, cfg: OnnxExport, scratch: Path) -> dict:
         "opset": cfg.opset,
         "exporter": "dynamo",
         "external_data": True,
+        "matmul_nbits": {p.name: {"bits": p.bits, "block_size": p.block_size} for p in packed.values() if p.name in nbits},
         "mb": round(sum((dest / f).stat().st_size for f in files) / 2**20, 3),
         "notes": notes,
     }
@@ -359,19 +372,24 @@ def name_mask_length(program) -> None:
 
 def verify(model, dest: Path, info: dict, cfg: OnnxExport) -> dict:
     """Every weight matrix of the model is stored bit for bit in prefill.onnx (as itself, or
-    transposed where the exporter folded a MatMul's transpose). Vectors are left out: the
-    exporter may fold them into expressions (Gemma's norms store 1 + weight)."""
+    transposed where the exporter folded a MatMul's transpose; a MatMulNBits layer's codes and
+    scales decode to it). Vectors are left out: the exporter may fold them into expressions
+    (Gemma's norms store 1 + weight)."""
     if importlib.util.find_spec("onnx_ir") is None:
         return {"weights": {"checked": False, "reason": f"onnx_ir is not installed: {INSTALL_HINT}"}}
     import onnx_ir
 
-    stored = {digest(v.const_value.numpy()) for v in onnx_ir.load(str(dest / PREFILL)).graph.initializers.values()}
+    graph = onnx_ir.load(str(dest / PREFILL)).graph
+    stored = {digest(v.const_value.numpy()) for v in graph.initializers.values()}
+    packed = info.get("matmul_nbits", {})
     matrices = {name: p for name, p in model.named_parameters() if p.dim() == 2}  # tied weights appear once
-    missing = [name for name, p in matrices.items() if not stored_as_is_or_transposed(p.detach().float().cpu(), stored)]
+    dense = {name: p for name, p in matrices.items() if name.removesuffix(".weight") not in packed}
+    missing = [name for name, p in dense.items() if not stored_as_is_or_transposed(p.detach().float().cpu(), stored)]
+    missing += onnx_nbits.differing(graph, model, packed)
     if missing:
         raise CompressError(f"export check failed: onnx {PREFILL} does not hold the model's {missing[0]} bit for bit "
                             f"({len(missing)} of {len(matrices)} weight matrices differ)")
-    return {"weights": {"checked": True, "matrices": len(matrices), "identical": True}}
+    return {"weights": {"checked": True, "matrices": len(matrices), "matmul_nbits": len(packed), "identical": True}}
 
 
 def stored_as_is_or_transposed(weight: torch.Tensor, stored: set) -> bool:

@@ -143,7 +143,7 @@ def test_check_catches_tampered_weights(exported, tokenizer, tmp_path):
 
 
 def test_quantised_model_without_cache(tokenizer, tmp_path):
-    """A GPTQ-grid layer goes in densely; no decode graph; the model comes back as it was."""
+    """matmul_nbits off: a GPTQ-grid layer goes in densely; no decode graph; the model comes back as it was."""
     model = tiny_model("llama", 1)
     layer = model.model.layers[0].mlp.down_proj
     weight, state = rtn(layer.weight.data, Grid(bits=4, group_size=32))
@@ -151,13 +151,13 @@ def test_quantised_model_without_cache(tokenizer, tmp_path):
     layer.quant_state = state
     attention, before = model.config._attn_implementation, torch_logits(model, probe())
     model.train()
-    cfg = onnx_export.OnnxExport(kv_cache=False)
+    cfg = onnx_export.OnnxExport(kv_cache=False, matmul_nbits=False)
     info = onnx_export.save(model, tokenizer, tmp_path, cfg, tmp_path / "scratch")
 
     assert model.config._attn_implementation == attention and model.training
     model.eval()
     assert torch.equal(torch_logits(model, probe()), before)
-    assert any("quantised Linears exported densely" in note for note in info["notes"])
+    assert any("quantised Linears exported densely" in note for note in info["notes"]) and info["matmul_nbits"] == {}
     assert info["graphs"] == {"prefill": "prefill.onnx"} and "decode.onnx" not in info["files"]
     assert onnx_export.verify(model, tmp_path, info, cfg)["weights"]["identical"]
     # without decode.onnx, greedy generation reruns the whole sequence through prefill
@@ -165,6 +165,72 @@ def test_quantised_model_without_cache(tokenizer, tmp_path):
     assert result["parity"]["within_tolerance"]
     assert result["greedy"]["equal"] and result["greedy"]["graphs"] == "prefill only"
     assert "perplexity" not in result
+
+
+def on_grid(layer, weight, state) -> None:
+    layer.weight.data.copy_(weight)
+    layer.quant_state = state
+
+
+def test_quantised_layers_run_as_matmul_nbits_exactly(tokenizer, tmp_path):
+    """GPTQ / RTN grids of 2, 4 and 8 bits (symmetric or not, grouped or per channel) and the
+    q4_0 / q8_0 block formats become MatMulNBits, whose codes and scales decode to the model's
+    weights bit for bit; 3-bit codes and K-quants stay dense, named. ORT's logits and greedy
+    path are the model's, through prefill and decode; the graphs hold the codes, not floats."""
+    from compress import ggml_formats
+    from compress.export import onnx_nbits
+
+    model = tiny_model("llama", 2)
+    first, second = model.model.layers
+    on_grid(first.mlp.down_proj, *rtn(first.mlp.down_proj.weight.data, Grid(bits=4, group_size=32)))
+    on_grid(first.mlp.up_proj, *rtn(first.mlp.up_proj.weight.data, Grid(bits=8, group_size=16, sym=False)))
+    on_grid(first.mlp.gate_proj, *rtn(first.mlp.gate_proj.weight.data, Grid(bits=2, group_size=-1, sym=False)))
+    on_grid(second.self_attn.q_proj, *rtn(second.self_attn.q_proj.weight.data, Grid(bits=4, group_size=32, sym=False)))
+    on_grid(second.mlp.up_proj, *rtn(second.mlp.up_proj.weight.data, Grid(bits=3, group_size=32)))
+    for layer, fmt in ((second.mlp.gate_proj, "q4_0"), (second.mlp.down_proj, "q8_0"), (second.self_attn.o_proj, "q4_1")):
+        on_grid(layer, *ggml_formats.rtn(layer.weight.data, ggml_formats.FORMATS[fmt]))
+    cfg = onnx_export.OnnxExport()
+    info = onnx_export.save(model, tokenizer, tmp_path, cfg, tmp_path / "scratch")
+
+    assert info["matmul_nbits"] == {
+        "model.layers.0.mlp.gate_proj": {"bits": 2, "block_size": 32},  # per channel: one padded block of 32 >= 32 columns
+        "model.layers.0.mlp.up_proj": {"bits": 8, "block_size": 16},
+        "model.layers.0.mlp.down_proj": {"bits": 4, "block_size": 32},
+        "model.layers.1.self_attn.q_proj": {"bits": 4, "block_size": 32},
+        "model.layers.1.mlp.gate_proj": {"bits": 4, "block_size": 32},
+        "model.layers.1.mlp.down_proj": {"bits": 8, "block_size": 32},
+    }
+    notes = " ".join(info["notes"])
+    assert "3-bit codes" in notes and "model.layers.1.mlp.up_proj" in notes and "q4_1 blocks have no exact MatMulNBits form" in notes
+    assert onnx_export.verify(model, tmp_path, info, cfg)["weights"] == {"checked": True, "matrices": 16, "matmul_nbits": 6, "identical": True}
+    result = onnx_export.check(tmp_path, info, take_reference(model, probe(), tokenizer), cfg)
+    assert result["parity"]["relative"] < 1e-5 and result["greedy"]["equal"] and result["greedy"]["graphs"] == "prefill + decode"
+
+    import onnx_ir
+
+    graph = onnx_ir.load(str(tmp_path / "prefill.onnx")).graph
+    ops = [node.op_type for node in graph]
+    assert ops.count("MatMulNBits") == 6
+    down = graph.initializers["model.layers.0.mlp.down_proj.qweight"].const_value.numpy()
+    assert down.dtype == np.uint8 and down.shape == (32, 2, 16)  # 32 rows x 2 blocks x 32 codes of 4 bits
+    dense = onnx_export.digest(first.mlp.down_proj.weight.detach().t().contiguous().numpy())
+    assert dense not in {onnx_export.digest(v.const_value.numpy()) for v in graph.initializers.values()}  # no float copy left
+    decode = onnx_ir.load(str(tmp_path / "decode.onnx")).graph
+    assert [n.op_type for n in decode].count("MatMulNBits") == 6
+
+    # a changed code is caught by verify (the model's weights are the reference)
+    copy = tmp_path.parent / f"{tmp_path.name}-tampered"
+    shutil.copytree(tmp_path, copy)
+    model_copy = onnx_ir.load(str(copy / "prefill.onnx"))
+    codes = model_copy.graph.initializers["model.layers.1.mlp.gate_proj.qweight"]
+    tampered = codes.const_value.numpy().copy()
+    tampered[0, 0, 0] ^= 0x01
+    codes.const_value = onnx_ir.tensor(tampered, name=codes.name)
+    onnx_ir.save(model_copy, str(copy / "prefill.onnx"), external_data="prefill.onnx.data")
+    with pytest.raises(CompressError, match=r"does not hold the model's model.layers.1.mlp.gate_proj.weight bit for bit"):
+        onnx_export.verify(model, copy, info, cfg)
+    assert onnx_nbits.unpack_values(onnx_nbits.pack_values(np.arange(16, dtype=np.uint8).reshape(2, 8), 4), 4).tolist() == \
+        np.arange(16).reshape(2, 8).tolist()
 
 
 def test_refusals(tokenizer, tmp_path):
