@@ -47,6 +47,10 @@ ROWS = {
     "gptq-q4_k": ([gptq("q4_k")], "q4_k_m", "GPTQ onto Q4_K blocks (Q5_0 where rows are 576 wide)"),
     "gptq-q3_k": ([gptq("q3_k")], "q3_k_m", "GPTQ onto Q3_K blocks (Q4_0 where rows are 576 wide)"),
     "gptq-q2_k": ([gptq("q2_k")], "q2_k", "GPTQ onto Q2_K blocks (Q4_0 where rows are 576 wide)"),
+    # formats by depth at the size of llama.cpp's mix: the target is that file's mean bits per weight
+    # over the blocks' matrices (the other tensors are the same in both files)
+    "atp-q4_k-at-q4_k_m": ([gptq("q4_k", allocation=ATP, bits_per_weight="q4_k_m")], "q4_k_m", "GPTQ, K-quant formats by depth (ATP) at Q4_K_M's size"),
+    "atp-q3_k-at-q3_k_m": ([gptq("q3_k", allocation=ATP, bits_per_weight="q3_k_m")], "q3_k_m", "GPTQ, K-quant formats by depth (ATP) at Q3_K_M's size"),
     "wanda50+gptq-q4_0": ([WANDA, gptq("q4_0")], "q4_0", "Wanda 50% ATP, then GPTQ onto Q4_0 (every zero kept)"),
     "wanda50+gptq-q4_k": ([WANDA, gptq("q4_k")], "q4_k_m", "Wanda 50% ATP, then GPTQ onto Q4_K / Q5_0"),
 }
@@ -83,10 +87,38 @@ def file_rows(results: dict) -> dict:
                    "zeros_kept": entry["zeros_kept"], "tensor_types": entry["tensor_types"]} for kind, entry in files.items()}
 
 
+def block_matrix_bits(path: Path) -> float:
+    """Mean stored bits per weight of a GGUF file's block matrices (blk.*.weight, 2-D)."""
+    import math
+
+    import gguf
+    from compress.export.gguf_index import GgufIndex
+
+    index = GgufIndex(path)
+    types, bits, count = index.types(), 0.0, 0
+    for name, info in index.tensors.items():
+        if name.startswith("blk.") and name.endswith(".weight") and len(info.shape) == 2:
+            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[types[name]]]
+            bits += math.prod(info.shape) * 8 * size / block
+            count += math.prod(info.shape)
+    return bits / count
+
+
+def anchor_bits(args, anchor: dict, kind: str) -> float:
+    """The anchor file's block-matrix bits per weight, measured once and kept in its row."""
+    if "block_matrix_bits" not in anchor["files"][kind]:
+        anchor["files"][kind]["block_matrix_bits"] = block_matrix_bits(args.runs / "llama.cpp" / "gguf" / f"model-{kind}.gguf")
+        (RESULTS / "llama.cpp.json").write_text(json.dumps(anchor, indent=2) + "\n")
+    return anchor["files"][kind]["block_matrix_bits"]
+
+
 def run(args, name: str, stages: list, types: list[str]) -> dict:
     out = RESULTS / f"{name}.json"
     if out.is_file() and not args.force:
         return json.loads(out.read_text())
+    for stage in stages:  # a named type as the target: its file's bits per weight
+        if isinstance(stage.get("bits_per_weight"), str):
+            stage["bits_per_weight"] = round(anchor_bits(args, json.loads((RESULTS / "llama.cpp.json").read_text()), stage["bits_per_weight"]), 6)
     results, metadata, wall = run_recipe(args.runs, name, recipe(args, name, stages, types))
     row = {"name": name, "stages": stages, "files": file_rows(results), "torch_ppl": results["evaluations"]["model"]["perplexity"]["ppl"],
            "stage_seconds": [s["seconds"] for s in results["stages"]], "wall_seconds": round(wall, 1),

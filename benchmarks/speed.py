@@ -8,7 +8,8 @@ Models: SmolLM2-135M (the embedded default) and a random-initialised Llama of ~0
 50% and 70% in every decoder-block Linear (speed depends on the pattern, not on which weights).
 
 Engines: torch eager fp32 and bf16 (the baselines); llama.cpp F16 / Q8_0 / Q4_0 / Q4_K_M through
-our GGUF exporter; ONNX Runtime on our ONNX export (fp32). DeepSparse (the one CPU engine that
+our GGUF exporter; ONNX Runtime on our ONNX export (fp32), and with every block Linear rounded to
+4 bits in groups of 32 (symmetric, Q4_0's grid) exported as MatMulNBits (onnxruntime-int4). DeepSparse (the one CPU engine that
 turns unstructured zeros into speed) needs its own venv (Python <= 3.11, onnx < 1.15): with
 --deepsparse-python PATH it runs there on the same ONNX prefill graph; otherwise its rows say it
 was not measured.
@@ -36,7 +37,7 @@ from compress.speed import DECODE_NEW, PREFILL, PROMPT
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "speed"
 GGUF_TYPES = ["f16", "q8_0", "q4_0", "q4_k_m"]
-ENGINES = ["torch-fp32", "torch-bf16"] + [f"llama.cpp-{t}" for t in GGUF_TYPES] + ["onnxruntime", "deepsparse"]
+ENGINES = ["torch-fp32", "torch-bf16"] + [f"llama.cpp-{t}" for t in GGUF_TYPES] + ["onnxruntime", "onnxruntime-int4", "deepsparse"]
 
 
 def parse_args():
@@ -83,6 +84,24 @@ def prune(model, sparsity: float) -> None:
                 k = int(W.shape[1] * sparsity)
                 idx = W.abs().topk(k, dim=1, largest=False).indices
                 W.scatter_(1, idx, 0.0)
+
+
+def int4_copy(model):
+    """A copy with every decoder-block Linear on a 4-bit group-32 symmetric grid (RTN): the
+    layout MatMulNBits stores; speed depends on the format, not on how the codes were chosen."""
+    import copy
+
+    from compress.model import block_linears, decoder_blocks
+    from compress.quant import Grid, rtn
+
+    quantized = copy.deepcopy(model)
+    with torch.no_grad():
+        for block in decoder_blocks(quantized):
+            for module in block_linears(block).values():
+                weight, state = rtn(module.weight, Grid(bits=4, group_size=32))
+                module.weight.copy_(weight)
+                module.quant_state = state
+    return quantized
 
 
 def tokens(tokenizer, n: int) -> list[int]:
@@ -157,6 +176,13 @@ def measure(args, model_name: str, sparsity: float) -> dict:
                 row.update({"mb": entry["mb"], "tensor_types": entry["tensor_types"], "zeros_kept": entry["zeros_kept"]})
                 row.update(speed.llama_rates(work / "gguf" / entry["file"], ids, args.repeats))
                 (work / "gguf" / entry["file"]).unlink()
+            elif engine == "onnxruntime-int4":
+                quantized = int4_copy(model)
+                info = onnx_export.save(quantized, tokenizer, work / "onnx-int4", onnx_export.OnnxExport(), work / "scratch")
+                del quantized
+                row.update({"mb": info["mb"], "matmul_nbits": len(info["matmul_nbits"])})
+                row.update(speed.ort_rates(work / "onnx-int4", info, ids, args.repeats))
+                shutil.rmtree(work / "onnx-int4")
             elif engine in ("onnxruntime", "deepsparse"):
                 if not (work / "onnx" / "export.json").is_file():  # one export serves both engines
                     info = onnx_export.save(model, tokenizer, work / "onnx", onnx_export.OnnxExport(), work / "scratch")

@@ -243,20 +243,40 @@ def atp_bits(L: int, mean_bits: float, beta: float, sizes=None) -> list[int]:
 
 def round_to_widths(values: torch.Tensor, sizes: torch.Tensor, target: float, widths=BIT_WIDTHS, at_most: bool = False) -> list[int]:
     """Each value to the width below or above it, so that the size-weighted mean is as close to
-    target as the widths allow: all start below, then blocks move up in order of largest
-    remainder while that brings the mean closer (as N:M rounding does, for uneven steps);
-    at_most: never above target (a file size budget)."""
+    target as the widths allow (see round_to_rungs); at_most: never above target (a file size budget)."""
     w = [float(s) for s in as_sizes(sizes, len(values))]
-    below = [max(b for b in widths if b <= v + 1e-9) for v in values.tolist()]
-    above = [min(b for b in widths if b >= v - 1e-9) for v in values.tolist()]
+    return round_to_rungs(values, widths, lambda i, rung: rung * w[i], target * sum(w), at_most)
+
+
+def round_to_rungs(values: torch.Tensor, rungs, cost, budget: float, at_most: bool = False) -> list:
+    """Each value to the rung below or above it, the total cost as close to budget as the rungs
+    allow: all start below, then blocks move up in order of largest remainder while that brings
+    the total closer (as N:M rounding does, for uneven steps). cost(i, rung) is what block i
+    takes on that rung (its weights times the bits it really stores there). at_most: never above
+    budget; where even the rungs below cost more (a format that falls back to a wider one), blocks
+    step further down, the deepest first (so the bits still fall with depth), until the total
+    fits or all are at the bottom."""
+    rungs = sorted(rungs)
+    vals = values.tolist()
+    below = [max(r for r in rungs if r <= v + 1e-9) for v in vals]
+    above = [min(r for r in rungs if r >= v - 1e-9) for v in vals]
     chosen = list(below)
-    missing = target * sum(w) - sum(b * s for b, s in zip(chosen, w))  # bit budget still to spend
-    remainder = [(v - lo) / (hi - lo) if hi > lo else 0.0 for v, lo, hi in zip(values.tolist(), below, above)]
-    for i in sorted(range(len(values)), key=lambda i: -remainder[i]):
-        cost = (above[i] - below[i]) * w[i]
-        if cost > 0 and abs(missing - cost) < abs(missing) and (not at_most or cost <= missing + 1e-9):
+    missing = budget - sum(cost(i, r) for i, r in enumerate(chosen))  # budget still to spend
+    remainder = [(v - lo) / (hi - lo) if hi > lo else 0.0 for v, lo, hi in zip(vals, below, above)]
+    stepped = False
+    if at_most:
+        for i in reversed(range(len(vals))):
+            while missing < -1e-9 and chosen[i] > rungs[0]:
+                lower = rungs[rungs.index(chosen[i]) - 1]
+                missing += cost(i, chosen[i]) - cost(i, lower)
+                chosen[i], stepped = lower, True
+    for i in sorted(range(len(vals)), key=lambda i: -remainder[i]):
+        if chosen[i] != below[i] or (stepped and i > 0 and above[i] > chosen[i - 1]):
+            continue  # stepped down to fit: stays there, and no deeper block climbs above it
+        extra = cost(i, above[i]) - cost(i, below[i])
+        if extra > 0 and abs(missing - extra) < abs(missing) and (not at_most or extra <= missing + 1e-9):
             chosen[i] = above[i]
-            missing -= cost
+            missing -= extra
     return chosen
 
 
@@ -265,15 +285,19 @@ def atp_ladder_beta_max(L: int, mean: float, ladder: tuple[float, ...]) -> float
     return atp_bits_beta_max(L, mean, ladder[0], ladder[-1])
 
 
-def atp_ladder(L: int, mean: float, beta: float, ladder: tuple[float, ...], sizes=None) -> list[float]:
+def atp_ladder(L: int, mean: float, beta: float, ladder: tuple[float, ...], sizes=None, cost=None) -> list[float]:
     """ATP for a ladder of storage costs (bits per weight of llama.cpp's block formats): b_i = B +
-    beta (L-1)/2 - i beta, each rounded to a rung below or above, the size-weighted mean at most B."""
+    beta (L-1)/2 - i beta, each rounded to a rung below or above, the stored total at most B per
+    weight. cost(i, rung): block i's stored bits on that rung (default rung x its weights; a
+    caller passes the real ones where rows fall back to another format)."""
     legal = atp_ladder_beta_max(L, mean, ladder)
     if beta < 0 or beta > legal + 1e-12:
         raise CompressError(f"atp: beta={beta} gives bits per weight outside [{ladder[0]:g}, {ladder[-1]:g}]; "
                             f"with L={L} blocks and mean {mean:g} beta must be in [0, {legal:.6g}]")
     values = mean + beta * (L - 1) / 2 - beta * torch.arange(L, dtype=torch.float64)
-    return round_to_widths(values.clamp(ladder[0], ladder[-1]), as_sizes(sizes, L), mean, ladder, at_most=True)
+    w = [float(s) for s in as_sizes(sizes, L)]
+    cost = cost or (lambda i, rung: rung * w[i])
+    return round_to_rungs(values.clamp(ladder[0], ladder[-1]), ladder, cost, mean * sum(w), at_most=True)
 
 
 def weighted_bits(bits: list[int], sizes) -> float:

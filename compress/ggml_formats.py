@@ -246,6 +246,15 @@ def fitting(name: str, cols: int) -> BlockFormat | None:
     return fallback if fallback is not None and cols % fallback.span == 0 else None
 
 
+FLOAT_BITS = 16  # a matrix no block fits is written in float16 by llama.cpp's quantizer
+
+
+def stored_bits_per_weight(name: str, cols: int) -> float:
+    """Bits per weight a matrix of `cols` columns stores when asked for format `name`."""
+    fmt = fitting(name, cols)
+    return fmt.bits_per_weight if fmt is not None else FLOAT_BITS
+
+
 def rtn(W: torch.Tensor, fmt: BlockFormat) -> tuple[torch.Tensor, GgufState]:
     """Round to nearest on the format's blocks: every span's parameters from W itself."""
     W = W.float()

@@ -105,6 +105,33 @@ def test_atp_over_formats_gives_more_bits_early_and_never_exceeds_the_budget():
     assert mixed[0] > 4.85 > mixed[-1] and allocate.weighted_bits(mixed, sizes) > 4.6  # the budget is mostly spent
 
 
+def test_atp_over_formats_counts_the_fallbacks_in_the_budget():
+    """SmolLM2's blocks: six 576-column matrices (q4_k -> q5_0 at 5.5 bits, q3_k -> q4_0 at 4.5) and
+    one 1536-column down projection (true K-quants). The file's real bits stay within the target."""
+    from compress.ggml_formats import stored_bits_per_weight
+
+    names = ladder_of("q4_k")
+    ladder = tuple(FORMATS[n].bits_per_weight for n in names)
+    by_bits = dict(zip(ladder, names))
+    shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+    weights = sum(r * c for r, c in shapes)
+
+    def stored(i, rung):
+        return sum(r * c * stored_bits_per_weight(by_bits[rung], c) for r, c in shapes)
+
+    assert stored_bits_per_weight("q4_k", 576) == 5.5 and stored_bits_per_weight("q4_k", 1536) == 4.5
+    assert stored_bits_per_weight("q4_k", 100) == 16  # nothing fits: float16
+    sizes = torch.full((30,), float(weights))
+    for target in (5.0, 5.5, 6.0):
+        for beta in (0.0, 0.03, allocate.atp_ladder_beta_max(30, target, ladder)):
+            bits = allocate.atp_ladder(30, target, beta, ladder, sizes, stored)
+            real = sum(stored(i, b) for i, b in enumerate(bits)) / (30 * weights)
+            assert real <= target + 1e-9 and bits == sorted(bits, reverse=True)
+            assert real > target - 1.0  # not all pushed to the bottom
+    # nominal accounting would have put every block on q4_k (4.5 <= 5.0), storing 5.29 bits: over the budget
+    assert sum(stored(0, 4.5) for _ in range(30)) / (30 * weights) > 5.0
+
+
 def test_quantize_config_with_a_grid():
     from compress.stages.quantize import QuantizeConfig
 

@@ -320,17 +320,25 @@ def widths(cfg: QuantizeConfig, layers, beta: float | None) -> list:
     if cfg.grid is not None:
         if not isinstance(alloc, AtpAllocation):
             return [cfg.grid] * L
-        return grid_plan(cfg, L, beta, block_weight_counts(layers))
+        return grid_plan(cfg, L, beta, layers)
     if isinstance(alloc, AtpAllocation):
         return allocate.atp_bits(L, cfg.target_bits, beta, block_weight_counts(layers))
     return [int(cfg.target_bits)] * L
 
 
-def grid_plan(cfg: QuantizeConfig, L: int, beta: float, sizes) -> list[str]:
-    """ATP over the grid's family of formats: more bits per weight early, the mean at most the target."""
+def grid_plan(cfg: QuantizeConfig, L: int, beta: float, layers) -> list[str]:
+    """ATP over the grid's family of formats: more bits per weight early, the stored mean at most
+    the target, counting each layer in the format it really gets (a fallback where its rows are
+    not whole blocks: SmolLM2's 576 columns take q5_0 for q4_k, 5.5 bits for 4.5)."""
     names = ggml_formats.ladder_of(cfg.grid)
     by_bits = {ggml_formats.FORMATS[n].bits_per_weight: n for n in names}
-    return [by_bits[b] for b in allocate.atp_ladder(L, cfg.target_bits, beta, cfg.ladder, sizes)]
+    columns = [[get_weight(m).shape for m in block.values()] for block in layers]
+
+    def stored(i: int, rung: float) -> float:
+        return sum(rows * cols * ggml_formats.stored_bits_per_weight(by_bits[rung], cols) for rows, cols in columns[i])
+
+    sizes = block_weight_counts(layers)
+    return [by_bits[b] for b in allocate.atp_ladder(L, cfg.target_bits, beta, cfg.ladder, sizes, stored)]
 
 
 def plan_bits(cfg: QuantizeConfig, plan: list) -> list[float]:
@@ -356,7 +364,7 @@ def apply(model, ctx: StageContext, cfg: QuantizeConfig) -> tuple[nn.Module, Qua
             L, B = len(layers), cfg.target_bits
             sizes = block_weight_counts(layers)
             if cfg.grid is not None:
-                beta_max, plan = allocate.atp_ladder_beta_max(L, B, cfg.ladder), lambda b: tuple(grid_plan(cfg, L, b, sizes))
+                beta_max, plan = allocate.atp_ladder_beta_max(L, B, cfg.ladder), lambda b: tuple(grid_plan(cfg, L, b, layers))
             else:
                 beta_max, plan = allocate.atp_bits_beta_max(L, B), lambda b: tuple(allocate.atp_bits(L, B, b, sizes))
             beta, search, notes = search_beta(
@@ -397,6 +405,9 @@ def measure(cfg, layers, plan, zeros_before, layer_sqnr, beta, search, skipped, 
     if fallen:
         notes = notes + [f"{len(fallen)} layers have rows that are not whole blocks of their block's format and took llama.cpp's fallback "
                          f"({', '.join(sorted(set(fallen.values())))}): {', '.join(list(fallen)[:3])}{'...' if len(fallen) > 3 else ''}"]
+    if cfg.grid is not None and isinstance(cfg.allocation, AtpAllocation) and stored / count > cfg.target_bits + 1e-6:
+        notes = notes + [f"bits_per_weight {cfg.target_bits:g} is below what these layers can store in {cfg.grid}'s family "
+                         f"(their rows fall back to wider formats): {stored / count:.3f} stored, every block on the lowest format that fits"]
     return QuantizeRecord(
         kind="quantize",
         method=cfg.method,
