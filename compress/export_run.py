@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from compress.data import build_segments
 from compress.errors import CompressError
 from compress.export import EXPORTERS, gptq
+from compress.export import hf as hf_export
 from compress.export.reference import reference_for_run
 from compress.model import DTYPES, LoadedModel, load_model
 from compress.recipe import Recipe
@@ -44,10 +45,11 @@ def load_run_model(run_dir: Path, results: dict, recipe: Recipe) -> LoadedModel:
     if hf is None:
         raise CompressError(f"{run_dir}: the run kept no Hugging Face export (export.hf: false) to export from; run it again with export.hf on")
     kind, dtype = hf["kind"], recipe.model.dtype
-    if kind in ("dense", "sparse", "layout"):  # layout: low-rank / structured shapes from layout.json
-        return load_model(str(run_dir), dtype)
-    if kind == "gptq":
-        return load_gptq_run(run_dir, DTYPES[dtype])
+    if kind in ("dense", "sparse", "layout", "gptq"):
+        # layout: low-rank / structured shapes from layout.json
+        loaded = load_gptq_run(run_dir, DTYPES[dtype]) if kind == "gptq" else load_model(str(run_dir), dtype)
+        hf_export.load_block_grids(loaded.model, run_dir)  # llama.cpp block formats, when the run made them
+        return loaded
     raise CompressError(f"{run_dir}: exporting a {kind} run is not supported (bitsandbytes weights live in its own layers); add the export to the recipe instead")
 
 
@@ -58,6 +60,8 @@ def load_gptq_run(run_dir: Path, dtype: torch.dtype) -> LoadedModel:
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = {}
     for path in sorted(run_dir.glob("*.safetensors")):
+        if path.name == hf_export.GRIDS_FILE:
+            continue
         with safe_open(path, framework="pt") as f:
             state.update({k: f.get_tensor(k) for k in f.keys() if not k.endswith(("qweight", "qzeros", "scales", "g_idx"))})
     model.load_state_dict(state, strict=False)

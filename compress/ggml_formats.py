@@ -267,3 +267,18 @@ def rtn(W: torch.Tensor, fmt: BlockFormat) -> tuple[torch.Tensor, GgufState]:
     state = GgufState.stack(fmt, per_span)
     scale, offset = state.scale_offset()
     return decode(encode(W, scale, offset, fmt), scale, offset), state
+
+
+# ---------------------------------------------------------------- the states on disk
+
+
+STATE_FIELDS = ("d", "sc", "dmin", "m")
+
+
+def state_tensors(prefix: str, state: GgufState) -> dict[str, torch.Tensor]:
+    """A layer's stored parameters as named tensors (what ggml_grids.safetensors holds)."""
+    return {f"{prefix}.{field}": getattr(state, field).contiguous() for field in STATE_FIELDS if getattr(state, field) is not None}
+
+
+def state_from_tensors(fmt_name: str, prefix: str, tensors: dict[str, torch.Tensor]) -> GgufState:
+    return GgufState(FORMATS[fmt_name], **{field: tensors.get(f"{prefix}.{field}") for field in STATE_FIELDS})

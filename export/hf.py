@@ -11,6 +11,7 @@ the reference logits) only the logits taken before.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from pathlib import Path
@@ -20,11 +21,12 @@ from typing import Literal
 import torch
 from transformers import AutoModelForCausalLM
 
-from compress import layout
+from compress import ggml_formats, layout
 from compress.calibrate import no_cache
 from compress.config import Config
 from compress.errors import CompressError
 from compress.export import bnb, gptq, sparse
+from compress.ggml_formats import GgufState
 from compress.tokenizer_files import save_tokenizer
 
 log = logging.getLogger("compress")
@@ -71,13 +73,55 @@ def save(model, tokenizer, folder: Path, cfg: HfExport, scratch: Path) -> dict:
         model.save_pretrained(folder, safe_serialization=True)
         save_tokenizer(tokenizer, folder)
         info = {"format": "dense", "notes": []}
-    blocks = [name for name, m in model.named_modules() if hasattr(getattr(m, "quant_state", None), "fmt")]
+    blocks = save_block_grids(model, folder)
     if blocks:
-        info["notes"].append(f"{len(blocks)} layers on llama.cpp block formats are stored dequantised here (no HF loader reads those "
-                             "formats): the GGUF export (types [grid]) keeps their blocks")
+        info["notes"].append(f"{blocks} layers on llama.cpp block formats are stored dequantised here (no HF loader reads those "
+                             f"formats), their block parameters in {GRIDS_FILE}: the GGUF export (types [grid]), now or later "
+                             "with compress export, keeps their blocks")
     info["kind"] = fmt
     info["files"] = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix != ".md")
     return info
+
+
+GRIDS_FILE = "ggml_grids.safetensors"
+
+
+def save_block_grids(model, folder: Path) -> int:
+    """The block parameters of every layer on a llama.cpp format (compress/ggml_formats.py), so
+    that a later `compress export --to gguf` writes the same blocks; returns how many layers."""
+    from safetensors.torch import save_file
+
+    states = {name: m.quant_state for name, m in model.named_modules() if isinstance(getattr(m, "quant_state", None), GgufState)}
+    if not states:
+        return 0
+    tensors = {k: v for name, st in states.items() for k, v in ggml_formats.state_tensors(name, st).items()}
+    save_file(tensors, str(folder / GRIDS_FILE), metadata={"formats": json.dumps({name: st.fmt.name for name, st in states.items()})})
+    return len(states)
+
+
+def load_block_grids(model, folder: Path) -> int:
+    """Give each layer listed in the folder's ggml_grids.safetensors its block format back; its
+    weights (read from the folder) must lie on it exactly. Returns how many layers."""
+    from safetensors import safe_open
+
+    path = folder / GRIDS_FILE
+    if not path.is_file():
+        return 0
+    with safe_open(path, framework="pt") as f:
+        formats = json.loads(f.metadata()["formats"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    modules = dict(model.named_modules())
+    for name, fmt in formats.items():
+        module = modules.get(name)
+        if module is None:
+            raise CompressError(f"{path}: lists {name}, which the model does not have")
+        state = ggml_formats.state_from_tensors(fmt, name, tensors)
+        try:
+            state.codes(module.weight.detach())
+        except ValueError:
+            raise CompressError(f"{path}: {name}'s weights in the folder are not on its {fmt} blocks (the folder was changed?)") from None
+        module.quant_state = state
+    return len(formats)
 
 
 def save_layout(model, tokenizer, folder: Path) -> dict:

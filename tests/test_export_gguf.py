@@ -357,6 +357,30 @@ def test_compress_export_of_a_gptq_run_keeps_the_grid(tmp_path, spm_folder):
     assert np.array_equal(GgufIndex(out / "gguf" / "model-q4_0.gguf").values("blk.1.ffn_down.weight"), down.numpy())
 
 
+
+@needs_converter
+@needs_llama_cpp
+def test_compress_export_of_a_block_format_run_writes_the_same_blocks(tmp_path, spm_folder):
+    """A run on llama.cpp's formats keeps their parameters beside its HF folder (ggml_grids.safetensors),
+    so a later `compress export --to gguf` writes the run's own Q4_K blocks, not llama.cpp's requantisation."""
+    from compress.export import hf as hf_export
+
+    path = recipe(tmp_path, spm_folder, "[{kind: quantize, method: rtn, grid: q4_k}]", "{hf: true, gguf: {types: [grid]}, check: false}")
+    out = engine.run(load_recipe(path), path).output_dir
+    assert (out / hf_export.GRIDS_FILE).is_file()
+    first = (out / "gguf" / "model-grid.gguf").read_bytes()
+    info = export_run(out, "gguf", ["grid"], check=False, overwrite=True)
+    assert info["files"]["grid"]["how"] == gguf_export.GRID_WRITTEN and info["files"]["grid"]["grid_matrices"] == 14
+    assert (out / "gguf" / "model-grid.gguf").read_bytes() == first  # the same file, byte for byte
+    # weights moved off their blocks are refused, naming the layer
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(out / "model.safetensors")
+    weights["model.layers.0.mlp.up_proj.weight"][0, 0] += 1e-3
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CompressError, match=r"model.layers.0.mlp.up_proj's weights in the folder are not on its q4_k blocks"):
+        export_run(out, "gguf", ["grid"], check=False, overwrite=True)
+
 @needs_converter
 def test_without_llama_cpp_the_converter_writes_f16_and_the_check_says_it_did_not_run(tmp_path, spm_tokenizer, monkeypatch):
     """llama-cpp-python is a 15-minute build: without it the converter still writes the types it

@@ -149,6 +149,8 @@ def test_quantize_config_with_a_grid():
         QuantizeConfig(allocation={"kind": "explicit", "grids": ["q4_k"]})
     atp = QuantizeConfig(grid="q4_k", allocation={"kind": "atp", "beta": "auto"}, bits_per_weight=4.85)
     assert atp.target_bits == 4.85 and atp.ladder[0] == 2.625
+    # a resolved recipe (metadata.json) writes every field out, defaults included: it validates again
+    assert QuantizeConfig.model_validate(atp.model_dump()) == atp
 
 
 def test_the_quantize_stage_on_grids_records_formats_and_fallbacks(tmp_path, tokenizer):

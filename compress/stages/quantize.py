@@ -118,7 +118,8 @@ class QuantizeConfig(Config):
         return self
 
     def _grid_consistent(self):
-        given = [key for key in ("bits", "group_size", "sym") if key in self.model_fields_set]
+        # values other than the defaults: a resolved recipe (metadata.json) writes the defaults out
+        given = [key for key in ("bits", "group_size", "sym") if getattr(self, key) != type(self).model_fields[key].default]
         if given:
             raise ValueError(f"{', '.join(given)}: grid {self.grid} fixes bits, block length and scale layout; drop {' and '.join(given)}")
         if self.act_order is True:
