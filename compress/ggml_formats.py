@@ -13,7 +13,9 @@ q = 0). The products are float32 of float16 and integer values, computed as gguf
 compute them, so the in-memory weights equal what the file decodes to, bit for bit.
 
 `choose` picks a span's parameters from its current weights the way the format stores them: raw
-per-sub-block scales (and mins) with a small search for the lowest importance-weighted error, then,
+per-sub-block scales (and mins) searched as llama.cpp's make_qx_quants does (candidate ranges,
+each refitted by weighted least squares; GPTQ weighs by diag(H), the statistic llama-imatrix
+collects; without data a legacy format keeps llama.cpp's reference scale), then,
 for K-quants, those scales quantised to their few bits under a float16 super-block scale (as
 llama.cpp's quantize_row_q*_K_ref does). GPTQ calls it when it reaches a span (compress/obs.py).
 """
@@ -67,9 +69,11 @@ FORMATS = {f.name: f for f in (
     BlockFormat("q5_k", Q.Q5_K, 32, 256, 0, 31, True, 6),
     BlockFormat("q6_k", Q.Q6_K, 16, 256, -32, 31, False, 8),
 )}
-# shrink factors tried for each sub-block's range: the lowest weighted error wins (llama.cpp's
-# make_qx_quants searches scales the same way)
-SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+# Where a sub-block's extreme lands, in steps of a tenth of a level either side of the format's
+# last level, as llama.cpp's make_qx_quants searches (is = -9 .. 9); each candidate's codes then
+# get the least-squares scale (and offset) under the importance weights, and the lowest weighted
+# error wins.
+STEPS = tuple(i / 10 for i in range(-9, 10))
 
 
 def fp16(x: torch.Tensor) -> torch.Tensor:
@@ -108,34 +112,107 @@ def encode(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, fm
     return torch.round(q).clamp_(fmt.lo, fmt.hi)
 
 
-def raw_params(fmt: BlockFormat, W: torch.Tensor, importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Unquantised per-sub-block (scale, offset), (rows, subs) each, searched over SHRINK for the
-    lowest importance-weighted squared error. W (rows, span); importance (span,) >= 0."""
+def raw_params(fmt: BlockFormat, W: torch.Tensor, importance: torch.Tensor | None,
+               sigma2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Unquantised per-sub-block (scale, offset), (rows, subs) each. W (rows, span); importance
+    (span,) >= 0 (GPTQ: diag(H)), weighted per weight by sqrt(sigma2 + x^2) as llama.cpp weighs an
+    importance matrix (sigma2 (rows,): twice the row's mean square; default the span's). Without
+    data (None) a legacy format takes llama.cpp's reference scale (the extreme on the last level,
+    no search) and a K-quant weighs by x^2, as llama.cpp's quantizers do without an imatrix."""
     rows = W.shape[0]
     x = W.reshape(rows, fmt.subs, fmt.width)
-    imp = importance.reshape(1, fmt.subs, fmt.width)
     if fmt.asym:
         low = x.min(dim=-1).values
         high = x.max(dim=-1).values
         if fmt.sub_bits:  # K-quants store min as -dmin * m with m >= 0: the offset is never above 0
             low = low.clamp(max=0)
-        base_scale, offset = (high - low) / fmt.hi, low
+        reference = ((high - low) / fmt.hi, low)
     else:
         at = x.abs().argmax(dim=-1, keepdim=True)
         extreme = x.gather(-1, at).squeeze(-1)  # signed: it lands on lo, the level without a mirror
-        base_scale = extreme / fmt.lo if fmt.lo == -(fmt.hi + 1) else extreme.abs() / fmt.hi
-        offset = None
-    best_err = best_scale = None
-    for shrink in SHRINK:
-        scale = base_scale * shrink
-        q = encode(x, scale[..., None], None if offset is None else offset[..., None], fmt)
-        err = ((decode(q, scale[..., None], None if offset is None else offset[..., None]) - x) ** 2 * imp).sum(-1)
-        if best_err is None:
-            best_err, best_scale = err, scale
-        else:
-            better = err < best_err
-            best_err, best_scale = torch.where(better, err, best_err), torch.where(better, scale, best_scale)
-    return best_scale, offset
+        reference = (extreme / fmt.lo, None)
+    if importance is None:
+        if not fmt.sub_bits:
+            return reference
+        weights = x**2
+    else:
+        sigma2 = 2 * (W * W).mean(dim=1) if sigma2 is None else sigma2
+        weights = importance.reshape(1, fmt.subs, fmt.width) * torch.sqrt(sigma2[:, None, None] + x * x)
+    return (searched_asym if fmt.asym else searched_sym)(fmt, x, weights, reference)
+
+
+ROW_CHUNK = 1024  # rows searched at once: the candidates make (rows, subs, steps, width) temporaries
+
+
+def codes_at(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, fmt: BlockFormat) -> torch.Tensor:
+    """encode() for every candidate at once: x (..., width), scale / offset (..., steps) ->
+    codes (..., steps, width)."""
+    inverse = torch.where(scale != 0, 1 / torch.where(scale != 0, scale, 1), 0)[..., None]
+    x = x[..., None, :] if offset is None else x[..., None, :] - offset[..., None]
+    return torch.round(x * inverse).clamp_(fmt.lo, fmt.hi)
+
+
+def best_of(score: torch.Tensor, *values: torch.Tensor) -> list[torch.Tensor]:
+    """Each value at the candidate (last axis) with the highest score; the first on ties."""
+    at = score.argmax(dim=-1, keepdim=True)
+    return [v.gather(-1, at).squeeze(-1) for v in values]
+
+
+def by_row_chunks(search):
+    """Run a candidate search on ROW_CHUNK rows at a time (bounded temporaries), joined back."""
+
+    def run(fmt, x, w, reference):
+        if x.shape[0] <= ROW_CHUNK:
+            return search(fmt, x, w, reference)
+        parts = [search(fmt, x[i : i + ROW_CHUNK], w[i : i + ROW_CHUNK],
+                        tuple(None if r is None else r[i : i + ROW_CHUNK] for r in reference)) for i in range(0, x.shape[0], ROW_CHUNK)]
+        return tuple(None if parts[0][k] is None else torch.cat([p[k] for p in parts]) for k in range(2))
+
+    return run
+
+
+@by_row_chunks
+def searched_sym(fmt: BlockFormat, x: torch.Tensor, w: torch.Tensor, reference) -> tuple[torch.Tensor, None]:
+    """w = scale * q: for each candidate the codes, then scale = sum(w x q) / sum(w q^2); the best
+    maximises sum(w x q)^2 / sum(w q^2) (the weighted error is sum(w x^2) minus that)."""
+    steps = torch.tensor(STEPS, dtype=x.dtype, device=x.device)
+    extreme = (reference[0] * fmt.lo)[..., None]  # signed extreme of each sub-block, (rows, subs, 1)
+    q = codes_at(x, extreme / (fmt.lo - steps), None, fmt)  # the extreme at lo - step levels
+    wq = w[..., None, :] * q
+    sumlx, suml2 = torch.einsum("...cw,...w->...c", wq, x), (wq * q).sum(-1)
+    ok = suml2 > 0
+    score = torch.where(ok, sumlx * sumlx / torch.where(ok, suml2, 1), -1.0)
+    fitted = torch.where(ok, sumlx / torch.where(ok, suml2, 1), 0.0)
+    scale, score = best_of(score, fitted, score)
+    return torch.where(score >= 0, scale, reference[0]), None
+
+
+@by_row_chunks
+def searched_asym(fmt: BlockFormat, x: torch.Tensor, w: torch.Tensor, reference) -> tuple[torch.Tensor, torch.Tensor]:
+    """w = scale * q + offset: for each candidate range the codes, then (scale, offset) by weighted
+    least squares (offset <= 0 for K-quants, whose min is stored as -dmin * m); lowest error wins."""
+    base, low = reference
+    steps = torch.tensor(STEPS, dtype=x.dtype, device=x.device)
+    scale = (base[..., None] * fmt.hi / (fmt.hi + steps))  # (rows, subs, steps)
+    offset = low[..., None].expand_as(scale)
+    q = codes_at(x, scale, offset, fmt)
+    wq = w[..., None, :] * q
+    sw, sx, sxx = w.sum(-1, keepdim=True), (w * x).sum(-1, keepdim=True), (w * x * x).sum(-1, keepdim=True)
+    sq, sqq, sqx = wq.sum(-1), (wq * q).sum(-1), torch.einsum("...cw,...w->...c", wq, x)
+    det = sw * sqq - sq * sq
+    ok = det > 1e-30 * sw * sqq
+    fit_scale = torch.where(ok, (sw * sqx - sq * sx) / torch.where(ok, det, 1), scale)
+    fit_offset = torch.where(ok, (sqq * sx - sq * sqx) / torch.where(ok, det, 1), offset)
+    if fmt.sub_bits:  # offset above 0 is not storable: the best scale with offset 0
+        above = fit_offset > 0
+        fit_scale = torch.where(above, torch.where(sqq > 0, sqx / torch.where(sqq > 0, sqq, 1), scale), fit_scale)
+        fit_offset = torch.where(above, torch.zeros_like(fit_offset), fit_offset)
+    bad = ~torch.isfinite(fit_scale) | (fit_scale <= 0)
+    fit_scale, fit_offset = torch.where(bad, scale, fit_scale), torch.where(bad, offset, fit_offset)
+    # the weighted squared error, expanded: no pass over the codes again
+    err = (fit_scale**2 * sqq + 2 * fit_scale * fit_offset * sq - 2 * fit_scale * sqx
+           + fit_offset**2 * sw - 2 * fit_offset * sx + sxx)
+    return tuple(best_of(-err, fit_scale, fit_offset))
 
 
 def nearest(x: torch.Tensor) -> torch.Tensor:
@@ -143,11 +220,10 @@ def nearest(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * torch.floor(x.abs() + 0.5)
 
 
-def choose(fmt: BlockFormat, W: torch.Tensor, importance: torch.Tensor | None = None) -> SpanParams:
+def choose(fmt: BlockFormat, W: torch.Tensor, importance: torch.Tensor | None = None, sigma2: torch.Tensor | None = None) -> SpanParams:
     """A span's parameters for every row of W (rows, span), from its current weights."""
     W = W.float()
-    importance = torch.ones(W.shape[1], device=W.device) if importance is None else importance.float().clamp(min=0)
-    scale, offset = raw_params(fmt, W, importance)
+    scale, offset = raw_params(fmt, W, None if importance is None else importance.float().clamp(min=0), sigma2)
     if not fmt.sub_bits:  # legacy: the scale (and offset) are float16
         return SpanParams(d=fp16(scale[:, 0]), m=fp16(offset[:, 0]) if fmt.asym else None)
     top = (1 << (fmt.sub_bits - 1)) if not fmt.asym else (1 << fmt.sub_bits) - 1  # 32 / 128 signed, 15 / 63 unsigned

@@ -66,8 +66,8 @@ class BlockCursor:
     (a reordered pass visits a span's columns in another order); each column is then rounded on
     its sub-block's scale. importance: diag(H) in stored order, to weigh the scale search."""
 
-    def __init__(self, fmt: BlockFormat, perm: torch.Tensor | None, cols: int, importance: torch.Tensor):
-        self.fmt, self.importance = fmt, importance
+    def __init__(self, fmt: BlockFormat, perm: torch.Tensor | None, cols: int, importance: torch.Tensor, sigma2: torch.Tensor):
+        self.fmt, self.importance, self.sigma2 = fmt, importance, sigma2  # sigma2: twice each row's mean square
         self.stored = perm if perm is not None else torch.arange(cols, device=importance.device)
         self.spans: dict[int, ggml_formats.SpanParams] = {}
 
@@ -79,16 +79,21 @@ class BlockCursor:
         local = stored - base
         weights = torch.empty_like(current)
         weights[:, local] = current
-        params = ggml_formats.choose(fmt, weights, self.importance[base : base + fmt.span])
+        params = ggml_formats.choose(fmt, weights, self.importance[base : base + fmt.span], self.sigma2)
         self.spans[base // fmt.span] = params
         scale, offset = ggml_formats.effective(fmt, params)  # (rows, subs) or (rows, 1)
         sub = local // fmt.width if fmt.sub_bits else torch.zeros_like(local)
-        self.scale = scale[:, sub]  # (rows, span) in visiting order
-        self.offset = None if offset is None else offset[:, sub]
+        # (span, rows) in visiting order: column k's parameters are one contiguous row
+        self.scale = scale[:, sub].t().contiguous()
+        self.inverse = torch.where(self.scale != 0, 1 / torch.where(self.scale != 0, self.scale, 1), 0)
+        self.offset = None if offset is None else offset[:, sub].t().contiguous()
 
     def column(self, w: torch.Tensor, k: int) -> torch.Tensor:
-        scale, offset = self.scale[:, k], None if self.offset is None else self.offset[:, k]
-        return ggml_formats.decode(ggml_formats.encode(w, scale, offset, self.fmt), scale, offset)
+        """The column on its grid: nearest code (a zero scale: code 0), decoded as gguf decodes."""
+        if self.offset is None:
+            return torch.round(w * self.inverse[k]).clamp_(self.fmt.lo, self.fmt.hi).mul_(self.scale[k])
+        q = torch.round((w - self.offset[k]) * self.inverse[k]).clamp_(self.fmt.lo, self.fmt.hi)
+        return q.mul_(self.scale[k]).add_(self.offset[k])
 
     def state(self) -> GgufState:
         return GgufState.stack(self.fmt, [self.spans[k] for k in sorted(self.spans)])
@@ -140,7 +145,7 @@ def obs_compress(
         frozen = None if frozen is None else frozen[:, perm]
     Hinv, damp_used = inverse_hessian_factor(H, dampening)
     if blocks:
-        cursor = BlockCursor(grid, perm, cols, importance)
+        cursor = BlockCursor(grid, perm, cols, importance, 2 * (W * W).mean(dim=1))
     elif grid is not None:
         width = grid.width(cols)
         scales = torch.zeros(grid.groups(cols), rows, device=W.device)
