@@ -63,7 +63,13 @@ def parse_args():
     p.add_argument("--runs", type=Path, default=Path("runs/bench-gguf-grids"))
     p.add_argument("--only", nargs="*", choices=["llama.cpp", *ROWS])
     p.add_argument("--force", action="store_true")
-    return p.parse_args()
+    p.add_argument("--cost", action="store_true", help="time GPTQ g128 against GPTQ onto q4_0 / q4_k (stages only, one after another)")
+    p.add_argument("--model", default="smollm2", help="a name for --folder's model: rows of another model go to results/gguf_grids/<model>/")
+    args = p.parse_args()
+    args.results = RESULTS if args.model == "smollm2" else RESULTS / args.model
+    if args.model != "smollm2" and args.runs == Path("runs/bench-gguf-grids"):
+        args.runs = Path(f"runs/bench-gguf-grids-{args.model}")
+    return args
 
 
 def recipe(args, name: str, stages: list, types: list[str]) -> dict:
@@ -108,55 +114,98 @@ def anchor_bits(args, anchor: dict, kind: str) -> float:
     """The anchor file's block-matrix bits per weight, measured once and kept in its row."""
     if "block_matrix_bits" not in anchor["files"][kind]:
         anchor["files"][kind]["block_matrix_bits"] = block_matrix_bits(args.runs / "llama.cpp" / "gguf" / f"model-{kind}.gguf")
-        (RESULTS / "llama.cpp.json").write_text(json.dumps(anchor, indent=2) + "\n")
+        (args.results / "llama.cpp.json").write_text(json.dumps(anchor, indent=2) + "\n")
     return anchor["files"][kind]["block_matrix_bits"]
 
 
 def run(args, name: str, stages: list, types: list[str]) -> dict:
-    out = RESULTS / f"{name}.json"
+    out = args.results / f"{name}.json"
     if out.is_file() and not args.force:
         return json.loads(out.read_text())
     for stage in stages:  # a named type as the target: its file's bits per weight
         if isinstance(stage.get("bits_per_weight"), str):
-            stage["bits_per_weight"] = round(anchor_bits(args, json.loads((RESULTS / "llama.cpp.json").read_text()), stage["bits_per_weight"]), 6)
+            stage["bits_per_weight"] = round(anchor_bits(args, json.loads((args.results / "llama.cpp.json").read_text()), stage["bits_per_weight"]), 6)
     results, metadata, wall = run_recipe(args.runs, name, recipe(args, name, stages, types))
     row = {"name": name, "stages": stages, "files": file_rows(results), "torch_ppl": results["evaluations"]["model"]["perplexity"]["ppl"],
            "stage_seconds": [s["seconds"] for s in results["stages"]], "wall_seconds": round(wall, 1),
            "block_grids": [s.get("block_grids") for s in results["stages"]], "notes": results["export"]["gguf"]["notes"],
            "versions": metadata["versions"]}
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(row, indent=2) + "\n")
     return row
 
 
+# anchors measured by their own scripts (results/gguf_grids/<name>.json, same "files" layout):
+# llama.cpp's quantizer with an importance matrix (benchmarks/imatrix_anchor.sh) and AutoRound's
+# GGUF export (benchmarks/autoround_gguf.py, its own venv)
+ANCHORS = {"llama.cpp": "llama.cpp's quantizer (from F32)", "llama.cpp-imatrix": "llama.cpp's quantizer with an importance matrix",
+           "autoround": "AutoRound, default tuning", "autoround-iters0": "AutoRound, iters=0"}
+
+
 def table(rows: dict) -> str:
-    anchors = rows["llama.cpp"]["files"]
-    lines = ["| type | llama.cpp's quantizer: MB / ppl | ours | MB / ppl | quantize s |", "|---|---|---|---|---|"]
-    for name, (stages, against, what) in ROWS.items():
-        if name not in rows:
-            continue
-        ours = rows[name]["files"]["grid"]
-        anchor = anchors[against]
-        lines.append(f"| {against} | {anchor['mb']:.1f} / {anchor['ppl']:.2f} | {what} | {ours['mb']:.1f} / **{ours['ppl']:.2f}** | "
-                     f"{sum(rows[name]['stage_seconds']):.0f} |")
+    """One section per named type: every anchor's file and ours compared with it, MB and perplexity.
+    Seconds are left out: rows ran on a shared machine (the cost comparison is --cost's)."""
+    lines = ["| type | file | MB | ppl (llama.cpp) |", "|---|---|---|---|"]
+    for kind in ANCHOR_TYPES:
+        entries = []
+        for name, what in ANCHORS.items():
+            for file_kind, entry in rows.get(name, {}).get("files", {}).items():
+                if file_kind == kind or entry.get("as") == kind:
+                    entries.append((what, entry))
+        for name, (stages, against, what) in ROWS.items():
+            if against == kind and name in rows:
+                earlier = " (earlier scale search)" if rows[name].get("code_note") else ""
+                entries.append(("ours: " + what + earlier, rows[name]["files"]["grid"]))
+        best = min((e["ppl"] for what, e in entries if "Wanda" not in what), default=None)
+        for what, entry in entries:
+            ppl = f"**{entry['ppl']:.2f}**" if entry["ppl"] == best else f"{entry['ppl']:.2f}"
+            lines.append(f"| {kind} | {what} | {entry['mb']:.2f} | {ppl} |")
     return "\n".join(lines)
+
+
+def read_rows(folder: Path) -> dict:
+    return {path.stem: json.loads(path.read_text()) for path in sorted(folder.glob("*.json")) if path.stem != "cost"}
+
+
+COST_ROWS = {"gptq-int4-g128": {"kind": "quantize", "method": "gptq", "bits": 4, "group_size": 128},
+             "gptq-q4_0": gptq("q4_0"), "gptq-q4_k": gptq("q4_k")}
+
+
+def cost(args) -> dict:
+    """Seconds of the quantize stage alone (no evaluation, no export), each run in its own process,
+    one after another: item 7's comparison. Run it on an otherwise idle machine."""
+    rows = {}
+    for name, stage in COST_ROWS.items():
+        r = recipe(args, f"cost-{name}", [stage], [])
+        r["eval"], r["export"] = {"perplexity": False}, {"hf": False, "check": False}
+        results, metadata, wall = run_recipe(args.runs, f"cost-{name}", r)
+        rows[name] = {"quantize_seconds": results["stages"][0]["seconds"], "wall_seconds": round(wall, 1), "peak_rss_mb": metadata["peak_rss_mb"]}
+    base = rows["gptq-int4-g128"]["quantize_seconds"]
+    for row in rows.values():
+        row["vs_g128"] = round(row["quantize_seconds"] / base, 2)
+    (args.results / "cost.json").write_text(json.dumps({"rows": rows, "versions": metadata["versions"]}, indent=2) + "\n")
+    return rows
 
 
 def main() -> int:
     args = parse_args()
     require_inputs(args.data, args.folder)
+    if args.cost:
+        print(json.dumps(cost(args), indent=2))
+        return 0
     names = args.only or ["llama.cpp", *ROWS]
-    rows = {}
-    if "llama.cpp" in names or not (RESULTS / "llama.cpp.json").is_file():
-        rows["llama.cpp"] = run(args, "llama.cpp", [], ANCHOR_TYPES)
+    if "llama.cpp" in names or not (args.results / "llama.cpp.json").is_file():
+        run(args, "llama.cpp", [], ANCHOR_TYPES)
     for name in names:
         if name in ROWS:
-            rows[name] = run(args, name, ROWS[name][0], ["grid"])
-    for path in sorted(RESULTS.glob("*.json")):  # rows run earlier
-        rows.setdefault(path.stem, json.loads(path.read_text()))
-    text = table(rows)
-    (HERE / "results" / "gguf_grids.md").write_text("# GGUF files of SmolLM2-135M: llama.cpp's quantizer vs GPTQ onto its block formats\n\n"
-                                                    "WikiText-2 perplexity in llama.cpp (32 x 512), file MB. `python benchmarks/gguf_grids.py`.\n\n" + text + "\n")
+            run(args, name, ROWS[name][0], ["grid"])
+    sections = [("SmolLM2-135M", read_rows(RESULTS))]
+    sections += [(folder.name, read_rows(folder)) for folder in sorted(RESULTS.iterdir()) if folder.is_dir()]
+    text = "\n\n".join(f"## {title}\n\n{table(rows)}" for title, rows in sections if "llama.cpp" in rows)
+    (HERE / "results" / "gguf_grids.md").write_text(
+        "# GGUF files: llama.cpp's quantizer and AutoRound vs GPTQ onto llama.cpp's block formats\n\n"
+        "WikiText-2 perplexity computed by llama.cpp on each file (32 x 512 windows), file MB. "
+        "`python benchmarks/gguf_grids.py`; bold: the lowest perplexity per type (pruned rows aside).\n\n" + text + "\n")
     print(text)
     return 0
 
