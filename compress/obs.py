@@ -66,8 +66,8 @@ class BlockCursor:
     (a reordered pass visits a span's columns in another order); each column is then rounded on
     its sub-block's scale. importance: diag(H) in stored order, to weigh the scale search."""
 
-    def __init__(self, fmt: BlockFormat, perm: torch.Tensor | None, cols: int, importance: torch.Tensor, sigma2: torch.Tensor):
-        self.fmt, self.importance, self.sigma2 = fmt, importance, sigma2  # sigma2: twice each row's mean square
+    def __init__(self, fmt: BlockFormat, perm: torch.Tensor | None, cols: int, importance: torch.Tensor):
+        self.fmt, self.importance = fmt, importance
         self.stored = perm if perm is not None else torch.arange(cols, device=importance.device)
         self.spans: dict[int, ggml_formats.SpanParams] = {}
 
@@ -79,7 +79,7 @@ class BlockCursor:
         local = stored - base
         weights = torch.empty_like(current)
         weights[:, local] = current
-        params = ggml_formats.choose(fmt, weights, self.importance[base : base + fmt.span], self.sigma2)
+        params = ggml_formats.choose(fmt, weights, self.importance[base : base + fmt.span])
         self.spans[base // fmt.span] = params
         scale, offset = ggml_formats.effective(fmt, params)  # (rows, subs) or (rows, 1)
         sub = local // fmt.width if fmt.sub_bits else torch.zeros_like(local)
@@ -145,7 +145,7 @@ def obs_compress(
         frozen = None if frozen is None else frozen[:, perm]
     Hinv, damp_used = inverse_hessian_factor(H, dampening)
     if blocks:
-        cursor = BlockCursor(grid, perm, cols, importance, 2 * (W * W).mean(dim=1))
+        cursor = BlockCursor(grid, perm, cols, importance)
     elif grid is not None:
         width = grid.width(cols)
         scales = torch.zeros(grid.groups(cols), rows, device=W.device)
