@@ -45,7 +45,6 @@ bitsandbytes layers have no ONNX form and are refused.
 from __future__ import annotations
 
 import gc
-import hashlib
 import importlib.util
 import inspect
 import json
@@ -63,6 +62,7 @@ from torch import nn
 from compress.config import Config
 from compress.errors import CompressError
 from compress.export import bnb, gptq, onnx_nbits
+from compress.export.onnx_nbits import digest
 from compress.layout import LowRankLinear
 from compress.tokenizer_files import save_tokenizer
 
@@ -326,12 +326,6 @@ def lowrank_notes(model) -> list[str]:
 
 
 INLINE_LIMIT = 64 * 2**20  # decode-only tensors above this go to their own data file, not the protobuf
-
-
-def digest(array) -> tuple:
-    """What makes two stored tensors the same: dtype, shape and every byte."""
-    array = np.ascontiguousarray(array)
-    return str(array.dtype), array.shape, hashlib.blake2b(array.view(np.uint8).reshape(-1), digest_size=20).digest()
 
 
 def save_sharing_weights(program, path: Path, prefill_path: Path) -> int:

@@ -131,12 +131,13 @@ def dequantized(p: Packed) -> np.ndarray:
     return w.reshape(p.N, -1)[:, : p.K]
 
 
-def digest(array: np.ndarray) -> bytes:
+def digest(array) -> tuple:
+    """What makes two stored tensors the same: dtype, shape and every byte."""
     array = np.ascontiguousarray(array)
-    return hashlib.blake2b(str((array.dtype, array.shape)).encode() + array.view(np.uint8).reshape(-1).tobytes(), digest_size=20).digest()
+    return str(array.dtype), array.shape, hashlib.blake2b(array.view(np.uint8).reshape(-1), digest_size=20).digest()
 
 
-def plan(model) -> tuple[dict[bytes, Packed], list[str]]:
+def plan(model) -> tuple[dict[tuple, Packed], list[str]]:
     """digest of W^T (the exporter's MatMul constant) -> packed layer, for every quantised Linear
     MatMulNBits holds exactly; and notes on the ones it does not."""
     packed, dense = {}, {}
@@ -153,7 +154,7 @@ def plan(model) -> tuple[dict[bytes, Packed], list[str]]:
     return packed, notes
 
 
-def rewrite(graph, packed: dict[bytes, Packed]) -> list[str]:
+def rewrite(graph, packed: dict[tuple, Packed]) -> list[str]:
     """Replace every MatMul whose weight is a packed layer's W^T by MatMulNBits; returns the
     layers replaced. The dense constants go (unless something else still reads them)."""
     import onnx_ir as ir
