@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from compress import devices
+from compress.blocks import store_of
 from compress.model import decoder_blocks
 
 
@@ -108,7 +109,7 @@ def capture_inputs(model: nn.Module, tokens: torch.Tensor, dtype: torch.dtype | 
 
     tokens = tokens.to(next(model.parameters()).device)
     # a streamed model's blocks are not in memory; an onloaded one's are in CPU RAM, too slow to run whole
-    skip_blocks = getattr(model, "block_store", None) is not None or devices.of(model) is not None
+    skip_blocks = not store_of(model).resident or devices.of(model) is not None
     with no_cache(model):
         handles = [b.register_forward_pre_hook(record_extras(i), with_kwargs=True) for i, b in enumerate(blocks)]
         with hooks(handles), passthrough(blocks, skip_blocks):
@@ -165,6 +166,7 @@ def sequential(
     desc: str = "blocks",
     dtype: torch.dtype | None = None,
     keep_last: bool = False,
+    collected: dict | None = None,
 ) -> list[torch.Tensor] | None:
     """Walk the blocks in order: observe, compress, propagate (see the module docstring).
 
@@ -180,23 +182,25 @@ def sequential(
     weights change in the model's own dtype.
 
     keep_last: also run the last block and return its outputs (a block-wise forward pass).
-    A streamed model (compress/stream.py) has one block in memory at a time: each is loaded
-    before its turn, saved when compress changed it, and a checkpoint after each block lets a
-    killed run resume at the next one.
+    collected: what compress gathers as it goes (plain values: numbers, strings, lists, dicts),
+    saved with each checkpoint and put back when a killed pass resumes.
+    Each block is taken from the model's block store (compress/blocks.py) for its turn and handed
+    back, changed or not: a streamed model holds one block in memory at a time; a pass that
+    changes weights checkpoints as it goes, so that a killed run resumes inside it.
     With `model.device: cuda` (compress/devices.py) each block is moved to the GPU for its turn
     and back; the activations stay on the GPU (keep_last returns them there).
     """
     blocks = decoder_blocks(model)
-    store = getattr(model, "block_store", None)
+    store = store_of(model)
     device = devices.of(model)
     # a pass that changes weights can resume; a forward-only one (keep_last) just runs again
-    start, resumed = store.begin_pass() if store is not None and not keep_last else (0, None)
+    start, resumed = store.begin_pass(collected) if not keep_last else (0, None)
     hidden = [devices.move(_cast(h, dtype), device) for h in (resumed if resumed is not None else inputs.hidden)]
     with no_cache(model):
         for i, block in enumerate(tqdm(blocks, desc=desc, leave=False)):
             if i < start:
                 continue  # done before the run was killed: its weights are on disk
-            with store.loaded(i) if store is not None else nullcontext({}) as state, devices.onloaded(block, device):
+            with store.loaded(i) as state, devices.onloaded(block, device):
                 extra = devices.move(_cast(inputs.extras[i], dtype), device)
                 work = _working_copy(block, dtype)
                 outputs = None
@@ -223,8 +227,8 @@ def sequential(
                     run_block(work, hidden, extra, out=outputs)
                 hidden = outputs
                 del work
-            if store is not None and changed:
-                store.checkpoint(i + 1, hidden)
+            if changed:
+                store.checkpoint(i + 1, hidden, collected)
     return hidden if keep_last else None
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from compress import devices, identity, runinfo, speed, stream
+from compress.blocks import ResidentBlocks, store_of
 from compress.calibrate import buffer_bytes
 from compress.context import StageContext
 from compress.data import build_segments
@@ -68,31 +69,35 @@ def check_output_dir(final: Path, overwrite: bool | None) -> None:
 
 
 @contextmanager
-def staging_dir(final: Path, resume_id: str | None = None, restart: bool = False):
-    """A temporary folder next to `final`; removed if the body fails. resume_id (a streamed run):
-    the folder is named by the run's id and kept when the run fails, so that the same recipe run
-    again continues from its checkpoints (restart: start over)."""
+def staging_dir(final: Path, run_id: str, restart: bool = False):
+    """A folder next to `final`, named by the run's id, where the run is written. If the run
+    fails or is killed after finishing a stage or a checkpoint (compress/blocks.py), the folder
+    stays, and the same recipe run again continues from there (restart: start over); otherwise
+    it is removed."""
+    tmp = final.parent / f".{final.name}.resume-{run_id[:16]}"
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        if resume_id is None:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+        if restart or not has_progress(tmp):  # nothing to resume from: start clean
+            shutil.rmtree(tmp, ignore_errors=True)
         else:
-            tmp = final.parent / f".{final.name}.resume-{resume_id[:16]}"
-            if restart:
-                shutil.rmtree(tmp, ignore_errors=True)
-            if tmp.is_dir():
-                log.info("resuming from the checkpoints in %s", tmp)
-            tmp.mkdir(exist_ok=True)
+            log.info("resuming from the checkpoints in %s", tmp)
+        tmp.mkdir(exist_ok=True)
     except OSError as err:
         raise CompressError(f"output_dir: cannot create a folder beside {final}: {err.strerror or err}") from err
     try:
         yield tmp
     except BaseException:
-        if resume_id is None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
+        if has_progress(tmp):
             log.warning("the run's checkpoints stay in %s: run the same recipe again to resume (--restart to start over)", tmp)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def has_progress(staging: Path) -> bool:
+    """A finished stage or a pass checkpoint is in the staging folder."""
+    blocks = staging / ".blocks"
+    return blocks.is_dir() and any(p.suffix in (".done", ".pt") for p in blocks.iterdir())
 
 
 @contextmanager
@@ -168,12 +173,8 @@ def weight_counts(model) -> tuple[int, dict]:
 
 def each_block(model):
     """The decoder blocks, a streamed model's materialised one at a time."""
-    store = stream.store_of(model)
-    if store is None:
-        yield from decoder_blocks(model)
-    else:
-        for _, block in store.each(final=True):
-            yield block
+    for _, block in store_of(model).each(final=True):
+        yield block
 
 
 def export_all(recipe: Recipe, loaded, tmp: Path, scratch: Path, segments: dict, phases) -> dict:
@@ -182,12 +183,15 @@ def export_all(recipe: Recipe, loaded, tmp: Path, scratch: Path, segments: dict,
     mismatch fails the run. Returns {exporter name: info}."""
     selected = recipe.export.selected()
     model, exports = loaded.model, {}
-    if stream.store_of(model) is not None:  # validated: the dense HF folder only
+    if not store_of(model).resident:  # validated: the HF folder only, written and checked block by block
+        hf, cfg = EXPORTERS["hf"], recipe.export.hf
         with phases("export_hf"):
-            exports["hf"] = stream.save_hf(model, loaded.tokenizer, tmp)
+            exports["hf"] = hf.save(model, loaded.tokenizer, tmp, cfg, scratch / "hf")
         if recipe.export.check:
             with phases("check_hf"):
-                exports["hf"].update(stream.check_hf(model, tmp))
+                exports["hf"].update(hf.verify(model, tmp, exports["hf"], cfg))
+                exports["hf"]["parity"] = {"checked": False, "reason": "streamed run: the export's tensors are compared with the "
+                                           "compressed blocks bit for bit (decoded), not reloaded whole"}
         return exports
     for name, cfg in selected:
         exporter = EXPORTERS[name]
@@ -321,7 +325,7 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str], r
     m = recipe.model
     devices.check(m.device)  # one line, before minutes of loading
     check_task_names(e.tasks)  # an unknown lm-eval task fails here, not after compressing
-    with staging_dir(final, run_id if m.stream else None, restart) as tmp:
+    with staging_dir(final, run_id, restart) as tmp:
         with phases("load_model"):
             if m.stream:  # blocks stay on disk (compress/stream.py)
                 model, tokenizer, path = stream.load_streamed(m.source, DTYPES[m.dtype], tmp)
@@ -330,13 +334,15 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str], r
                 loaded = load_model(m.source, m.dtype, m.allow_pickle, m.trust_remote_code, m.revision)
         model = loaded.model
         devices.attach(model, m.device)  # the weights stay in CPU RAM; blocks visit the GPU (compress/devices.py)
-        store = stream.store_of(model)
+        if getattr(model, "block_store", None) is None:  # in memory: the store keeps what a resumed run needs
+            model.block_store = ResidentBlocks(model, tmp)
+        store = store_of(model)
         blocks = len(decoder_blocks(model))
         params_dense = sum(p.numel() for p in model.parameters())  # structured / low-rank stages change it
         log.info("loaded %s (%s, %d blocks)", loaded.resolved, model_type(model), blocks)
         # the GGUF converter's verdict runs beside the data cutting and dense evaluation, and is
         # waited for before the first stage
-        pending = preflight(recipe.export, model, loaded.tokenizer, recipe.quantises(), recipe.narrows()) if store is None else None
+        pending = preflight(recipe.export, model, loaded.tokenizer, recipe.quantises(), recipe.narrows()) if store.resident else None
 
         with cancelled_on_error(pending):
             with phases("data"):
@@ -374,19 +380,18 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str], r
         for k, stage in enumerate(recipe.stages):
             ctx.stage_key = f"stages[{k}]"
             _, apply = STAGES[stage.kind]
-            if store is not None:
-                store.begin_stage(k)
-                if store.stage_done(k):  # finished before the run was killed
-                    records.append(store.record(k))
-                    log.info("stage %d (%s) finished in an earlier run: resumed after it", k, stage.kind)
-                    continue
+            store.begin_stage(k)
+            if store.stage_done(k):  # finished before the run was killed
+                records.append(store.record(k))
+                log.info("stage %d (%s) finished in an earlier run: resumed after it", k, stage.kind)
+                continue
             with phases(f"stage{k}_{stage.kind}"):
                 model, record = apply(model, ctx, stage)
             records.append(record.as_dict())
-            if store is not None:
-                store.end_stage(k, records[-1])
+            store.end_stage(k, records[-1])
             log.info("stage %d (%s) done: %s in %.1f s", k, stage.kind, record.summary(), record.seconds)
         del ctx
+        store.settle()  # a resumed run's blocks as its finished stages left them
 
         if measure_final and "model" in e.artefacts:
             evaluate("compressed")
@@ -412,8 +417,7 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str], r
         loaded.model, model = model, None  # export_all frees it before reloading the exports
         export = export_all(recipe, loaded, tmp, scratch, segments, phases)
         shutil.rmtree(scratch, ignore_errors=True)
-        if store is not None:
-            shutil.rmtree(store.root, ignore_errors=True)  # block versions and checkpoints: the export holds the result
+        store.close()  # block versions and checkpoints: the export holds the result
         loaded.model = None  # the artefacts are evaluated from their files, one at a time
         gc.collect()
         for label, kind, path in artefacts(recipe, tmp, export):

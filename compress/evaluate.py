@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from compress import devices
+from compress.blocks import store_of
 from compress.calibrate import no_cache
 
 
@@ -50,7 +51,7 @@ def summed_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
 def perplexity(model, tokens: torch.Tensor, batch_size: int = 1, desc: str = "perplexity") -> Perplexity:
     """tokens: (windows, seqlen) int64."""
     start = time.perf_counter()
-    if getattr(model, "block_store", None) is not None:
+    if not store_of(model).resident:
         total_nll, count = blockwise_nll(model, tokens)  # a streamed model: one block in memory at a time
         return _result(total_nll, count, tokens, start)
     total_nll = 0.0

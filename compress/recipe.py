@@ -165,13 +165,18 @@ class Recipe(Config):
 
     @model_validator(mode="after")
     def _streamed_runs(self):
-        """What a streamed run can do so far: prune stages (any allocation but alpha),
-        perplexity, and a dense HF export."""
+        """What a streamed run can do so far: prune and quantize stages (gptq / rtn, integer
+        grids or llama.cpp's block formats; any allocation but alpha), perplexity, and the HF
+        folder (dense, or GPTQ when quantised)."""
         if not self.model.stream:
             return self
         for k, stage in enumerate(self.stages):
-            if stage.kind != "prune" or stage.quantize is not None:
-                raise ValueError(f"stages[{k}]: model.stream runs prune stages only so far (no {stage.kind if stage.kind != 'prune' else 'joint quantize'})")
+            if stage.kind not in ("prune", "quantize"):
+                raise ValueError(f"stages[{k}]: model.stream runs prune and quantize stages so far (not {stage.kind}): "
+                                 "it changes the blocks' layout or trains across blocks")
+            if stage.kind == "quantize" and stage.method == "bnb":
+                raise ValueError(f"stages[{k}].method: bnb is not streamed (its checkpoint is written by transformers from the whole "
+                                 "model): use gptq or rtn")
             if stage.allocation.kind == "alpha":
                 raise ValueError(f"stages[{k}].allocation: alpha is not streamed yet (it reads every block's spectrum before pruning); "
                                  "use atp, owl, uniform or explicit")
@@ -180,7 +185,7 @@ class Recipe(Config):
         if self.eval.artefacts != ["model"] or self.eval.speed:
             raise ValueError("eval.artefacts / eval.speed: a streamed run measures the model block by block only")
         if self.export.gguf is not None or self.export.onnx is not None or (self.export.hf is not None and self.export.hf.format != "dense"):
-            raise ValueError("export: a streamed run writes the dense HF folder only (export.hf: true); convert it afterwards")
+            raise ValueError("export: a streamed run writes the HF folder only (export.hf: true; GPTQ when quantised); convert it afterwards")
         return self
 
     def data_roles(self) -> dict:

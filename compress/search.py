@@ -19,7 +19,7 @@ from torch import nn
 
 from compress.errors import CompressError
 from compress.evaluate import perplexity
-from compress.spill import WeightFile, ZeroMask, scratch_folder
+from compress.blocks import store_of
 
 log = logging.getLogger("compress")
 
@@ -86,87 +86,43 @@ def search_beta(
     with plan(beta) (compress(plan, notes)) and scores it on the validation windows.
 
     Leaves the model compressed with the chosen beta, never compressing the winner twice; returns
-    beta, the trials and the winner's notes. No whole copy of the weights stays in memory (see
-    compress/spill.py): the weights every trial starts from are spilled to disk, and the best
-    trial is kept as a bit mask where the stage only zeroes weights (zeros_only: magnitude,
-    Wanda), or spilled to disk otherwise, with the module attributes named in `states` (the
-    quantisation grid; the low-rank stage's factors) held in memory.
+    beta, the trials and the winner's notes. How each trial starts from the stage's input weights
+    and how the best one is kept is the block store's business (compress/blocks.py: spilled to
+    disk for resident blocks, a trial's own block files for streamed ones): zeros_only (magnitude,
+    Wanda) lets a resident store keep the best trial as a bit mask; `states` names the module
+    attributes it keeps beside the weights.
     """
     if ctx.validation is None:
         raise CompressError(f"{ctx.stage_key}.allocation.beta: 'auto' needs validation data (data.validation)")
-    store = getattr(model, "block_store", None)
-    if store is not None:
-        return streamed_search(model, ctx, store, beta_max, trials, plan, compress)
+    space = store_of(model).trials(modules, zeros_only, states, ctx.scratch_dir)
     scores: dict[Hashable, float] = {}  # rounding can map several betas to one plan: score it once
-    best: dict = {"score": math.inf}
-    with scratch_folder(ctx.scratch_dir) as folder:
-        start = WeightFile(folder / "start.bin", modules)
-        start.save()
-        best_weights = WeightFile(folder / "best.bin", modules)
-
-        def trial(beta: float) -> float:
-            key = plan(beta)
-            if key not in scores:
-                if scores:
-                    start.load()
-                trial_notes: list[str] = []
-                compress(key, trial_notes)
-                scores[key] = perplexity(model, ctx.validation.tokens, desc="validation").ppl
-                log.info("  beta=%.5f  validation ppl %.3f", beta, scores[key])
-                if scores[key] < best["score"]:
-                    if zeros_only:
-                        best["mask"] = ZeroMask(modules)
-                    else:
-                        best_weights.save()
-                        best["states"] = {name: {a: getattr(m, a, None) for a in states} for name, m in modules.items()}
-                    best.update(score=scores[key], key=key, notes=trial_notes)
-            return scores[key]
-
-        beta, trials_done = golden_section(trial, 0.0, beta_max, trials)
-        chosen, notes = plan(beta), []
-        if best.get("key") == chosen:
-            if zeros_only:
-                start.load()
-                best["mask"].apply()
-            else:
-                best_weights.load()
-                for name, kept in best["states"].items():
-                    for attr, state in kept.items():
-                        setattr(modules[name], attr, state)
-            notes = best["notes"]
-        else:  # every trial scored inf (diverged): compress once more with the beta returned
-            start.load()
-            compress(chosen, notes)
-    return beta, [t.as_dict() for t in trials_done], notes
-
-
-def streamed_search(model, ctx, store, beta_max: float, trials: int, plan, compress) -> tuple[float, list[dict], list[str]]:
-    """search_beta for a streamed model (compress/stream.py): every trial reads the stage's input
-    blocks from disk and writes its own; the winner's files are adopted."""
-    scores: dict[Hashable, float] = {}
     best: dict = {"score": math.inf}
 
     def trial(beta: float) -> float:
         key = plan(beta)
         if key not in scores:
             t, trial_notes = len(scores), []
-            store.begin_trial(t)
+            space.begin(t)
             try:
                 compress(key, trial_notes)
                 scores[key] = perplexity(model, ctx.validation.tokens, desc="validation").ppl
             finally:
-                store.end_trial()
+                space.end()
             log.info("  beta=%.5f  validation ppl %.3f", beta, scores[key])
             if scores[key] < best["score"]:
+                space.keep(t)
                 best.update(score=scores[key], key=key, trial=t, notes=trial_notes)
         return scores[key]
 
-    beta, trials_done = golden_section(trial, 0.0, beta_max, trials)
-    chosen, notes = plan(beta), []
-    if best.get("key") == chosen:
-        store.adopt_trial(best["trial"])
-        notes = best["notes"]
-    else:  # every trial scored inf (diverged): compress once more with the beta returned
-        store.adopt_trial(-1)  # drops every trial's files
-        compress(chosen, notes)
+    try:
+        beta, trials_done = golden_section(trial, 0.0, beta_max, trials)
+        chosen, notes = plan(beta), []
+        if best.get("key") == chosen:
+            space.adopt(best["trial"])
+            notes = best["notes"]
+        else:  # every trial scored inf (diverged): compress once more with the beta returned
+            space.adopt(None)
+            compress(chosen, notes)
+    finally:
+        space.close()
     return beta, [t.as_dict() for t in trials_done], notes

@@ -8,19 +8,10 @@ pass and hands it back afterwards: a changed block is written to the staging fol
 safetensors file, then its parameters go back to meta. Peak memory is one block + the resident
 embeddings/head + the calibration activations, whatever the number of blocks.
 
-Versions: a stage k writes its blocks to `<staging>/.blocks/stage<k>/`; a block is read from the
-newest version of an earlier stage (or from the source folder), never from the running stage's
-own file, so a block half-way through a pass is always recomputed from its input weights.
-
-Resume: after every block of a pass, the store writes a checkpoint (the block's new file first,
-then the propagated activations and the index of the next block). A run killed at any point and
-started again on the same recipe (same run_id, hence the same staging folder) skips the finished
-stages and blocks, and produces the same files as a run that was never interrupted.
-
-Beta search (`beta: auto`): each trial is a streamed pass from the stage's input versions, which
-no trial changes (so no copy of the weights is spilled or restored), writing its own block files
-beside them, then a streamed validation pass over those; the winner's files become the stage's.
-A run killed during a search starts that stage's search again.
+The store (compress/blocks.py StreamedBlocks) keeps each stage's version of a block as its own
+file, checkpoints passes so that a killed run resumes, and runs the beta search's trials as
+streamed passes writing their own files: the block loop, the stages and the engine use it as they
+use a resident model's store.
 
 Sources: an HF folder of safetensors (memory-mapped, read tensor by tensor) or a GGUF file
 (memory-mapped, each tensor dequantised when it is read). Hub ids are not streamed: download first.
@@ -32,21 +23,20 @@ import json
 import logging
 import os
 import shutil
-import signal
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from compress import layer_state
+from compress.blocks import StreamedBlocks, store_of
 from compress.errors import CompressError
 from compress.tokenizer_files import save_tokenizer
 
 log = logging.getLogger("compress")
 
 STREAMED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # final norm at model.model.norm, plain head
-KILL_AFTER = "COMPRESS_KILL_AFTER_BLOCK"  # "<stage>:<block>": SIGKILL after that block's checkpoint (tests)
 
 
 class WeightSource:
@@ -61,6 +51,8 @@ class WeightSource:
         else:
             self.files = {}
             for f in sorted(self.folder.glob("*.safetensors")):
+                if f.name == "ggml_grids.safetensors":  # block-format parameters beside the weights (export/hf.py)
+                    continue
                 with safe_open(f, "pt") as handle:
                     self.files.update({name: f for name in handle.keys()})
         if not self.files:
@@ -119,165 +111,6 @@ class GgufWeightSource:
         return w
 
 
-class BlockStore:
-    """Where each decoder block's current weights are, and the one block in memory."""
-
-    def __init__(self, model, source: WeightSource, staging: Path, dtype: torch.dtype):
-        from compress.model import block_prefix, decoder_blocks
-
-        self.model, self.source, self.dtype = model, source, dtype
-        self.root = Path(staging) / ".blocks"
-        self.prefix = block_prefix(model)
-        self.blocks = decoder_blocks(model)
-        self.stage = 0  # the running stage: its writes go to stage<k>/
-        self.passes = 0  # sequential passes begun in this stage (a checkpoint names its pass)
-        self.trial: int | None = None  # a beta-search trial: writes go to stage<k>/trial<t>/, and reads find them
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    # ------------------------------------------------------------ versions
-
-    def path(self, stage: int, i: int, trial: int | None = None) -> Path:
-        folder = self.root / f"stage{stage}"
-        return (folder if trial is None else folder / f"trial{trial}") / f"block{i:05d}.safetensors"
-
-    def newest(self, i: int, before: int | None = None) -> Path | None:
-        """The newest file of block i written by a stage before `before` (default: the running one)."""
-        before = self.stage if before is None else before
-        for k in range(before - 1, -1, -1):
-            if self.path(k, i).is_file():
-                return self.path(k, i)
-        return None
-
-    def final(self, i: int) -> Path | None:
-        """The block's weights after every stage so far (None: the source's)."""
-        return self.newest(i, before=self.stage + 1)
-
-    def begin_stage(self, k: int) -> None:
-        self.stage, self.passes = k, 0
-        (self.root / f"stage{k}").mkdir(parents=True, exist_ok=True)
-        if self.stage_done(k):
-            self.stage = k + 1
-
-    def end_stage(self, k: int, record: dict) -> None:
-        """The stage's record, then its done mark; older versions of the blocks it rewrote go."""
-        (self.root / f"stage{k}.record.json").write_text(json.dumps(record))
-        (self.root / f"stage{k}.done").write_text("done\n")
-        for i in range(len(self.blocks)):
-            if self.path(k, i).is_file():
-                for j in range(k):
-                    self.path(j, i).unlink(missing_ok=True)
-        self.stage = k + 1  # what follows (evaluation, export, the next stage) reads stage k's blocks
-
-    def stage_done(self, k: int) -> bool:
-        return (self.root / f"stage{k}.done").is_file()
-
-    def record(self, k: int) -> dict:
-        return json.loads((self.root / f"stage{k}.record.json").read_text())
-
-    # ------------------------------------------------------------ one block in memory
-
-    def _names(self, i: int) -> list[str]:
-        return [f"{self.prefix}.{i}.{name}" for name, _ in self.blocks[i].named_parameters(recurse=True)]
-
-    def load(self, i: int, final: bool = False) -> None:
-        from accelerate.utils import set_module_tensor_to_device
-
-        staged = self.final(i) if final else self.newest(i)
-        if self.trial is not None and self.path(self.stage, i, self.trial).is_file():
-            staged = self.path(self.stage, i, self.trial)  # the running trial's own version
-        handle = safe_open(staged, "pt") if staged is not None else None
-        for name in self._names(i):
-            tensor = handle.get_tensor(name) if handle is not None else self.source.get(name)
-            set_module_tensor_to_device(self.model, name, "cpu", value=tensor.to(self.dtype))
-
-    def save(self, i: int) -> None:
-        """Block i's current weights as the running stage's version (atomic: a kill never leaves
-        half a file under the final name)."""
-        tensors = {f"{self.prefix}.{i}.{n}": p.detach().contiguous() for n, p in self.blocks[i].named_parameters(recurse=True)}
-        path = self.path(self.stage, i, self.trial)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path)
-
-    def unload(self, i: int) -> None:
-        self.blocks[i].to("meta")
-
-    @contextmanager
-    def loaded(self, i: int, final: bool = False):
-        """Block i in memory for the body; if the body sets `state["changed"]`, it is saved."""
-        self.load(i, final)
-        state = {"changed": False}
-        try:
-            yield state
-            if state["changed"]:
-                self.save(i)
-        finally:
-            self.unload(i)
-
-    def each(self, final: bool = True):
-        """(i, block) with each block materialised in turn (read only)."""
-        for i, block in enumerate(self.blocks):
-            with self.loaded(i, final):
-                yield i, block
-
-    # ------------------------------------------------------------ beta-search trials
-
-    def begin_trial(self, t: int) -> None:
-        """Trial t compresses every block from the stage's input versions (on disk, untouched by
-        other trials: no restore needed) and writes its own versions beside them."""
-        shutil.rmtree(self.root / f"stage{self.stage}" / f"trial{t}", ignore_errors=True)
-        self.trial = t
-
-    def end_trial(self) -> None:
-        self.trial = None
-
-    def adopt_trial(self, t: int) -> None:
-        """The chosen trial's blocks become the stage's; the other trials' files go."""
-        folder = self.root / f"stage{self.stage}"
-        for f in (folder / f"trial{t}").glob("block*.safetensors"):
-            os.replace(f, folder / f.name)
-        for trial in folder.glob("trial*"):
-            shutil.rmtree(trial, ignore_errors=True)
-
-    # ------------------------------------------------------------ checkpoints (resume)
-
-    def _ckpt(self) -> Path:
-        return self.root / f"stage{self.stage}.pass{self.passes}.pt"
-
-    def begin_pass(self) -> tuple[int, list[torch.Tensor] | None]:
-        """(first block to run, propagated activations into it) for the next pass of this stage:
-        (0, None) unless a checkpoint of this pass is on disk (a run that was killed)."""
-        self.passes += 1
-        if self.trial is not None:
-            return 0, None  # a search killed half way starts again (its trials are not checkpointed)
-        path = self._ckpt()
-        if not path.is_file():
-            return 0, None
-        state = torch.load(path, weights_only=True)
-        start = state["next"]
-        for i in range(start, len(self.blocks)):  # written after the checkpoint: recomputed
-            self.path(self.stage, i).unlink(missing_ok=True)
-        log.info("resuming stage %d pass %d at block %d", self.stage, self.passes, start)
-        return start, state["hidden"]
-
-    def checkpoint(self, next_block: int, hidden: list[torch.Tensor] | None) -> None:
-        if self.trial is not None:
-            return
-        path = self._ckpt()
-        tmp = path.with_suffix(".tmp")
-        cpu = None if hidden is None else [h.cpu() for h in hidden]  # a no-op on CPU; GPU activations resume anywhere
-        torch.save({"next": next_block, "hidden": cpu}, tmp)
-        os.replace(tmp, path)
-        # fault injection for the resume tests and benchmark: die as `kill -9` would, right here
-        if os.environ.get(KILL_AFTER) == f"{self.stage}:{next_block - 1}":
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-def store_of(model) -> BlockStore | None:
-    return getattr(model, "block_store", None)
-
-
 def load_streamed(source: str, dtype: torch.dtype, staging: Path):
     """(model, tokenizer, folder) with blocks on meta and a BlockStore attached."""
     from accelerate import init_empty_weights
@@ -310,7 +143,7 @@ def load_streamed(source: str, dtype: torch.dtype, staging: Path):
         set_module_tensor_to_device(model, name, "cpu", value=weights.get(name).to(dtype))
     if tied:
         model.tie_weights()
-    model.block_store = BlockStore(model, weights, staging, dtype)
+    model.block_store = StreamedBlocks(model, weights, staging, dtype)
     return model, AutoTokenizer.from_pretrained(folder, **gguf_file), path
 
 
@@ -332,7 +165,8 @@ def save_hf(model, tokenizer, dest: Path) -> dict:
     for i in range(len(store.blocks)):
         name = f"model-{i + 2:05d}-of-{n:05d}.safetensors"
         staged = store.final(i)
-        if staged is not None:  # a hard link where it can (the staged copy is deleted after the export): no second copy on disk
+        if staged is not None and not has_layer_states(staged):
+            # a hard link where it can (the staged copy is deleted after the export): no second copy on disk
             try:
                 os.link(staged, dest / name)
             except OSError:
@@ -365,5 +199,10 @@ def check_hf(model, dest: Path) -> dict:
             if not torch.equal(exported.get(full).to(p.dtype), p.detach()):
                 raise CompressError(f"export check failed: {full} in {dest} differs from the compressed block")
             checked += 1
-    return {"weights": {"tensors": checked, "identical": True},
-            "parity": {"checked": False, "reason": "streamed run: the export's tensors are compared with the compressed blocks bit for bit, not reloaded whole"}}
+    return {"tensors": checked, "identical": True}
+
+
+def has_layer_states(path: Path) -> bool:
+    """The block file carries quantisation states beside the weights (compress/layer_state.py)."""
+    with safe_open(path, "pt") as handle:
+        return layer_state.KEY in (handle.metadata() or {})

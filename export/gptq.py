@@ -20,13 +20,16 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from compress.blocks import store_of
 from compress.errors import CompressError
-from compress.model import block_prefix, decoder_blocks, get_weight
+from compress.export.shards import ShardWriter, outside_blocks
+from compress.model import block_prefix, get_weight
 from compress.quant import Grid, QuantState
 from compress.tokenizer_files import save_tokenizer
 
@@ -112,8 +115,116 @@ def unpack_layer(tensors: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
 
 
 def quantized_layers(model) -> dict[str, torch.nn.Module]:
-    """Layers on an integer GPTQ grid (llama.cpp block formats are not GPTQ checkpoints)."""
+    """Layers on an integer GPTQ grid (llama.cpp block formats are not GPTQ checkpoints), of the
+    blocks in memory (a streamed model's are read one at a time: see BlockScan)."""
     return {name: m for name, m in model.named_modules() if isinstance(getattr(m, "quant_state", None), QuantState)}
+
+
+def is_quantized(model) -> bool:
+    """Any block holds a GPTQ layer (a streamed model's blocks are looked at one at a time)."""
+    store = store_of(model)
+    if store.resident:
+        return bool(quantized_layers(model))
+    return any(quantized_layers(block) for _, block in store.each())
+
+
+@dataclass
+class LayerGrid:
+    grid: Grid
+    act_order: bool  # g_idx not sorted: groups in activation order (desc_act)
+    columns: int
+
+
+def quantization_config(grids: dict[str, LayerGrid], per_block: list[tuple[set[str], set[str]]]) -> tuple[dict, list[str]]:
+    """config.json's quantization_config, and notes on what loaders honour.
+
+    The most common (bits, group_size, sym) is the base; other layers get gptqmodel's `dynamic`
+    per-module overrides, which transformers' GPTQConfig drops (only gptqmodel's own loader reads
+    them). per_block: per block, (quantised Linear names, all Linear names) relative to the block."""
+    base, _ = Counter((g.grid.bits, g.grid.group_size, g.grid.sym) for g in grids.values()).most_common(1)[0]
+    config = {
+        "quant_method": "gptq",
+        "checkpoint_format": "gptq",
+        "format": "gptq",
+        "bits": base[0],
+        "group_size": base[1],
+        "sym": base[2],
+        "desc_act": any(g.act_order for g in grids.values()),
+        "lm_head": False,
+        "pack_dtype": "int32",
+        "true_sequential": True,
+        "meta": {"quantizer": ["atp-compress"]},
+    }
+    notes = []
+    partial = sorted(name for name, g in grids.items() if g.grid.group_size != -1 and g.columns % g.grid.group_size)
+    if partial:
+        # gptqmodel's default 4-bit CPU kernel (aten int4pack) needs whole groups; its torch kernel
+        # takes a short last group, and transformers passes `backend` on to it
+        config["backend"] = "torch"
+        notes.append(f"{len(partial)} layers end with a short group (in_features not a multiple of group_size, e.g. {partial[0]}): "
+                     "config.json asks for gptqmodel's torch kernel (backend: torch)")
+    dynamic = {
+        f"+:^{name.replace('.', '[.]')}$": {"bits": g.grid.bits, "group_size": g.grid.group_size, "sym": g.grid.sym}
+        for name, g in grids.items()
+        if (g.grid.bits, g.grid.group_size, g.grid.sym) != base
+    }
+    if dynamic:
+        config["dynamic"] = dynamic
+        notes.append(
+            f"{len(dynamic)} layers differ from the base grid (int{base[0]} g{base[1]}): they are `dynamic` overrides, "
+            "which gptqmodel's GPTQModel.load honours (backend torch on CPU) and transformers' GPTQConfig ignores"
+        )
+    if len({frozenset(q) for q, _ in per_block}) != 1:
+        notes.append("blocks quantise different sets of Linears: transformers cannot express that (modules_in_block_to_quantize)")
+    elif any(len(names) < len(all_names) for names, all_names in per_block):
+        config["modules_in_block_to_quantize"] = [sorted(per_block[0][0])]
+    return config, notes
+
+
+def save_gptq(model, tokenizer, folder: Path) -> dict:
+    """Write a GPTQ checkpoint, one decoder block at a time from the model's block store (a
+    streamed model is never whole in memory; the files are the same either way): each quantised
+    weight packed, every other floating tensor (embeddings, norms, the head) in float16, as
+    gptqmodel stores them. Returns what the report needs (format, config, notes)."""
+    from compress.model import block_linears
+
+    store, prefix = store_of(model), block_prefix(model)
+    writer = ShardWriter(folder)
+    writer.add({k: half(t) for k, t in outside_blocks(model, prefix).items()})
+    grids, per_block = {}, []
+    for i, block in store.each():
+        layers = {f"{prefix}.{i}.{rel}": m for rel, m in block_linears(block).items() if isinstance(getattr(m, "quant_state", None), QuantState)}
+        check_packable(layers)
+        tensors = {f"{prefix}.{i}.{k}": half(t) for k, t in block.state_dict().items()}
+        for name, m in layers.items():
+            del tensors[f"{name}.weight"]
+            try:
+                tensors.update({f"{name}.{key}": t for key, t in pack_layer(get_weight(m), m.quant_state).items()})
+            except ValueError as err:
+                raise CompressError(f"export.hf: {name}: {err}") from None
+            g_idx = m.quant_state.g_idx
+            grids[name] = LayerGrid(m.quant_state.grid, bool((g_idx[1:] < g_idx[:-1]).any()), get_weight(m).shape[1])
+        per_block.append(({name.rsplit(f"{prefix}.{i}.", 1)[1] for name in layers}, set(block_linears(block))))
+        writer.add(dict(sorted(tensors.items())))
+    files = writer.close()
+    config, notes = quantization_config(grids, per_block)
+    model.config.quantization_config = config
+    dtype = model.config.dtype
+    model.config.dtype = torch.float16  # what the unquantised tensors are stored in, as gptqmodel writes them
+    try:
+        model.config.save_pretrained(folder)
+    finally:
+        del model.config.quantization_config
+        model.config.dtype = dtype
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(folder)
+    (folder / "quantize_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    save_tokenizer(tokenizer, folder)
+    return {"format": "gptq", "quantization_config": config, "notes": notes, "shards": files}
+
+
+def half(t: torch.Tensor) -> torch.Tensor:
+    return t.half() if t.is_floating_point() else t
 
 
 def check_packable(layers: dict[str, torch.nn.Module]) -> None:
@@ -123,105 +234,10 @@ def check_packable(layers: dict[str, torch.nn.Module]) -> None:
             raise CompressError(f"export.hf: {name} is {rows}x{cols}; the GPTQ format needs both sides divisible by {PACK_MULTIPLE}")
 
 
-def quantization_config(model, layers: dict[str, torch.nn.Module]) -> tuple[dict, list[str]]:
-    """config.json's quantization_config, and notes on what loaders honour.
-
-    The most common (bits, group_size, sym) is the base; other layers get gptqmodel's `dynamic`
-    per-module overrides, which transformers' GPTQConfig drops (only gptqmodel's own loader reads
-    them)."""
-    grids = {name: m.quant_state.grid for name, m in layers.items()}
-    base, _ = Counter((g.bits, g.group_size, g.sym) for g in grids.values()).most_common(1)[0]
-    desc_act = any(bool((m.quant_state.g_idx[1:] < m.quant_state.g_idx[:-1]).any()) for m in layers.values())
-    config = {
-        "quant_method": "gptq",
-        "checkpoint_format": "gptq",
-        "format": "gptq",
-        "bits": base[0],
-        "group_size": base[1],
-        "sym": base[2],
-        "desc_act": desc_act,
-        "lm_head": False,
-        "pack_dtype": "int32",
-        "true_sequential": True,
-        "meta": {"quantizer": ["atp-compress"]},
-    }
-    notes = []
-    partial = sorted({name for name, m in layers.items() if m.quant_state.grid.group_size != -1
-                      and get_weight(m).shape[1] % m.quant_state.grid.group_size})
-    if partial:
-        # gptqmodel's default 4-bit CPU kernel (aten int4pack) needs whole groups; its torch kernel
-        # takes a short last group, and transformers passes `backend` on to it
-        config["backend"] = "torch"
-        notes.append(f"{len(partial)} layers end with a short group (in_features not a multiple of group_size, e.g. {partial[0]}): "
-                     "config.json asks for gptqmodel's torch kernel (backend: torch)")
-    dynamic = {
-        f"+:^{name.replace('.', '[.]')}$": {"bits": g.bits, "group_size": g.group_size, "sym": g.sym}
-        for name, g in grids.items()
-        if (g.bits, g.group_size, g.sym) != base
-    }
-    if dynamic:
-        config["dynamic"] = dynamic
-        notes.append(
-            f"{len(dynamic)} layers differ from the base grid (int{base[0]} g{base[1]}): they are `dynamic` overrides, "
-            "which gptqmodel's GPTQModel.load honours (backend torch on CPU) and transformers' GPTQConfig ignores"
-        )
-    per_block = per_block_selection(model, layers)
-    if per_block is None:
-        notes.append("blocks quantise different sets of Linears: transformers cannot express that (modules_in_block_to_quantize)")
-    elif any(len(names) < len(all_names) for names, all_names in per_block):
-        config["modules_in_block_to_quantize"] = [sorted(per_block[0][0])]
-    return config, notes
-
-
-def per_block_selection(model, layers) -> list[tuple[set[str], set[str]]] | None:
-    """Per block, (quantised Linear names, all Linear names) relative to the block; None when the
-    blocks differ in which they quantise."""
-    from compress.model import block_linears
-
-    prefix = block_prefix(model)
-    out = []
-    for i, block in enumerate(decoder_blocks(model)):
-        names = set(block_linears(block))
-        out.append(({rel for rel in names if f"{prefix}.{i}.{rel}" in layers}, names))
-    return out if len({frozenset(q) for q, _ in out}) == 1 else None
-
-
-def gptq_state_dict(model, layers: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
-    """The model's state dict with each quantised weight replaced by its packed tensors, and every
-    other floating tensor (embeddings, norms, the head) in float16, as gptqmodel stores them."""
-    state = {key: t.half() if t.is_floating_point() else t for key, t in model.state_dict().items()}
-    for name, m in layers.items():
-        del state[f"{name}.weight"]
-        for key, tensor in pack_layer(get_weight(m), m.quant_state).items():
-            state[f"{name}.{key}"] = tensor
-    return state
-
-
-def save_gptq(model, tokenizer, folder: Path) -> dict:
-    """Write a GPTQ checkpoint; returns what the report needs (format, config, notes)."""
-    layers = quantized_layers(model)
-    check_packable(layers)
-    config, notes = quantization_config(model, layers)
-    try:
-        state = gptq_state_dict(model, layers)
-    except ValueError as err:
-        raise CompressError(f"export.hf: {err}") from None
-    model.config.quantization_config = config
-    dtype = model.config.dtype
-    model.config.dtype = torch.float16  # what the unquantised tensors are stored in, as gptqmodel writes them
-    try:
-        model.save_pretrained(folder, state_dict=state, safe_serialization=True)
-    finally:
-        del model.config.quantization_config
-        model.config.dtype = dtype
-    (folder / "quantize_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    save_tokenizer(tokenizer, folder)
-    return {"format": "gptq", "quantization_config": config, "notes": notes}
-
-
-def iter_packed(folder: Path):
+def iter_packed(folder: Path, read: bool = True):
     """(name, grid, its four GPTQ tensors) of every quantised layer, read one at a time; the grid
-    is config.json's, with gptqmodel's `dynamic` per-module overrides applied."""
+    is config.json's, with gptqmodel's `dynamic` per-module overrides applied (read False: the
+    tensors are not read, None)."""
     config = json.loads((folder / "config.json").read_text())["quantization_config"]
     overrides = {key.split(":", 1)[1]: value for key, value in config.get("dynamic", {}).items()}
     base = {"bits": config["bits"], "group_size": config.get("group_size", -1), "sym": config.get("sym", True)}
@@ -230,7 +246,7 @@ def iter_packed(folder: Path):
             for key in sorted(k for k in f.keys() if k.endswith(".qweight")):
                 name = key.removesuffix(".qweight")
                 grid = Grid(**{**base, **next((o for p, o in overrides.items() if re.match(p, name)), {})})
-                yield name, grid, {part: f.get_tensor(f"{name}.{part}") for part in ("qweight", "qzeros", "scales", "g_idx")}
+                yield name, grid, ({part: f.get_tensor(f"{name}.{part}") for part in ("qweight", "qzeros", "scales", "g_idx")} if read else None)
 
 
 def iter_dequantized(folder: Path):
@@ -261,31 +277,48 @@ def read_dequantized(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def check_dequantized(model, folder: Path) -> dict:
-    """Our reader's weights against the in-memory model's, layer by layer: must be equal."""
-    layers = quantized_layers(model)
-    seen, diff = set(), 0.0
-    for name, W in iter_dequantized(folder):
-        if name not in layers:
-            raise CompressError(f"export check: the GPTQ files hold {name}, which the model did not quantise")
-        m = layers[name]
-        # compared in the model's dtype: a bfloat16 model holds the grid values rounded to bfloat16
-        diff = max(diff, float((W.to(m.weight.dtype).float() - get_weight(m).float()).abs().max()))
-        seen.add(name)
-    if seen != set(layers):
-        raise CompressError(f"export check: the GPTQ files hold {len(seen)} quantised layers, the model {len(layers)}")
-    others = other_tensors_differ(model, folder, layers)
+    """Our reader's weights against the model's, layer by layer (a streamed model's block by
+    block): must be equal; and every unquantised tensor the model's rounded to float16."""
+    store, prefix = store_of(model), block_prefix(model)
+    files = SavedTensors(folder)
+    quantised = set(files.grids)
+    seen, diff, others = set(), 0.0, []
+    outside = outside_blocks(model, prefix)
+    others += [k for k, t in outside.items() if t.is_floating_point() and not torch.equal(files.get(k), t.half())]
+    for i, block in store.each():
+        for rel, t in block.state_dict().items():
+            key = f"{prefix}.{i}.{rel}"
+            layer = key.removesuffix(".weight")
+            if key.endswith(".weight") and layer in quantised:
+                m = block.get_submodule(rel.removesuffix(".weight"))
+                if not isinstance(getattr(m, "quant_state", None), QuantState):
+                    raise CompressError(f"export check: the GPTQ files hold {layer}, which the model did not quantise")
+                W = files.dequantized(layer)
+                # compared in the model's dtype: a bfloat16 model holds the grid values rounded to bfloat16
+                diff = max(diff, float((W.to(t.dtype).float() - get_weight(m).float()).abs().max()))
+                seen.add(layer)
+            elif t.is_floating_point() and not torch.equal(files.get(key), t.half()):
+                others.append(key)
+    if seen != quantised:
+        raise CompressError(f"export check: the GPTQ files hold {len(quantised)} quantised layers, the model {len(seen)}")
     return {"layers": len(seen), "max_abs_weight_diff": diff, "identical": diff == 0.0 and not others,
             "float16_tensors_differ": others}
 
 
-def other_tensors_differ(model, folder: Path, layers) -> list[str]:
-    """Unquantised tensors of the files that are not the model's rounded to float16 (names)."""
-    state, quantised = model.state_dict(), {f"{name}.weight" for name in layers}
-    differ = []
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                if key in state and key not in quantised and state[key].is_floating_point():
-                    if not torch.equal(f.get_tensor(key), state[key].half()):
-                        differ.append(key)
-    return differ
+class SavedTensors:
+    """A GPTQ folder's tensors by name, read one at a time."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.files = {}
+        for path in sorted(folder.glob("*.safetensors")):
+            with safe_open(path, framework="pt") as f:
+                self.files.update({k: path for k in f.keys()})
+        self.grids = {name: grid for name, grid, _ in iter_packed(folder, read=False)}
+
+    def get(self, key: str) -> torch.Tensor:
+        with safe_open(self.files[key], framework="pt") as f:
+            return f.get_tensor(key)
+
+    def dequantized(self, name: str) -> torch.Tensor:
+        return unpack_layer({part: self.get(f"{name}.{part}") for part in ("qweight", "qzeros", "scales", "g_idx")}, self.grids[name].bits)

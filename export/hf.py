@@ -21,7 +21,8 @@ from typing import Literal
 import torch
 from transformers import AutoModelForCausalLM
 
-from compress import ggml_formats, layout
+from compress import ggml_formats, layout, stream
+from compress.blocks import store_of
 from compress.calibrate import no_cache
 from compress.config import Config
 from compress.errors import CompressError
@@ -46,7 +47,7 @@ class HfExport(Config):
 
 def export_format(model, cfg: HfExport = HfExport()) -> str:
     """dense | layout (dense, with per-module shapes: low-rank or structured) | sparse | gptq | bnb."""
-    quantised = "gptq" if gptq.quantized_layers(model) else "bnb" if bnb.bnb_layers(model) else None
+    quantised = "gptq" if gptq.is_quantized(model) else "bnb" if bnb.bnb_layers(model) else None
     if quantised and cfg.format == "sparse":
         raise CompressError(f"export.hf.format: sparse stores unquantised tensors; this model is quantised ({quantised}), whose checkpoint packs its weights already: use format: dense")
     if quantised and layout.describe(model):
@@ -69,6 +70,9 @@ def save(model, tokenizer, folder: Path, cfg: HfExport, scratch: Path) -> dict:
         info = bnb.save_bnb(model, tokenizer, folder, scratch)
     elif fmt == "layout":
         info = save_layout(model, tokenizer, folder)
+    elif not store_of(model).resident:  # a streamed model: block by block, never whole in memory
+        info = stream.save_hf(model, tokenizer, folder)
+        info["notes"] = []
     else:
         model.save_pretrained(folder, safe_serialization=True)
         save_tokenizer(tokenizer, folder)
@@ -91,12 +95,18 @@ def save_block_grids(model, folder: Path) -> int:
     that a later `compress export --to gguf` writes the same blocks; returns how many layers."""
     from safetensors.torch import save_file
 
-    states = {name: m.quant_state for name, m in model.named_modules() if isinstance(getattr(m, "quant_state", None), GgufState)}
-    if not states:
+    store = store_of(model)
+    tensors, formats = {}, {}
+    for i, block in store.each():  # the states are small: a streamed model's are gathered block by block
+        for rel, m in block.named_modules():
+            if isinstance(getattr(m, "quant_state", None), GgufState):
+                name = f"{store.prefix}.{i}.{rel}"
+                formats[name] = m.quant_state.fmt.name
+                tensors.update(ggml_formats.state_tensors(name, m.quant_state))
+    if not formats:
         return 0
-    tensors = {k: v for name, st in states.items() for k, v in ggml_formats.state_tensors(name, st).items()}
-    save_file(tensors, str(folder / GRIDS_FILE), metadata={"formats": json.dumps({name: st.fmt.name for name, st in states.items()})})
-    return len(states)
+    save_file(tensors, str(folder / GRIDS_FILE), metadata={"formats": json.dumps(formats)})
+    return len(formats)
 
 
 def load_block_grids(model, folder: Path) -> int:
@@ -167,6 +177,8 @@ def check_weights(model, folder: Path, fmt: str) -> dict | None:
         return check_layout_saved(model, folder)
     if fmt == "gptq":
         return gptq.check_dequantized(model, folder)
+    if fmt == "dense" and not store_of(model).resident:
+        return stream.check_hf(model, folder)
     if fmt == "bnb":
         return bnb.check_dequantized(model, folder)
     return None

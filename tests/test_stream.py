@@ -16,7 +16,8 @@ import torch
 from compress import engine
 from compress.errors import CompressError
 from compress.recipe import load_recipe
-from compress.stream import KILL_AFTER, WeightSource
+from compress.blocks import KILL_AFTER
+from compress.stream import WeightSource
 from conftest import build_tokenizer, model_from_config, needs_converter, needs_default_model
 
 
@@ -79,30 +80,77 @@ def files_digest(folder) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file() and p.name not in skip}
 
 
-def run_cli(recipe, *args, env=None):
-    return subprocess.run([sys.executable, "-m", "compress", "run", str(recipe), "-q", *args], capture_output=True, text=True,
+def run_cli(recipe, *args, env=None, quiet=True):
+    return subprocess.run([sys.executable, "-m", "compress", "run", str(recipe), *(["-q"] if quiet else []), *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=600)
 
 
-def test_a_run_killed_with_sigkill_resumes_to_identical_files(tmp_path):
+QUANTIZED = STAGES + """\
+  - {kind: quantize, method: gptq, bits: 4, group_size: 32}
+"""
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_run_killed_with_sigkill_resumes_to_identical_files(tmp_path, stream):
+    """Killed half-way through a stage (pruning, or GPTQ), streamed or in memory, the same
+    command resumes where the checkpoint is and writes the same bytes."""
     source = save_model(tmp_path / "model")
-    whole = write_recipe(tmp_path / "whole.yaml", source, tmp_path / "whole")
+    whole = write_recipe(tmp_path / "whole.yaml", source, tmp_path / "whole", stages=QUANTIZED, stream=stream)
     assert run_cli(whole).returncode == 0
-    killed = write_recipe(tmp_path / "killed.yaml", source, tmp_path / "killed")
+    assert json.loads((tmp_path / "whole" / "results.json").read_text())["export"]["hf"]["kind"] == "gptq"
+    killed = write_recipe(tmp_path / "killed.yaml", source, tmp_path / "killed", stages=QUANTIZED, stream=stream)
     # killed after block 1 of the second stage: the first stage is finished, the second half way
     first = run_cli(killed, env={KILL_AFTER: "1:1"})
     assert first.returncode == -9, first.stderr[-2000:]
     assert not (tmp_path / "killed").exists()
     staging = list(tmp_path.glob(".killed.resume-*"))
     assert len(staging) == 1 and (staging[0] / ".blocks" / "stage0.done").is_file()
-    second = run_cli(killed)
-    assert second.returncode == 0, second.stderr[-2000:]
+    second = run_cli(killed, env={KILL_AFTER: "3:2"}, quiet=False)  # resumed, then killed again inside GPTQ
+    assert second.returncode == -9, second.stderr[-2000:]
+    assert "resuming stage 1 pass 1 at block 2" in second.stderr
+    third = run_cli(killed, quiet=False)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert "stage 2 (prune) finished in an earlier run" in third.stderr and "resuming stage 3 pass" in third.stderr
     assert files_digest(tmp_path / "killed") == files_digest(tmp_path / "whole")
     assert not list(tmp_path.glob(".killed.resume-*"))
     # --restart throws a checkpoint away
     assert run_cli(killed, "--overwrite", env={KILL_AFTER: "1:2"}).returncode == -9
     assert run_cli(killed, "--overwrite", "--restart").returncode == 0
     assert files_digest(tmp_path / "killed") == files_digest(tmp_path / "whole")
+
+
+def test_streamed_gptq_equals_the_in_memory_gptq_file_for_file(tmp_path):
+    """ATP-allocated GPTQ widths after a Wanda prune, streamed and in memory: the same GPTQ
+    checkpoint byte for byte, written block by block in both."""
+    source = save_model(tmp_path / "model")
+    stages = """\
+  - {kind: prune, method: wanda, sparsity: 0.5, allocation: {kind: atp, beta: auto, trials: 3}}
+  - {kind: quantize, method: gptq, bits: 4, group_size: 32, allocation: {kind: atp, beta: auto, trials: 3}}
+"""
+    results = {}
+    for stream in (False, True):
+        path = write_recipe(tmp_path / f"r{stream}.yaml", source, tmp_path / f"out-{stream}", stages=stages, stream=stream)
+        engine.run(load_recipe(path), path)
+        results[stream] = json.loads((tmp_path / f"out-{stream}" / "results.json").read_text())
+    assert files_digest(tmp_path / "out-True") == files_digest(tmp_path / "out-False")
+    quantize = {s: r["stages"][1] for s, r in results.items()}
+    assert quantize[True]["block_bits"] == quantize[False]["block_bits"] and quantize[True]["zeros_kept"] == quantize[True]["zeros_before"] > 0
+    assert results[True]["perplexity"]["compressed"]["ppl"] == pytest.approx(results[False]["perplexity"]["compressed"]["ppl"], rel=1e-5)
+    assert results[True]["export"]["hf"]["weights"]["identical"] and results[True]["export"]["hf"]["weights"]["layers"] == 4 * 7
+    assert results[False]["export"]["hf"]["parity"]["checked"]  # in memory, the folder is also reloaded in transformers
+
+
+def test_a_streamed_grid_run_keeps_its_blocks_for_the_gguf_export(tmp_path):
+    """Block formats chosen while streaming travel in the block files to the HF folder's grid file."""
+    source = save_model(tmp_path / "model")
+    stages = "  - {kind: quantize, method: rtn, grid: q4_0}\n"
+    for stream in (False, True):
+        path = write_recipe(tmp_path / f"r{stream}.yaml", source, tmp_path / f"out-{stream}", stages=stages, stream=stream)
+        engine.run(load_recipe(path), path)
+    grids = [tmp_path / f"out-{s}" / "ggml_grids.safetensors" for s in (False, True)]
+    assert grids[0].read_bytes() == grids[1].read_bytes()
+    mem, streamed = weights(tmp_path / "out-False"), weights(tmp_path / "out-True")
+    assert set(mem) == set(streamed) and all(torch.equal(mem[k], streamed[k]) for k in mem)
 
 
 def peak_rss(tmp_path, layers: int, stream: bool) -> float:
@@ -127,15 +175,14 @@ def test_peak_memory_follows_the_block_not_the_block_count(tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ("stages.0.allocation={kind: alpha}", "alpha is not streamed yet"),
-    ("stages.0.kind=quantize", "model.stream runs prune stages only"),
+    ("stages.0={kind: lowrank, ratio: 0.5}", "model.stream runs prune and quantize stages so far"),
+    ("stages.0={kind: quantize, method: bnb}", "bnb is not streamed"),
     ("eval.tasks=[piqa]", "model.stream measures perplexity only"),
-    ("export.gguf=true", "a streamed run writes the dense HF folder only"),
+    ("export.gguf=true", "a streamed run writes the HF folder only"),
 ])
 def test_what_a_streamed_run_cannot_do_yet_is_refused_before_it_starts(tmp_path, change, message):
     path = write_recipe(tmp_path / "r.yaml", tmp_path, tmp_path / "out", stages="  - {kind: prune, method: wanda, sparsity: 0.5}\n")
     overrides = [change, "eval.tasks_dir=."] if "tasks" in change else [change]
-    if change.startswith("stages.0.kind=quantize"):
-        overrides = ["stages.0={kind: quantize, method: rtn, bits: 4}"]
     with pytest.raises(CompressError, match=message):
         load_recipe(path, overrides)
 

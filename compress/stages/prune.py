@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Literal, NamedTuple
 
@@ -29,7 +28,7 @@ from compress.quant import Grid, GroupSize
 from compress.search import search_beta
 from compress.sparsity import fraction_zero, magnitude_score, matrix_mask, nm_mask, row_mask, wanda_score
 from compress.stats import Hessian, InputNorms
-from compress.stream import store_of
+from compress.blocks import store_of
 
 log = logging.getLogger("compress")
 
@@ -213,7 +212,7 @@ def prune_model(model, ctx: StageContext, cfg: PruneConfig, layers, plans: list[
     if cfg.method == "magnitude":  # needs no data: no forward pass at all
         store = store_of(model)
         for i, (block_layers, plan) in enumerate(zip(layers, plans)):
-            with store.loaded(i) if store is not None else nullcontext({}) as state:
+            with store.loaded(i) as state:
                 for module in block_layers.values():
                     prune_layer(module, plan, cfg, None)
                 state["changed"] = True
@@ -228,14 +227,17 @@ def prune_model(model, ctx: StageContext, cfg: PruneConfig, layers, plans: list[
             watched[module] = stats[name]
         return watched
 
+    collected = {"notes": []}  # kept with the pass's checkpoints
+
     def compress(i, block):
         for name, module in layers[i].items():
             damp = prune_layer(module, plans[i], cfg, stats[name])
             if damp is not None and damp > cfg.dampening:
-                notes.append(f"{name}: SparseGPT needed dampening {damp:g} (asked {cfg.dampening:g})")
+                collected["notes"].append(f"{name}: SparseGPT needed dampening {damp:g} (asked {cfg.dampening:g})")
         return bool(layers[i])
 
-    sequential(model, ctx.block_inputs(model), observe, compress, f"{cfg.method} prune", ctx.calibration_dtype)
+    sequential(model, ctx.block_inputs(model), observe, compress, f"{cfg.method} prune", ctx.calibration_dtype, collected=collected)
+    notes.extend(collected["notes"])
 
 
 # ---------------------------------------------------------------- allocation
@@ -327,13 +329,9 @@ def apply(model, ctx: StageContext, cfg: PruneConfig) -> tuple[nn.Module, PruneR
 
 def measure(model, cfg: PruneConfig, layers, ratios, plans, beta, search, skipped, notes, seconds) -> PruneRecord:
     """What was actually achieved, counted from the weights (a streamed model's block by block)."""
-    store = store_of(model)
-    if store is None:
-        layer_achieved = {name: fraction_zero(get_weight(m)) for block in layers for name, m in block.items()}
-    else:
-        layer_achieved = {}
-        for i, _ in store.each(final=True):
-            layer_achieved.update({name: fraction_zero(get_weight(m)) for name, m in layers[i].items()})
+    layer_achieved = {}
+    for i, _ in store_of(model).each(final=True):
+        layer_achieved.update({name: fraction_zero(get_weight(m)) for name, m in layers[i].items()})
     sizes = block_weight_counts(layers)
     block_achieved = []
     for block in layers:

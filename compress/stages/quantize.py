@@ -25,6 +25,7 @@ from torch import nn
 
 from compress import allocate, devices, ggml_formats
 from compress.allocate import AtpAllocation, UniformAllocation
+from compress.blocks import store_of
 from compress.calibrate import sequential
 from compress.config import Config, LayerPatterns
 from compress.context import StageContext
@@ -33,7 +34,6 @@ from compress.model import block_weight_counts, get_weight, in_features, select_
 from compress.obs import gptq_quantize
 from compress.quant import BNB_BLOCKSIZE, Grid, GroupSize, rtn, stored_bits
 from compress.search import search_beta
-from compress.spill import ZeroMask
 from compress.stats import Hessian
 
 log = logging.getLogger("compress")
@@ -248,32 +248,53 @@ def layer_grid(cfg: QuantizeConfig, plan, module):
     return ggml_formats.fitting(plan, in_features(module))
 
 
-def quantize_model(model, ctx: StageContext, cfg: QuantizeConfig, layers, block_bits: list, stats_out: dict) -> None:
-    """Quantise every selected layer of every block to its block's width (or format), in place."""
+def quantize_model(model, ctx: StageContext, cfg: QuantizeConfig, layers, block_bits: list, results: dict) -> None:
+    """Quantise every selected layer of every block to its block's width (or format), in place,
+    each block taken from the model's block store in turn (compress/blocks.py: a streamed model's
+    are read from disk and written back). results gets, per layer as it is quantised (no second
+    pass over the weights; kept with the pass's checkpoints): zeros before / kept / after, the
+    bits stored, the llama.cpp format it got (grid) and the output SQNR (gptq); plus "_notes"."""
 
-    def frozen(W):  # zeros of earlier stages, which must stay exactly zero
-        return (W == 0) if cfg.keep_sparsity else None
-
-    def finish(module, W_new, state):
+    def finish(name, module, W_new, state, sqnr=None):
+        W = get_weight(module)
+        was_zero = W == 0
         set_weight(module, W_new)
         if state is not None:
             module.quant_state = devices.on_cpu(state)
         if cfg.method == "bnb":
             module.bnb_format = cfg.bnb_format
+        now_zero = get_weight(module) == 0
+        results[name] = {"zeros_before": int(was_zero.sum()), "zeros_kept": int((was_zero & now_zero).sum()), "zeros_after": int(now_zero.sum()),
+                         "stored_bits": float(stored_bits(module)), "sqnr_db": sqnr,
+                         "grid": state.fmt.name if isinstance(state, ggml_formats.GgufState) else None}
 
-    if cfg.method != "gptq":  # needs no data; 0 is on every integer grid, so zeros stay zeros
-        for block, bits in zip(layers, block_bits):
-            for module in block.values():
-                W = get_weight(module)
-                if cfg.method == "bnb":
-                    finish(module, bnb_roundtrip(W, cfg.bnb_format), None)
-                elif cfg.grid is None:
-                    finish(module, *rtn(W, grid_of(cfg, bits)))
-                elif (fmt := layer_grid(cfg, bits, module)) is not None:
-                    W_new, state = ggml_formats.rtn(W, fmt)
-                    if fmt.holds_zero and cfg.keep_sparsity:
-                        W_new = W_new.masked_fill(W == 0, 0)  # q = 0 decodes to exactly 0
-                    finish(module, W_new, state)
+    def quantize_layer(name, module, bits, H=None):
+        W = get_weight(module)
+        frozen = (W == 0) if cfg.keep_sparsity else None  # zeros of earlier stages, which must stay exactly zero
+        grid = layer_grid(cfg, bits, module)
+        if cfg.method == "bnb":
+            return finish(name, module, bnb_roundtrip(W, cfg.bnb_format), None)
+        if grid is None:  # rows not whole blocks of the format or its fallback: float, as llama.cpp leaves it
+            return finish(name, module, W.clone(), None)
+        if cfg.method == "rtn":  # needs no data; 0 is on every integer grid, so zeros stay zeros
+            if cfg.grid is None:
+                return finish(name, module, *rtn(W, grid))
+            W_new, state = ggml_formats.rtn(W, grid)
+            if grid.holds_zero and cfg.keep_sparsity:
+                W_new = W_new.masked_fill(frozen, 0)  # q = 0 decodes to exactly 0
+            return finish(name, module, W_new, state)
+        W_new, damp, state = gptq_quantize(W, H, grid, frozen, cfg.blocksize, cfg.dampening, cfg.column_order)
+        if damp > cfg.dampening:
+            results.setdefault("_notes", []).append(f"{name}: GPTQ needed dampening {damp:g} (asked {cfg.dampening:g})")
+        finish(name, module, W_new, state, sqnr_from_hessian(W.float(), W_new, H))
+
+    if cfg.method != "gptq":
+        store = store_of(model)
+        for i, bits in enumerate(block_bits):
+            with store.loaded(i) as loaded:
+                for name, module in layers[i].items():
+                    quantize_layer(name, module, bits)
+                loaded["changed"] = bool(layers[i])
         return
     stats: dict[str, Hessian] = {}
 
@@ -284,19 +305,11 @@ def quantize_model(model, ctx: StageContext, cfg: QuantizeConfig, layers, block_
 
     def compress(i, block):
         for name, module in layers[i].items():
-            grid = layer_grid(cfg, block_bits[i], module)
-            if grid is None:  # rows not whole blocks of the format or its fallback: float, as llama.cpp leaves it
-                continue
-            W, H = get_weight(module), stats[name].H
-            W_new, damp, state = gptq_quantize(W, H, grid, frozen(W), cfg.blocksize, cfg.dampening, cfg.column_order)
-            stats_out[name] = sqnr_from_hessian(W.float(), W_new, H)
-            if damp > cfg.dampening:
-                stats_out.setdefault("_notes", []).append(f"{name}: GPTQ needed dampening {damp:g} (asked {cfg.dampening:g})")
-            finish(module, W_new, state)
+            quantize_layer(name, module, block_bits[i], stats[name].H)
         return bool(layers[i])
 
     label = f"gptq {cfg.grid}" if cfg.grid else f"gptq {cfg.target_bits:g}-bit"
-    sequential(model, ctx.block_inputs(model), observe, compress, label, ctx.calibration_dtype)
+    sequential(model, ctx.block_inputs(model), observe, compress, label, ctx.calibration_dtype, collected=results)
 
 
 def sqnr_from_hessian(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
@@ -354,9 +367,8 @@ def apply(model, ctx: StageContext, cfg: QuantizeConfig) -> tuple[nn.Module, Qua
     layers, skipped = select_linears(model, cfg.targets, cfg.ignore, ctx.stage_key)
     cfg.check_layers(layers, ctx.stage_key)
     modules = {name: m for block in layers for name, m in block.items()}
-    zeros_before = ZeroMask(modules)  # one bit per weight
-    layer_stats: dict = {}
-    trial_stats: dict[tuple, dict] = {}  # per plan: a search's trials overwrite each other's layers
+    results: dict = {}
+    trial_results: dict[tuple, dict] = {}  # per plan: a search's trials overwrite each other's layers
     notes: list[str] = []
     beta, search = None, None
     if isinstance(cfg.allocation, AtpAllocation):
@@ -371,33 +383,35 @@ def apply(model, ctx: StageContext, cfg: QuantizeConfig) -> tuple[nn.Module, Qua
             beta, search, notes = search_beta(
                 model, ctx, modules, beta_max, cfg.allocation.trials,
                 plan=plan,
-                compress=lambda bits, trial_notes: quantize_model(model, ctx, cfg, layers, list(bits), trial_stats.setdefault(bits, {})),
+                compress=lambda bits, trial_notes: quantize_model(model, ctx, cfg, layers, list(bits), trial_results.setdefault(bits, {})),
                 zeros_only=False,
             )
             log.info("chosen beta %.5f from %d trials", beta, len(search))
     block_bits = widths(cfg, layers, beta)
     if search is None:
-        quantize_model(model, ctx, cfg, layers, block_bits, layer_stats)
-    else:  # the SQNRs of the trial the search kept, not of the last one it ran
-        layer_stats = trial_stats.get(tuple(block_bits), {})
-    notes += layer_stats.pop("_notes", [])
-    return model, measure(cfg, layers, block_bits, zeros_before, layer_stats, beta, search, skipped, notes, time.perf_counter() - start)
+        quantize_model(model, ctx, cfg, layers, block_bits, results)
+    else:  # what the trial the search kept counted, not the last one it ran
+        results = trial_results[tuple(block_bits)]
+    notes += results.pop("_notes", [])
+    return model, measure(cfg, layers, block_bits, results, beta, search, skipped, notes, time.perf_counter() - start)
 
 
-def measure(cfg, layers, plan, zeros_before, layer_sqnr, beta, search, skipped, notes, seconds) -> QuantizeRecord:
+def measure(cfg, layers, plan, results: dict[str, dict], beta, search, skipped, notes, seconds) -> QuantizeRecord:
     block_bits = plan_bits(cfg, plan)
     layer_bits, layer_grids, fallen, stored, count = {}, {}, {}, 0.0, 0
     for block, bits, step in zip(layers, block_bits, plan):
         for name, module in block.items():
-            state = getattr(module, "quant_state", None)
+            got = results[name]
+            n = get_weight(module).numel()
             if cfg.grid is not None:  # what the layer really got: a fallback, or nothing (float)
-                layer_grids[name] = state.fmt.name if isinstance(state, ggml_formats.GgufState) else None
-                if layer_grids[name] != step:
-                    fallen[name] = layer_grids[name] or "float"
-            layer_bits[name] = stored_bits(module) / get_weight(module).numel() if cfg.grid is not None else bits
-            stored += stored_bits(module)
-            count += get_weight(module).numel()
-    before, kept, after = zeros_before.counts()
+                layer_grids[name] = got["grid"]
+                if got["grid"] != step:
+                    fallen[name] = got["grid"] or "float"
+            layer_bits[name] = got["stored_bits"] / n if cfg.grid is not None else bits
+            stored += got["stored_bits"]
+            count += n
+    before, kept, after = (sum(r[f] for r in results.values()) for f in ("zeros_before", "zeros_kept", "zeros_after"))
+    layer_sqnr = {name: r["sqnr_db"] for name, r in results.items() if r["sqnr_db"] is not None}
     if cfg.method == "bnb":
         fmt = cfg.bnb_format
     else:

@@ -1,0 +1,464 @@
+"""Where the decoder blocks' weights are during a run, behind one interface, so that neither the
+engine nor a stage asks whether the model is streamed.
+
+    ResidentBlocks   every block stays in memory (model.stream: false)
+    StreamedBlocks   blocks on the meta device, each read from disk for its turn (model.stream: true)
+
+What the callers use:
+    store.loaded(i) -> state   block i in memory for the body; setting state["changed"] keeps the change
+    store.each()               (i, block) for every block in turn, read only
+    begin_stage / end_stage / stage_done / record   the engine's stage loop (finished stages are skipped)
+    begin_pass / checkpoint    the block loop (compress/calibrate.py): where a killed pass resumes
+    trials(...)                the beta search's trials (compress/search.py)
+    resident                   whether the whole model can run one plain forward pass
+
+Both keep the same files in <staging>/.blocks, so that every run resumes after a SIGKILL:
+    stage<k>/block<i>.safetensors   block i as stage k left it (weights, and each Linear's
+                                    quantisation state: compress/layer_state.py)
+    stage<k>.pass<p>.pt             a pass's checkpoint: the next block and its input activations
+    stage<k>.record.json, .done     a finished stage
+A block is read from the newest version of an earlier stage (or from the source), never from the
+running stage's own file, so a block half-way through a pass is always recomputed from its input.
+A streamed store writes a block as soon as a pass changed it (it is about to leave memory); a
+resident one writes its changed blocks when it checkpoints, and at the end of a stage. Checkpoints
+are taken at most every CHECKPOINT_SECONDS (each holds one block's input activations, which for
+large calibration sets is hundreds of MB), so resuming repeats at most that much work.
+
+A stage that changes the blocks' layout (structured, low-rank) cannot be put back into the
+original skeleton from block files: a resumed resident run runs that stage and the ones after it
+again (and says so).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+import weakref
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from compress import layer_state
+from compress.spill import WeightFile, ZeroMask, scratch_folder
+
+log = logging.getLogger("compress")
+
+KILL_AFTER = "COMPRESS_KILL_AFTER_BLOCK"  # "<stage>:<block>": SIGKILL after that block's checkpoint (tests)
+CHECKPOINT_SECONDS = float(os.environ.get("COMPRESS_CHECKPOINT_SECONDS", 60))
+
+
+def layout(block) -> list[tuple[str, tuple]]:
+    return [(name, tuple(p.shape)) for name, p in block.named_parameters()]
+
+
+class BlockStore:
+    """The versions, checkpoints and stage records both kinds of store keep on disk."""
+
+    resident = True
+
+    def __init__(self, model, staging: Path | None):
+        from compress.model import block_prefix, decoder_blocks
+
+        # weakly: the model is freed before the exports are reloaded, and the engine still holds its store
+        self._model = weakref.ref(model)
+        self.root = None if staging is None else Path(staging) / ".blocks"  # None: nothing kept on disk (library use)
+        self.prefix = block_prefix(model)
+        self.count = len(decoder_blocks(model))
+        self.stage = 0  # the running stage: its writes go to stage<k>/
+        self.passes = 0  # sequential passes begun in this stage (a checkpoint names its pass)
+        self.trial: int | None = None  # a beta-search trial runs: nothing is checkpointed
+        self.last_checkpoint = time.monotonic()
+        if self.root is not None:
+            self.root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def model(self):
+        return self._model()
+
+    @property
+    def blocks(self):
+        from compress.model import decoder_blocks
+
+        return decoder_blocks(self.model)
+
+    # ------------------------------------------------------------ versions
+
+    def path(self, stage: int, i: int, trial: int | None = None) -> Path:
+        folder = self.root / f"stage{stage}"
+        return (folder if trial is None else folder / f"trial{trial}") / f"block{i:05d}.safetensors"
+
+    def newest(self, i: int, before: int | None = None) -> Path | None:
+        """The newest file of block i written by a stage before `before` (default: the running one)."""
+        before = self.stage if before is None else before
+        for k in range(before - 1, -1, -1):
+            if self.path(k, i).is_file():
+                return self.path(k, i)
+        return None
+
+    def final(self, i: int) -> Path | None:
+        """The block's weights after every stage so far (None: the source's)."""
+        return self.newest(i, before=self.stage + 1)
+
+    def write(self, i: int, path: Path) -> None:
+        """Block i's weights and layer states to `path`, atomically (a kill never leaves half a
+        file under the final name)."""
+        block = self.blocks[i]
+        tensors = {f"{self.prefix}.{i}.{n}": p.detach().contiguous() for n, p in block.named_parameters()}
+        modules = {f"{self.prefix}.{i}.{n}": m for n, m in block.named_modules() if n}
+        states, metadata = layer_state.block_states(modules)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({**tensors, **states}, str(tmp), metadata={"format": "pt", **metadata})
+        os.replace(tmp, path)
+
+    def read(self, i: int, path: Path) -> None:
+        """Block i's weights and layer states from `path`."""
+        modules = {f"{self.prefix}.{i}.{n}": m for n, m in self.blocks[i].named_modules() if n}
+        with safe_open(path, "pt") as handle:
+            keys = set(handle.keys())
+            for name in self.names(i):
+                self.put(name, handle.get_tensor(name))
+            layer_state.restore_states(modules, handle.metadata(), keys, handle.get_tensor)
+
+    def names(self, i: int) -> list[str]:
+        return [f"{self.prefix}.{i}.{name}" for name, _ in self.blocks[i].named_parameters()]
+
+    # ------------------------------------------------------------ stages
+
+    def begin_stage(self, k: int) -> None:
+        self.stage, self.passes = k, 0
+        if self.stage_done(k):
+            self.stage = k + 1
+            return
+        if self.root is not None:
+            (self.root / f"stage{k}").mkdir(parents=True, exist_ok=True)
+
+    def end_stage(self, k: int, record: dict) -> None:
+        """The stage's record, then its done mark; older versions of the blocks it rewrote go."""
+        if self.root is None:
+            self.stage = k + 1
+            return
+        (self.root / f"stage{k}.record.json").write_text(json.dumps(record))
+        (self.root / f"stage{k}.done").write_text("done\n")
+        for i in range(self.count):
+            if self.path(k, i).is_file():
+                for j in range(k):
+                    self.path(j, i).unlink(missing_ok=True)
+        for f in self.root.glob(f"stage{k}.pass*.pt"):
+            f.unlink()
+        self.stage = k + 1  # what follows (evaluation, export, the next stage) reads stage k's blocks
+
+    def stage_done(self, k: int) -> bool:
+        return self.root is not None and (self.root / f"stage{k}.done").is_file()
+
+    def record(self, k: int) -> dict:
+        return json.loads((self.root / f"stage{k}.record.json").read_text())
+
+    def settle(self) -> None:
+        """After the stage loop: the blocks as the last stage left them (resident: read back
+        what finished stages of a resumed run wrote)."""
+
+    def close(self) -> None:
+        """The run is finished: its block versions and checkpoints go (the exports hold the result)."""
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    # ------------------------------------------------------------ one block in memory
+
+    @contextmanager
+    def loaded(self, i: int, final: bool = False):
+        """Block i in memory for the body; if the body sets `state["changed"]`, it is kept."""
+        self.load(i, final)
+        state = {"changed": False}
+        try:
+            yield state
+            if state["changed"]:
+                self.changed(i)
+        finally:
+            self.unload(i)
+
+    def each(self, final: bool = True):
+        """(i, block) with each block materialised in turn (read only)."""
+        for i, block in enumerate(self.blocks):
+            with self.loaded(i, final):
+                yield i, block
+
+    # ------------------------------------------------------------ checkpoints (resume)
+
+    def _ckpt(self) -> Path:
+        return self.root / f"stage{self.stage}.pass{self.passes}.pt"
+
+    def begin_pass(self, collected: dict | None = None) -> tuple[int, list[torch.Tensor] | None]:
+        """(first block to run, propagated activations into it) for the next pass of this stage:
+        (0, None) unless a checkpoint of this pass is on disk (a run that was killed); then
+        `collected` gets what the pass had gathered up to it."""
+        self.passes += 1
+        self.last_checkpoint = time.monotonic()
+        if self.trial is not None or self.root is None:
+            return 0, None  # a search killed half way starts again (its trials are not checkpointed)
+        path = self._ckpt()
+        if not path.is_file():
+            return 0, None
+        state = torch.load(path, weights_only=True)
+        start = state["next"]
+        if collected is not None:
+            collected.update(state.get("collected") or {})
+        for i in range(start, len(self.blocks)):  # written after the checkpoint: recomputed
+            self.path(self.stage, i).unlink(missing_ok=True)
+        self.resumed(start)
+        log.info("resuming stage %d pass %d at block %d (checkpoint %s)", self.stage, self.passes, start, path.name)
+        return start, state["hidden"]
+
+    def checkpoint(self, next_block: int, hidden: list[torch.Tensor] | None, collected: dict | None = None) -> None:
+        """After a block of a pass: every CHECKPOINT_SECONDS, the changed blocks and the
+        activations into the next one."""
+        if self.trial is not None or self.root is None:
+            return
+        kill = os.environ.get(KILL_AFTER) == f"{self.stage}:{next_block - 1}"
+        if not kill and time.monotonic() - self.last_checkpoint < CHECKPOINT_SECONDS:
+            return
+        self.flush()
+        path = self._ckpt()
+        tmp = path.with_suffix(".tmp")
+        cpu = None if hidden is None else [h.cpu() for h in hidden]  # a no-op on CPU; GPU activations resume anywhere
+        torch.save({"next": next_block, "hidden": cpu, "collected": collected}, tmp)
+        os.replace(tmp, path)
+        self.last_checkpoint = time.monotonic()
+        if kill:  # fault injection for the resume tests and benchmarks: die as `kill -9` would, right here
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    # ------------------------------------------------------------ what the two kinds do differently
+
+    def load(self, i: int, final: bool) -> None: ...
+
+    def unload(self, i: int) -> None: ...
+
+    def changed(self, i: int) -> None: ...
+
+    def flush(self) -> None:
+        """Changed blocks not yet on disk are written (before a checkpoint names them done)."""
+
+    def resumed(self, start: int) -> None:
+        """A pass resumes at block `start`: the blocks before it are the running stage's files."""
+
+    def put(self, name: str, tensor: torch.Tensor) -> None: ...
+
+    def trials(self, modules: dict, zeros_only: bool, states: tuple[str, ...], scratch: Path | None):
+        raise NotImplementedError
+
+
+class ResidentBlocks(BlockStore):
+    """Every block in memory, as loaded; files only for resuming."""
+
+    resident = True
+
+    def __init__(self, model, staging: Path | None):
+        super().__init__(model, staging)
+        self.synced: list[Path | None] = [None] * self.count  # the file each block's weights equal (None: the source)
+        self.dirty: set[int] = set()  # changed by the running stage, not yet on disk
+        self.written: set[int] = set()  # written by the running stage
+        self.rerun_reshaped()
+
+    def rerun_reshaped(self) -> None:
+        """Stages of an interrupted run that changed the blocks' layout, and every stage after
+        them, are run again: their files do not fit the source model's blocks."""
+        if self.root is None:
+            return
+        done = sorted(int(p.name[5:-5]) for p in self.root.glob("stage*.done"))
+        first = next((k for k in done if (self.root / f"stage{k}.reshaped").is_file()), None)
+        if first is None:
+            return
+        log.info("stage %d changed the blocks' layout: it and the stages after it run again", first)
+        for entry in list(self.root.iterdir()):
+            stage = entry.name[5:].split(".")[0] if entry.name.startswith("stage") else ""
+            if stage.isdigit() and int(stage) >= first:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+    def sync(self, before: int, blocks=None) -> None:
+        """Each block's weights as the newest file of a stage before `before` holds them."""
+        for i in range(self.count) if blocks is None else blocks:
+            path = self.newest(i, before)
+            if path is not None and path != self.synced[i]:
+                self.read(i, path)
+                self.synced[i] = path
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.model.get_parameter(name).copy_(tensor)
+
+    def begin_stage(self, k: int) -> None:
+        super().begin_stage(k)
+        self.dirty.clear()
+        self.written.clear()
+        if self.stage == k:  # not finished before: it starts from its input versions
+            self.sync(before=k)
+        self.shapes = [layout(b) for b in self.blocks]
+
+    def resumed(self, start: int) -> None:
+        self.sync(before=self.stage + 1, blocks=range(start))
+
+    def changed(self, i: int) -> None:
+        if self.trial is None:
+            self.dirty.add(i)
+
+    def flush(self) -> None:
+        if self.root is None:
+            self.dirty.clear()
+            return
+        for i in sorted(self.dirty):
+            self.write(i, self.path(self.stage, i))
+            self.synced[i] = self.path(self.stage, i)
+            self.written.add(i)
+        self.dirty.clear()
+
+    def end_stage(self, k: int, record: dict) -> None:
+        """Every block the stage may have changed outside a pass (a search's winner, a stage
+        without one) is written as the stage's version before the done mark."""
+        self.dirty |= set(range(self.count)) - self.written
+        self.flush()
+        if [layout(b) for b in self.blocks] != self.shapes:
+            (self.root / f"stage{k}.reshaped").write_text("the blocks' layout changed\n")
+        super().end_stage(k, record)
+
+    def settle(self) -> None:
+        self.sync(before=self.stage)
+
+    def trials(self, modules, zeros_only, states, scratch):
+        return SpilledTrials(self, modules, zeros_only, states, scratch)
+
+
+class StreamedBlocks(BlockStore):
+    """Blocks on the meta device, one in memory at a time, read from the newest file or the
+    source (compress/stream.py's WeightSource / GgufWeightSource)."""
+
+    resident = False
+
+    def __init__(self, model, source, staging: Path, dtype: torch.dtype):
+        super().__init__(model, staging)
+        self.source, self.dtype = source, dtype
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        set_module_tensor_to_device(self.model, name, "cpu", value=tensor.to(self.dtype))
+
+    def load(self, i: int, final: bool = False) -> None:
+        staged = self.final(i) if final else self.newest(i)
+        if self.trial is not None and self.path(self.stage, i, self.trial).is_file():
+            staged = self.path(self.stage, i, self.trial)  # the running trial's own version
+        if staged is not None:
+            self.read(i, staged)
+        else:
+            for name in self.names(i):
+                self.put(name, self.source.get(name))
+
+    def changed(self, i: int) -> None:
+        self.write(i, self.path(self.stage, i, self.trial))  # it is about to leave memory
+
+    def unload(self, i: int) -> None:
+        self.blocks[i].to("meta")
+        for module in self.blocks[i].modules():  # the layer states are in the block's file
+            for attr in ("quant_state", "bnb_format"):
+                if hasattr(module, attr):
+                    delattr(module, attr)
+
+    def trials(self, modules, zeros_only, states, scratch):
+        return FileTrials(self)
+
+
+# ---------------------------------------------------------------- beta-search trials
+
+
+class SpilledTrials:
+    """Resident blocks: the weights every trial starts from are spilled to disk (compress/spill.py)
+    and read back in place before each trial; the best trial is kept as a bit mask where the stage
+    only zeroes weights, or spilled too, with the module attributes named in `states` (the
+    quantisation grid; the low-rank stage's factors) held in memory."""
+
+    def __init__(self, store: BlockStore, modules: dict, zeros_only: bool, states: tuple[str, ...], scratch: Path | None):
+        self.store, self.modules, self.zeros_only, self.states = store, modules, zeros_only, states
+        self._folder = scratch_folder(scratch)
+        folder = self._folder.__enter__()
+        self.start = WeightFile(folder / "start.bin", modules)
+        self.start.save()
+        self.best_weights = WeightFile(folder / "best.bin", modules)
+        self.best: dict = {}
+        self.ran = 0
+
+    def begin(self, t: int) -> None:
+        if self.ran:
+            self.start.load()
+        self.ran += 1
+        self.store.trial = t
+
+    def end(self) -> None:
+        self.store.trial = None
+
+    def keep(self, t: int) -> None:
+        """Trial t (just run) is the best so far."""
+        if self.zeros_only:
+            self.best["mask"] = ZeroMask(self.modules)
+        else:
+            self.best_weights.save()
+            self.best["states"] = {name: {a: getattr(m, a, None) for a in self.states} for name, m in self.modules.items()}
+
+    def adopt(self, t: int | None) -> None:
+        """The model ends with kept trial t's weights; None: with the weights the search began from."""
+        if t is None or self.zeros_only:
+            self.start.load()
+            if t is not None:
+                self.best["mask"].apply()
+        else:
+            self.best_weights.load()
+            for name, kept in self.best["states"].items():
+                for attr, state in kept.items():
+                    setattr(self.modules[name], attr, state)
+
+    def close(self) -> None:
+        self._folder.__exit__(None, None, None)
+
+
+class FileTrials:
+    """Streamed blocks: each trial reads the stage's input blocks from disk (no trial changes
+    them, so nothing is spilled or restored) and writes its own files beside them; the winner's
+    files become the stage's."""
+
+    def __init__(self, store: StreamedBlocks):
+        self.store = store
+
+    def begin(self, t: int) -> None:
+        shutil.rmtree(self.store.root / f"stage{self.store.stage}" / f"trial{t}", ignore_errors=True)
+        self.store.trial = t
+
+    def end(self) -> None:
+        self.store.trial = None
+
+    def keep(self, t: int) -> None:
+        pass  # its files are on disk
+
+    def adopt(self, t: int | None) -> None:
+        folder = self.store.root / f"stage{self.store.stage}"
+        if t is not None:
+            for f in (folder / f"trial{t}").glob("block*.safetensors"):
+                os.replace(f, folder / f.name)
+        for trial in folder.glob("trial*"):
+            shutil.rmtree(trial, ignore_errors=True)
+
+    def close(self) -> None:
+        pass
+
+
+def store_of(model) -> BlockStore:
+    """The model's block store (the engine gives every model one; a bare model, in library use
+    and tests, gets a resident store that keeps nothing on disk)."""
+    store = getattr(model, "block_store", None)
+    if store is None:
+        store = model.block_store = ResidentBlocks(model, None)
+    return store
