@@ -40,8 +40,9 @@ SIZES = {  # hidden, intermediate, blocks, heads, kv heads
 }
 
 
-def make_model(name: str, folder: Path, dtype: str) -> None:
-    """A random Llama written one block per shard; never whole in memory."""
+def make_model(name: str, folder: Path, dtype: str, blocks: int | None = None) -> None:
+    """A random Llama written one block per shard; never whole in memory (blocks: fewer decoder
+    blocks than the size's own, same widths)."""
     import torch
     from accelerate import init_empty_weights
     from safetensors.torch import save_file
@@ -51,7 +52,8 @@ def make_model(name: str, folder: Path, dtype: str) -> None:
         return
     from compress.model import read_tokenizer
 
-    hidden, inter, blocks, heads, kv = SIZES[name]
+    hidden, inter, full, heads, kv = SIZES[name]
+    blocks = blocks or full
     config = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=blocks,
                          num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=2048, tie_word_embeddings=False,
                          torch_dtype=dtype)
@@ -121,7 +123,7 @@ def digests(folder: Path) -> dict[str, str]:
 
 
 def resume_check(args, name: str) -> dict:
-    from compress.stream import KILL_AFTER
+    from compress.blocks import KILL_AFTER
 
     folder = args.work / f"llama-{name}"
     make_model(name, folder, args.dtype)

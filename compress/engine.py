@@ -178,21 +178,11 @@ def each_block(model):
 
 
 def export_all(recipe: Recipe, loaded, tmp: Path, scratch: Path, segments: dict, phases) -> dict:
-    """Save every export the recipe names while the model is in memory (each verifies its bytes),
-    take the reference outputs, free the model, then reload each export in its own runtime. Any
-    mismatch fails the run. Returns {exporter name: info}."""
+    """Save every export the recipe names while the model is in memory (each verifies its bytes;
+    a streamed model's blocks are read in turn), take the reference outputs, free the model, then
+    reload each export in its own runtime. Any mismatch fails the run. Returns {exporter name: info}."""
     selected = recipe.export.selected()
     model, exports = loaded.model, {}
-    if not store_of(model).resident:  # validated: the HF folder only, written and checked block by block
-        hf, cfg = EXPORTERS["hf"], recipe.export.hf
-        with phases("export_hf"):
-            exports["hf"] = hf.save(model, loaded.tokenizer, tmp, cfg, scratch / "hf")
-        if recipe.export.check:
-            with phases("check_hf"):
-                exports["hf"].update(hf.verify(model, tmp, exports["hf"], cfg))
-                exports["hf"]["parity"] = {"checked": False, "reason": "streamed run: the export's tensors are compared with the "
-                                           "compressed blocks bit for bit (decoded), not reloaded whole"}
-        return exports
     for name, cfg in selected:
         exporter = EXPORTERS[name]
         dest = tmp / exporter.subdir  # "" for the top of the run folder
@@ -342,7 +332,7 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str], r
         log.info("loaded %s (%s, %d blocks)", loaded.resolved, model_type(model), blocks)
         # the GGUF converter's verdict runs beside the data cutting and dense evaluation, and is
         # waited for before the first stage
-        pending = preflight(recipe.export, model, loaded.tokenizer, recipe.quantises(), recipe.narrows()) if store.resident else None
+        pending = preflight(recipe.export, model, loaded.tokenizer, recipe.quantises(), recipe.narrows())
 
         with cancelled_on_error(pending):
             with phases("data"):

@@ -69,18 +69,24 @@ def blockwise_nll(model, tokens: torch.Tensor) -> tuple[float, int]:
     """Summed NLL of every window (tokens 1..T-1) and the count, the blocks run one at a time over
     all windows (one pass over the weights, not one per window): the evaluation of a streamed
     model (compress/stream.py), each block onloaded to the recipe's GPU if it names one."""
+    total = 0.0
+    for window, logits in blockwise_logits(model, tokens):
+        total += summed_nll(logits[:, :-1], window[1:].unsqueeze(0).to(logits.device))
+    return total, tokens.shape[0] * (tokens.shape[1] - 1)
+
+
+def blockwise_logits(model, tokens: torch.Tensor):
+    """(window, its logits (1, t, vocab)) for each window of tokens (n, t), the blocks run one
+    at a time over all windows: a streamed model's forward pass."""
     from compress.calibrate import capture_inputs, sequential
 
     device = devices.of(model)
     inputs = capture_inputs(model, tokens)
     hidden = sequential(model, inputs, lambda i, b: {}, lambda i, b: False, "perplexity blocks", keep_last=True)
     norm, head = model.model.norm, model.get_output_embeddings()
-    total = 0.0
     with torch.inference_mode(), devices.onloaded(norm, device), devices.onloaded(head, device):
         for h, window in zip(hidden, tokens):
-            logits = head(norm(h.to(head.weight.dtype)))
-            total += summed_nll(logits[:, :-1], window[1:].unsqueeze(0).to(logits.device))
-    return total, tokens.shape[0] * (tokens.shape[1] - 1)
+            yield window, head(norm(h.to(head.weight.dtype)))
 
 
 def _result(total_nll: float, count: int, tokens: torch.Tensor, start: float) -> Perplexity:

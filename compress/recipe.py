@@ -166,8 +166,8 @@ class Recipe(Config):
     @model_validator(mode="after")
     def _streamed_runs(self):
         """What a streamed run can do so far: prune and quantize stages (gptq / rtn, integer
-        grids or llama.cpp's block formats; any allocation but alpha), perplexity, and the HF
-        folder (dense, or GPTQ when quantised)."""
+        grids or llama.cpp's block formats; any allocation but alpha), perplexity, the HF folder
+        (dense, or GPTQ when quantised) and GGUF files."""
         if not self.model.stream:
             return self
         for k, stage in enumerate(self.stages):
@@ -182,10 +182,14 @@ class Recipe(Config):
                                  "use atp, owl, uniform or explicit")
         if self.eval.tasks:
             raise ValueError("eval.tasks: zero-shot scoring needs the whole model in memory; model.stream measures perplexity only")
-        if self.eval.artefacts != ["model"] or self.eval.speed:
-            raise ValueError("eval.artefacts / eval.speed: a streamed run measures the model block by block only")
-        if self.export.gguf is not None or self.export.onnx is not None or (self.export.hf is not None and self.export.hf.format != "dense"):
-            raise ValueError("export: a streamed run writes the HF folder only (export.hf: true; GPTQ when quantised); convert it afterwards")
+        if any(item.partition(":")[0] in ("hf", "onnx") for item in self.eval.artefacts) or self.eval.speed:
+            raise ValueError("eval.artefacts / eval.speed: a streamed run measures the model block by block, and GGUF files in "
+                             "llama.cpp; the HF folder is not reloaded whole")
+        if self.export.onnx is not None:
+            raise ValueError("export.onnx: a streamed model is not exported to ONNX (torch.onnx.export traces the whole model in memory); "
+                             "export the HF folder and convert it on a machine that holds the model")
+        if self.export.hf is not None and self.export.hf.format != "dense":
+            raise ValueError("export.hf.format: a streamed run writes the dense (or, quantised, GPTQ) HF folder; sparse packs the whole model")
         return self
 
     def data_roles(self) -> dict:

@@ -40,11 +40,13 @@ from pydantic import Field, field_validator
 from safetensors.torch import save_file
 
 from compress import tokenizer_files
+from compress.blocks import store_of
 from compress.config import Config
 from compress.ggml_formats import FORMATS, GgufState
 from compress.errors import CompressError
 from compress.export import gguf_arch, gguf_pack, gguf_rewrite, llama_convert
 from compress.export.gguf_index import GgufIndex
+from compress.export.shards import outside_blocks
 from compress.export.gguf_arch import Widths, head_dim, lowrank_notes
 from compress.export.gguf_check import NO_LLAMA_CPP, TOP1_AGREEMENT, check  # noqa: F401  (check: the exporter's; TOP1_AGREEMENT: its floors)
 from compress.layout import LowRankLinear
@@ -150,12 +152,21 @@ def at_config_widths(name: str, tensor: torch.Tensor, full: Widths, size: int) -
 
 
 def dense_state(model):
-    """(hf name, tensor) of the model's state, each tensor once (a tied lm_head is the converter's
+    """(hf name, tensor) of the model's state: the tensors outside the decoder blocks, then each
+    block's, taken from the block store in turn (a streamed model's one block at a time: a tensor
+    is valid until the next block's come), each tensor once (a tied lm_head is the converter's
     business), each LowRankLinear as the Linear it multiplies by: its dense product under
     NAME.weight, its bias under NAME.bias."""
-    lowrank = {name: m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    store = store_of(model)
+    yield from _dense(model, outside_blocks(model, store.prefix).items())
+    for i, block in store.each():
+        yield from _dense(block, ((f"{store.prefix}.{i}.{k}", t) for k, t in block.state_dict().items()), f"{store.prefix}.{i}.")
+
+
+def _dense(module, items, prefix: str = ""):
+    lowrank = {prefix + name: m for name, m in module.named_modules() if isinstance(m, LowRankLinear)}
     seen = set()
-    for hf_name, tensor in model.state_dict().items():
+    for hf_name, tensor in items:
         if tensor.data_ptr() in seen or hf_name.endswith("rotary_emb.inv_freq"):
             continue
         seen.add(tensor.data_ptr())
@@ -175,17 +186,23 @@ def write_convert_folder(model, tokenizer, folder: Path) -> Path:
     zero-padded), one safetensors shard per block so that memory holds one block's copies."""
     folder.mkdir(parents=True, exist_ok=True)
     full, size, prefix = gguf_arch.config_widths(model.config), head_dim(model.config), block_prefix(model) + "."
-    shards: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    for name, tensor in dense_state(model):
+    count = len(decoder_blocks(model)) + 1
+    index, shard, current = {}, {}, "rest"
+
+    def write(tensors: dict) -> None:
+        file = f"model-{len(set(index.values())) + 1:05d}-of-{count:05d}.safetensors"
+        save_file(tensors, str(folder / file), metadata={"format": "pt"})
+        index.update({n: file for n in tensors})
+
+    for name, tensor in dense_state(model):  # written block by block, as the store hands them over
         block = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else "rest"
-        shards[block][name] = tensor
-    index = {}
-    for i, (block, tensors) in enumerate(shards.items()):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        out = {n: at_config_widths(n, t.detach().float().cpu(), full, size).contiguous() for n, t in tensors.items()}
-        save_file(out, str(folder / file), metadata={"format": "pt"})
-        index.update({n: file for n in out})
-        del out
+        if block != current and shard:
+            write(shard)
+            shard = {}
+        current = block
+        shard[name] = at_config_widths(name, tensor.detach().float().cpu(), full, size).contiguous()
+    if shard:
+        write(shard)
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
     (folder / "config.json").write_text(json.dumps(converter_config(model), indent=2))
     save_tokenizer(tokenizer, folder)
@@ -351,9 +368,16 @@ def block_state(module) -> GgufState | None:
     return GgufState(FORMATS["q4_0" if state.grid.bits == 4 else "q8_0"], d=state.scales.t().float())
 
 
-def gridded(model) -> dict[str, GgufState]:
-    """hf weight name -> block format of every layer on one."""
-    return {f"{name}.weight": st for name, m in model.named_modules() if (st := block_state(m)) is not None}
+def gridded(model) -> tuple[dict[str, GgufState], bool]:
+    """hf weight name -> block format of every layer on one, and whether any layer is quantised
+    (one pass over the blocks)."""
+    store, states, quantised = store_of(model), {}, False
+    for i, block in store.each():
+        for rel, m in block.named_modules():
+            quantised |= getattr(m, "quant_state", None) is not None
+            if (st := block_state(m)) is not None:
+                states[f"{store.prefix}.{i}.{rel}.weight"] = st
+    return states, quantised
 
 
 def grid_blocks(module, perm: np.ndarray | None = None) -> tuple[np.ndarray, Q] | None:
@@ -385,12 +409,15 @@ def grid_base(model, states: dict[str, GgufState]) -> str:
 def grid_replacements(model, states: dict[str, GgufState], orders: dict, file_types: dict[str, str] | None) -> dict[str, tuple[np.ndarray, Q]]:
     """gguf name -> our blocks for every gridded matrix; with file_types (a named type's file),
     only where llama.cpp chose the grid's own type for that tensor."""
-    modules = dict(model.named_modules())
-    out = {}
-    for hf_name, st in states.items():
-        gguf_name, perm = orders[hf_name]
-        if file_types is None or file_types.get(gguf_name) == st.fmt.qtype.name:
-            out[gguf_name] = grid_blocks(modules[hf_name.removesuffix(".weight")], perm)
+    store, out = store_of(model), {}
+    for i, block in store.each():
+        for rel, module in block.named_modules():
+            hf_name = f"{store.prefix}.{i}.{rel}.weight"
+            if hf_name not in states:
+                continue
+            gguf_name, perm = orders[hf_name]
+            if file_types is None or file_types.get(gguf_name) == states[hf_name].fmt.qtype.name:
+                out[gguf_name] = grid_blocks(module, perm)
     return out
 
 
@@ -441,11 +468,15 @@ def decoded(stored: GgufIndex, orders: dict, keep) -> tuple:
 
 
 def zeros_kept(stored: GgufIndex, model, orders: dict) -> float | None:
-    """Share of the model's zero weights (in block matrices) that stay exactly zero in the file."""
-    weights = {n: w for n, w in matrices(model) if n.startswith(block_prefix(model) + ".") and bool((w == 0).any())}
+    """Share of the model's zero weights (in block matrices) that stay exactly zero in the file
+    (one matrix in memory at a time)."""
     zeros = kept = 0
-    for hf_name, values in decoded(stored, orders, lambda n: n in weights):
-        mask = (weights[hf_name] == 0).numpy()
+    prefix = block_prefix(model) + "."
+    for hf_name, w in matrices(model):
+        mask = (w == 0).numpy()
+        if not hf_name.startswith(prefix) or not mask.any():
+            continue
+        (_, values), = decoded(stored, {hf_name: orders[hf_name]}, lambda n: True)
         zeros += int(mask.sum())
         kept += int((values[mask] == 0).sum())
     return kept / zeros if zeros else None
@@ -485,7 +516,7 @@ def save(model, tokenizer, dest: Path, cfg: GgufExport, scratch: Path) -> dict:
     window = getattr(model.config, "sliding_window", None) if model_type(model) == "mistral" else None
     if window:  # llama.cpp runs Mistral as llama, attending to the whole context
         notes.append(f"the model's sliding window ({window} tokens) is not applied by llama.cpp: outputs agree up to {window} tokens of context")
-    states, quantised = gridded(model), any(getattr(m, "quant_state", None) is not None for m in model.modules())
+    states, quantised = gridded(model)
     if "grid" in cfg.types and not states:
         raise CompressError("export.gguf.types: grid writes the quantize stage's llama.cpp block formats, and no layer is on one "
                             "(quantize with grid: q4_k ..., or GPTQ 4 / 8 bits in groups of 32 without act_order)")
@@ -538,7 +569,7 @@ def verify(model, dest: Path, info: dict, cfg: GgufExport) -> dict:
     if "f32" in info["files"]:
         orders = row_orders(dest / info["files"]["f32"]["file"], model, info["family"])  # raises naming a matrix that differs
         out["f32"] = {"tensors": len(orders), "identical": True}
-    states = gridded(model)
+    states, _ = gridded(model)
     names = name_map(info["family"], len(decoder_blocks(model)))
     for kind, entry in info["files"].items():
         if entry["how"] != GRID_WRITTEN:

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from compress.calibrate import no_cache
-from compress.evaluate import perplexity
+from compress.blocks import store_of
+from compress.evaluate import blockwise_logits, perplexity
 
 # Tokenized by the HF tokenizer and by each runtime's own (GGUF): digits, numbers, contractions,
 # whitespace runs, tabs, accents, several scripts (Latin, CJK, Cyrillic, Arabic, Devanagari,
@@ -45,35 +46,50 @@ class Reference:
     greedy_margins: torch.Tensor | None = None  # (g,) the model's top-1 minus top-2 logit at each greedy step
 
 
+def forward_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """(n, t, vocab) float32 logits on CPU: a plain forward, or block by block for a streamed model."""
+    if store_of(model).resident:
+        param = next(model.parameters())
+        with no_cache(model):
+            return model(tokens.to(param.device), use_cache=False).logits.float().cpu()
+    return torch.cat([logits.float().cpu() for _, logits in blockwise_logits(model, tokens)])
+
+
+def greedy_steps(model, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(new tokens (1, g), per step the top-1 minus top-2 logit (g,)) of greedy decoding: with
+    generate, or for a streamed model one block-by-block pass per step over the whole prefix."""
+    if store_of(model).resident:
+        param = next(model.parameters())
+        out = model.generate(prompt.to(param.device), attention_mask=torch.ones_like(prompt, device=param.device),
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True)
+        top2 = torch.stack([step[0].float().topk(2).values for step in out.logits]).cpu()  # (g, 2)
+        return out.sequences[:, prompt.shape[1]:].cpu(), top2[:, 0] - top2[:, 1]
+    sequence, margins = prompt.cpu(), []
+    for _ in range(new_tokens):
+        last = forward_logits(model, sequence)[0, -1]
+        top2 = last.topk(2)
+        margins.append(top2.values[0] - top2.values[1])
+        sequence = torch.cat([sequence, top2.indices[:1].view(1, 1)], dim=1)
+    return sequence[:, prompt.shape[1]:], torch.stack(margins)
+
+
 @torch.no_grad()
 def take_reference(model, tokens: torch.Tensor, tokenizer=None, evaluation: torch.Tensor | None = None,
                    bos: bool = False, new_tokens: int = 16) -> Reference:
     """Logits on `tokens`, a greedy continuation of the first window's first 8 tokens, and the
     perplexity on `evaluation` (already cut to the windows the runtimes will score)."""
     param = next(model.parameters())
-    with no_cache(model):
-        logits = model(tokens.to(param.device), use_cache=False).logits.float().cpu()
+    logits = forward_logits(model, tokens)
     prompt = tokens[:1, :8]
-    out = model.generate(
-        prompt.to(param.device),
-        attention_mask=torch.ones_like(prompt, device=param.device),
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        pad_token_id=0,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    top2 = torch.stack([step[0].float().topk(2).values for step in out.logits]).cpu()  # (g, 2)
-    out = out.sequences
+    greedy, margins = greedy_steps(model, prompt, new_tokens)
     ppl = None
     if evaluation is not None and len(evaluation):
         ppl = perplexity(model, evaluation, desc="reference ppl").ppl
     text = sample_text(tokenizer)
     ids = tokenizer(text, add_special_tokens=False).input_ids if tokenizer is not None else None
     added = tokenizer(text).input_ids if tokenizer is not None else None
-    return Reference(tokens, logits, param.dtype, param.device, prompt, out[:, prompt.shape[1]:].cpu(),
-                     evaluation, ppl, bos, text, ids, added, top2[:, 0] - top2[:, 1])
+    return Reference(tokens, logits, param.dtype, param.device, prompt, greedy, evaluation, ppl, bos, text, ids, added, margins)
 
 
 def reference_for_run(model, tokenizer, segments: dict, check_windows: int) -> Reference:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-MAX_SHARD_BYTES = 2 * 2**30
+MAX_SHARD_BYTES = 2**30
 
 
 class ShardWriter:

@@ -178,7 +178,8 @@ def test_peak_memory_follows_the_block_not_the_block_count(tmp_path):
     ("stages.0={kind: lowrank, ratio: 0.5}", "model.stream runs prune and quantize stages so far"),
     ("stages.0={kind: quantize, method: bnb}", "bnb is not streamed"),
     ("eval.tasks=[piqa]", "model.stream measures perplexity only"),
-    ("export.gguf=true", "a streamed run writes the HF folder only"),
+    ("export.onnx=true", "a streamed model is not exported to ONNX"),
+    ("eval.artefacts=[model, hf]", "the HF folder is not reloaded whole"),
 ])
 def test_what_a_streamed_run_cannot_do_yet_is_refused_before_it_starts(tmp_path, change, message):
     path = write_recipe(tmp_path / "r.yaml", tmp_path, tmp_path / "out", stages="  - {kind: prune, method: wanda, sparsity: 0.5}\n")
@@ -231,3 +232,37 @@ def test_a_streamed_run_from_a_gguf_file_equals_the_in_memory_run(tmp_path, spm_
     assert set(streamed) == set(in_memory)
     for name, tensor in in_memory.items():
         assert torch.equal(streamed[name], tensor), name
+
+
+@needs_converter
+def test_a_streamed_run_writes_the_same_gguf_files_block_by_block(tmp_path, vocab_folder):
+    """A tiny Llama 3 (its real byte-level BPE tokenizer, a head tied to the embeddings): Wanda,
+    then GPTQ 4-bit in groups of 32 (Q4_0's grid), exported to GGUF f16 and q4_0 (GPTQ's blocks
+    written as they are) with every check on, llama.cpp's included: the streamed run's files are
+    the in-memory run's, byte for byte."""
+    import families
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed: its quantizer writes the q4_0 file, and it runs the check")
+    family = families.BY_NAME["Llama 3"]
+    source = families.family_folder(family, vocab_folder(family.vocab).parent, tmp_path / "model", hidden=64, layers=4)
+    stages = """\
+  - {kind: prune, method: wanda, sparsity: 0.5, allocation: {kind: atp, beta: 0.05}}
+  - {kind: quantize, method: gptq, bits: 4, group_size: 32}
+"""
+    results = {}
+    for stream in (False, True):
+        path = write_recipe(tmp_path / f"r{stream}.yaml", source, tmp_path / f"out-{stream}", stages=stages, stream=stream,
+                            extra="export: {hf: true, gguf: {types: [f16, q4_0]}}\n")
+        engine.run(load_recipe(path), path)
+        results[stream] = json.loads((tmp_path / f"out-{stream}" / "results.json").read_text())
+    gguf = {s: {f.name: f.read_bytes() for f in (tmp_path / f"out-{s}" / "gguf").glob("*.gguf")} for s in (False, True)}
+    assert set(gguf[True]) == {"model-f16.gguf", "model-q4_0.gguf"} and gguf[True] == gguf[False]
+    assert files_digest(tmp_path / "out-True") == files_digest(tmp_path / "out-False")
+    streamed = results[True]["export"]["gguf"]
+    assert streamed["files"]["q4_0"]["grid_matrices"] == 4 * 7 and streamed["files"]["q4_0"]["zeros_kept"] == 1.0
+    assert streamed["weights"]["q4_0"] == {"tensors": 4 * 7, "identical": True}
+    assert streamed["checked"] and set(streamed["files_checked"]) == {"f16", "q4_0"}
+    for kind in ("f16", "q4_0"):  # llama.cpp's logits against the block-by-block reference, as against the whole model's
+        ours, theirs = streamed["files_checked"][kind], results[False]["export"]["gguf"]["files_checked"][kind]
+        assert ours == theirs
