@@ -43,9 +43,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from compress import layer_state
+from compress import layer_state, tensor_files
 from compress.spill import WeightFile, ZeroMask, scratch_folder
 
 log = logging.getLogger("compress")
@@ -114,9 +113,7 @@ class BlockStore:
         modules = {f"{self.prefix}.{i}.{n}": m for n, m in block.named_modules() if n}
         states, metadata = layer_state.block_states(modules)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({**tensors, **states}, str(tmp), metadata={"format": "pt", **metadata})
-        os.replace(tmp, path)
+        tensor_files.save({**tensors, **states}, path, {"format": "pt", **metadata})
 
     def read(self, i: int, path: Path) -> None:
         """Block i's weights and layer states from `path`."""

@@ -65,7 +65,7 @@ def run(
     recipe: Path = typer.Argument(..., help="Recipe YAML file."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     overwrite: bool = typer.Option(False, help="Replace output_dir if it exists (only once the new run is complete)."),
-    restart: bool = typer.Option(False, help="model.stream: discard the checkpoints of an interrupted run of this recipe and start over."),
+    restart: bool = typer.Option(False, help="Discard the checkpoints of an interrupted run of this recipe and start over (a killed run resumes by default)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and the final table."),
 ) -> None:
     """Run a recipe: compress, evaluate, export, and write a report into output_dir."""

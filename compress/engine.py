@@ -146,7 +146,8 @@ class Phases:
             if mb > before:
                 peak, phase = mb, name
             before = max(before, mb)
-        return {"peak_rss_mb": peak, "peak_phase": phase, "peak_rss_mb_after": dict(self.peak_rss_mb)}
+        gpu = round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None
+        return {"peak_rss_mb": peak, "peak_phase": phase, "peak_rss_mb_after": dict(self.peak_rss_mb), "peak_gpu_mb": gpu}
 
 
 def weight_counts(model) -> tuple[int, dict]:

@@ -166,7 +166,7 @@ class Recipe(Config):
     @model_validator(mode="after")
     def _streamed_runs(self):
         """What a streamed run can do so far: prune and quantize stages (gptq / rtn, integer
-        grids or llama.cpp's block formats; any allocation but alpha), perplexity, the HF folder
+        grids or llama.cpp's block formats; every allocation), perplexity, the HF folder
         (dense, or GPTQ when quantised) and GGUF files."""
         if not self.model.stream:
             return self
@@ -177,9 +177,6 @@ class Recipe(Config):
             if stage.kind == "quantize" and stage.method == "bnb":
                 raise ValueError(f"stages[{k}].method: bnb is not streamed (its checkpoint is written by transformers from the whole "
                                  "model): use gptq or rtn")
-            if stage.allocation.kind == "alpha":
-                raise ValueError(f"stages[{k}].allocation: alpha is not streamed yet (it reads every block's spectrum before pruning); "
-                                 "use atp, owl, uniform or explicit")
         if self.eval.tasks:
             raise ValueError("eval.tasks: zero-shot scoring needs the whole model in memory; model.stream measures perplexity only")
         if any(item.partition(":")[0] in ("hf", "onnx") for item in self.eval.artefacts) or self.eval.speed:

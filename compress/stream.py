@@ -27,9 +27,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from compress import layer_state
+from compress import layer_state, tensor_files
 from compress.blocks import StreamedBlocks, store_of
 from compress.errors import CompressError
 from compress.tokenizer_files import save_tokenizer
@@ -159,7 +158,7 @@ def save_hf(model, tokenizer, dest: Path) -> dict:
     weight_map, files = {}, []
     rest = {name: p.detach().contiguous() for name, p in model.named_parameters() if not name.startswith(store.prefix + ".")}
     first = f"model-00001-of-{n:05d}.safetensors"
-    save_file(rest, str(dest / first), metadata={"format": "pt"})
+    tensor_files.save(rest, dest / first, {"format": "pt"})
     weight_map.update({name: first for name in rest})
     files.append(first)
     for i in range(len(store.blocks)):
@@ -173,8 +172,7 @@ def save_hf(model, tokenizer, dest: Path) -> dict:
                 shutil.copyfile(staged, dest / name)
         else:
             with store.loaded(i):
-                save_file({f"{store.prefix}.{i}.{k}": p.detach().contiguous() for k, p in store.blocks[i].named_parameters()},
-                          str(dest / name), metadata={"format": "pt"})
+                tensor_files.save({f"{store.prefix}.{i}.{k}": p for k, p in store.blocks[i].named_parameters()}, dest / name, {"format": "pt"})
         with safe_open(dest / name, "pt") as handle:
             weight_map.update({key: name for key in handle.keys()})
         files.append(name)

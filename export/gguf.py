@@ -37,9 +37,8 @@ import gguf
 import numpy as np
 import torch
 from pydantic import Field, field_validator
-from safetensors.torch import save_file
 
-from compress import tokenizer_files
+from compress import tensor_files, tokenizer_files
 from compress.blocks import store_of
 from compress.config import Config
 from compress.ggml_formats import FORMATS, GgufState
@@ -191,7 +190,7 @@ def write_convert_folder(model, tokenizer, folder: Path) -> Path:
 
     def write(tensors: dict) -> None:
         file = f"model-{len(set(index.values())) + 1:05d}-of-{count:05d}.safetensors"
-        save_file(tensors, str(folder / file), metadata={"format": "pt"})
+        tensor_files.save(tensors, folder / file, {"format": "pt"})
         index.update({n: file for n in tensors})
 
     for name, tensor in dense_state(model):  # written block by block, as the store hands them over

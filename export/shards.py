@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+
+from compress import tensor_files
 
 MAX_SHARD_BYTES = 2**30
 
@@ -37,7 +38,7 @@ class ShardWriter:
         if not self.pending:
             return
         path = self.folder / f".shard-{len(self.written):05d}.tmp"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
+        tensor_files.save(self.pending, path, {"format": "pt"})
         self.written.append((path, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 

@@ -31,7 +31,7 @@ def save_model(folder, arch="llama", layers=4, hidden=64, intermediate=128, seed
 
 STAGES = """\
   - {kind: prune, method: wanda, sparsity: 0.5, allocation: {kind: atp, beta: auto, trials: 3}}
-  - {kind: prune, method: sparsegpt, sparsity: 0.6, allocation: {kind: uniform}}
+  - {kind: prune, method: sparsegpt, sparsity: 0.6, allocation: {kind: alpha}}
   - {kind: prune, method: magnitude, sparsity: 0.7, allocation: {kind: atp, beta: 0.05}}
 """
 
@@ -174,7 +174,6 @@ def test_peak_memory_follows_the_block_not_the_block_count(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ("stages.0.allocation={kind: alpha}", "alpha is not streamed yet"),
     ("stages.0={kind: lowrank, ratio: 0.5}", "model.stream runs prune and quantize stages so far"),
     ("stages.0={kind: quantize, method: bnb}", "bnb is not streamed"),
     ("eval.tasks=[piqa]", "model.stream measures perplexity only"),
@@ -266,3 +265,19 @@ def test_a_streamed_run_writes_the_same_gguf_files_block_by_block(tmp_path, voca
     for kind in ("f16", "q4_0"):  # llama.cpp's logits against the block-by-block reference, as against the whole model's
         ours, theirs = streamed["files_checked"][kind], results[False]["export"]["gguf"]["files_checked"][kind]
         assert ours == theirs
+
+
+def test_tensor_files_are_read_by_safetensors_with_their_metadata(tmp_path):
+    """compress/tensor_files.py writes from the tensors' memory; safetensors reads every dtype back."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from compress import tensor_files
+
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).bfloat16(), "c": torch.arange(5, dtype=torch.int32),
+               "empty": torch.zeros(0), "h": torch.ones(2, 2).half(), "view": torch.randn(4, 6).t()}
+    tensor_files.save(tensors, tmp_path / "x.safetensors", {"format": "pt", "note": "kept"})
+    back = load_file(tmp_path / "x.safetensors")
+    assert set(back) == set(tensors) and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    assert safe_open(tmp_path / "x.safetensors", "pt").metadata() == {"format": "pt", "note": "kept"}
+    assert not list(tmp_path.glob("*.tmp"))

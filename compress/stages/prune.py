@@ -262,11 +262,12 @@ def owl_shares(model, ctx: StageContext, layers, M: float) -> list[float]:
     return shares
 
 
-def block_alphas(layers) -> list[float]:
-    """Mean heavy-tail exponent of each block's weight matrices (AlphaPruning's layer metric)."""
+def block_alphas(model, layers) -> list[float]:
+    """Mean heavy-tail exponent of each block's weight matrices (AlphaPruning's layer metric),
+    each block taken from the block store in turn."""
     alphas = []
-    for block in layers:
-        values = [allocate.hill_alpha(get_weight(m)) for m in block.values()]
+    for i, _ in store_of(model).each():
+        values = [allocate.hill_alpha(get_weight(m)) for m in layers[i].values()]
         values = [a for a in values if a == a]  # drop NaN (too few nonzero eigenvalues)
         alphas.append(sum(values) / len(values) if values else 0.0)
     return alphas
@@ -281,7 +282,7 @@ def allocate_ratios(model, ctx, cfg: PruneConfig, layers, beta: float | None) ->
     if isinstance(alloc, allocate.OwlAllocation):
         return allocate.owl(owl_shares(model, ctx, layers, alloc.M), S, alloc.lam, sizes)
     if isinstance(alloc, allocate.AlphaAllocation):
-        return allocate.alpha(block_alphas(layers), S, alloc.epsilon, sizes)
+        return allocate.alpha(block_alphas(model, layers), S, alloc.epsilon, sizes)
     return allocate.explicit(alloc.ratios, L)
 
 
