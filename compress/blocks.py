@@ -261,6 +261,7 @@ class ResidentBlocks(BlockStore):
         self.synced: list[Path | None] = [None] * self.count  # the file each block's weights equal (None: the source)
         self.dirty: set[int] = set()  # changed by the running stage, not yet on disk
         self.written: set[int] = set()  # written by the running stage
+        self.shapes = [layout(b) for b in self.blocks]  # the blocks' layout when the running stage began
         self.rerun_reshaped()
 
     def rerun_reshaped(self) -> None:

@@ -122,10 +122,7 @@ def quantized_layers(model) -> dict[str, torch.nn.Module]:
 
 def is_quantized(model) -> bool:
     """Any block holds a GPTQ layer (a streamed model's blocks are looked at one at a time)."""
-    store = store_of(model)
-    if store.resident:
-        return bool(quantized_layers(model))
-    return any(quantized_layers(block) for _, block in store.each())
+    return any(quantized_layers(block) for _, block in store_of(model).each())
 
 
 @dataclass

@@ -1,0 +1,64 @@
+"""The block store (compress/blocks.py): block files carry the weights and every Linear's
+quantisation state; an interrupted run's stages that changed the blocks' layout are run again."""
+
+import torch
+
+from compress import ggml_formats
+from compress.blocks import ResidentBlocks
+from compress.quant import Grid, rtn
+from conftest import tiny_model
+
+
+def test_a_block_file_brings_back_weights_grids_and_block_formats(tmp_path):
+    model = tiny_model("llama")
+    store = ResidentBlocks(model, tmp_path)
+    block = store.blocks[0]
+    q, gate = block.self_attn.q_proj, block.mlp.gate_proj
+    W, state = rtn(q.weight.data, Grid(4, 32, False))
+    q.weight.data, q.quant_state = W, state
+    W, gstate = ggml_formats.rtn(gate.weight.data, ggml_formats.FORMATS["q4_0"])
+    gate.weight.data, gate.quant_state = W, gstate
+    block.mlp.up_proj.bnb_format = "nf4"
+    saved = {k: v.clone() for k, v in block.state_dict().items()}
+    path = store.path(0, 0)
+    store.write(0, path)
+
+    for p in block.parameters():  # what a later change would do; the file must undo it
+        p.data.add_(1.0)
+    for m in (q, gate, block.mlp.up_proj):
+        for attr in ("quant_state", "bnb_format"):
+            if hasattr(m, attr):
+                delattr(m, attr)
+    store.read(0, path)
+    assert all(torch.equal(block.state_dict()[k], v) for k, v in saved.items())
+    assert q.quant_state.grid == Grid(4, 32, False) and torch.equal(q.quant_state.scales, state.scales)
+    assert torch.equal(q.quant_state.g_idx, state.g_idx) and torch.equal(q.quant_state.zeros, state.zeros)
+    assert gate.quant_state.fmt.name == "q4_0" and torch.equal(gate.quant_state.d, gstate.d)
+    assert torch.equal(gate.quant_state.codes(gate.weight.data), gstate.codes(W))
+    assert block.mlp.up_proj.bnb_format == "nf4"
+
+
+def test_a_resumed_run_reruns_the_stages_from_the_first_that_changed_the_layout(tmp_path):
+    root = tmp_path / ".blocks"
+    for k in range(3):
+        (root / f"stage{k}").mkdir(parents=True)
+        (root / f"stage{k}" / "block00000.safetensors").write_bytes(b"x")
+        (root / f"stage{k}.done").write_text("done\n")
+        (root / f"stage{k}.record.json").write_text("{}")
+    (root / "stage1.reshaped").write_text("the blocks' layout changed\n")
+    (root / "stage2.pass1.pt").write_bytes(b"x")
+    store = ResidentBlocks(tiny_model("llama"), tmp_path)
+    assert store.stage_done(0) and not store.stage_done(1) and not store.stage_done(2)
+    assert sorted(p.name for p in root.iterdir()) == ["stage0", "stage0.done", "stage0.record.json"]
+
+
+def test_a_store_without_a_folder_keeps_nothing_on_disk():
+    """Library use (a stage applied to a bare model): passes run, nothing is written."""
+    model = tiny_model("llama")
+    store = ResidentBlocks(model, None)
+    assert store.begin_pass() == (0, None)
+    with store.loaded(0) as state:
+        state["changed"] = True
+    store.checkpoint(1, [torch.zeros(1)])
+    store.end_stage(0, {})
+    assert store.stage == 1 and not store.dirty
