@@ -29,12 +29,17 @@ def inverse_hessian_factor(H: torch.Tensor, dampening: float) -> tuple[torch.Ten
     Returns the factor and the damping fraction that finally worked (raised on a failed Cholesky).
     """
     diag_mean = torch.mean(torch.diag(H))
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for attempt in range(CHOLESKY_RETRIES + 1):
         frac = dampening * 10**attempt
-        L, info = torch.linalg.cholesky_ex(H + frac * diag_mean * eye)
+        # one damped copy, no identity matrix beside it: for an 11008-wide layer each square is
+        # 0.5 GB, and these are the peak of a streamed 7B run
+        damped = H.clone()
+        damped.diagonal().add_(frac * diag_mean)
+        L, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if info == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             return torch.linalg.cholesky(Hinv, upper=True), frac
     raise CompressError(f"OBS solver: Hessian not positive definite even with dampening {frac}; raise `dampening`")
 
