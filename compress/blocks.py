@@ -182,7 +182,9 @@ class BlockStore:
             self.unload(i)
 
     def each(self, final: bool = True):
-        """(i, block) with each block materialised in turn (read only)."""
+        """(i, block) with each block materialised in turn (read only). final: as every stage so
+        far left it; False: as the running stage received it (what a stage reads before it
+        compresses)."""
         for i, block in enumerate(self.blocks):
             with self.loaded(i, final):
                 yield i, block

@@ -264,9 +264,10 @@ def owl_shares(model, ctx: StageContext, layers, M: float) -> list[float]:
 
 def block_alphas(model, layers) -> list[float]:
     """Mean heavy-tail exponent of each block's weight matrices (AlphaPruning's layer metric),
-    each block taken from the block store in turn."""
+    each block taken from the block store in turn as the stage received it (a resumed stage's
+    own files for its first blocks are not its input)."""
     alphas = []
-    for i, _ in store_of(model).each():
+    for i, _ in store_of(model).each(final=False):
         values = [allocate.hill_alpha(get_weight(m)) for m in layers[i].values()]
         values = [a for a in values if a == a]  # drop NaN (too few nonzero eigenvalues)
         alphas.append(sum(values) / len(values) if values else 0.0)
