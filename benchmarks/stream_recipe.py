@@ -35,7 +35,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from stream_memory import SIZES, digests, make_model  # noqa: E402
+from stream_memory import digests, make_model  # noqa: E402
 
 RESULTS = HERE / "results"
 
