@@ -109,7 +109,7 @@ class BlockStore:
         """Block i's weights and layer states to `path`, atomically (a kill never leaves half a
         file under the final name)."""
         block = self.blocks[i]
-        tensors = {f"{self.prefix}.{i}.{n}": p.detach().contiguous() for n, p in block.named_parameters()}
+        tensors = {f"{self.prefix}.{i}.{n}": p for n, p in block.named_parameters()}
         modules = {f"{self.prefix}.{i}.{n}": m for n, m in block.named_modules() if n}
         states, metadata = layer_state.block_states(modules)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -250,6 +250,8 @@ class BlockStore:
     def put(self, name: str, tensor: torch.Tensor) -> None: ...
 
     def trials(self, modules: dict, zeros_only: bool, states: tuple[str, ...], scratch: Path | None):
+        """A context manager giving the beta search's trial space (SpilledTrials or FileTrials),
+        its temporary files removed on exit."""
         raise NotImplementedError
 
 
@@ -330,8 +332,10 @@ class ResidentBlocks(BlockStore):
     def settle(self) -> None:
         self.sync(before=self.stage)
 
+    @contextmanager
     def trials(self, modules, zeros_only, states, scratch):
-        return SpilledTrials(self, modules, zeros_only, states, scratch)
+        with scratch_folder(scratch) as folder:
+            yield SpilledTrials(self, modules, zeros_only, states, folder)
 
 
 class StreamedBlocks(BlockStore):
@@ -369,8 +373,9 @@ class StreamedBlocks(BlockStore):
                 if hasattr(module, attr):
                     delattr(module, attr)
 
+    @contextmanager
     def trials(self, modules, zeros_only, states, scratch):
-        return FileTrials(self)
+        yield FileTrials(self)
 
 
 # ---------------------------------------------------------------- beta-search trials
@@ -382,10 +387,8 @@ class SpilledTrials:
     only zeroes weights, or spilled too, with the module attributes named in `states` (the
     quantisation grid; the low-rank stage's factors) held in memory."""
 
-    def __init__(self, store: BlockStore, modules: dict, zeros_only: bool, states: tuple[str, ...], scratch: Path | None):
+    def __init__(self, store: BlockStore, modules: dict, zeros_only: bool, states: tuple[str, ...], folder: Path):
         self.store, self.modules, self.zeros_only, self.states = store, modules, zeros_only, states
-        self._folder = scratch_folder(scratch)
-        folder = self._folder.__enter__()
         self.start = WeightFile(folder / "start.bin", modules)
         self.start.save()
         self.best_weights = WeightFile(folder / "best.bin", modules)
@@ -421,9 +424,6 @@ class SpilledTrials:
                 for attr, state in kept.items():
                     setattr(self.modules[name], attr, state)
 
-    def close(self) -> None:
-        self._folder.__exit__(None, None, None)
-
 
 class FileTrials:
     """Streamed blocks: each trial reads the stage's input blocks from disk (no trial changes
@@ -450,9 +450,6 @@ class FileTrials:
                 os.replace(f, folder / f.name)
         for trial in folder.glob("trial*"):
             shutil.rmtree(trial, ignore_errors=True)
-
-    def close(self) -> None:
-        pass
 
 
 def store_of(model) -> BlockStore:

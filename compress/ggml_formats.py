@@ -347,6 +347,7 @@ def rtn(W: torch.Tensor, fmt: BlockFormat) -> tuple[torch.Tensor, GgufState]:
 
 
 STATE_FIELDS = ("d", "sc", "dmin", "m")
+GRIDS_FILE = "ggml_grids.safetensors"  # an HF folder's block-format parameters, beside its dequantised weights (export/hf.py)
 
 
 def state_tensors(prefix: str, state: GgufState) -> dict[str, torch.Tensor]:

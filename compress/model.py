@@ -253,6 +253,22 @@ def block_prefix(model: PreTrainedModel) -> str:
     return BLOCK_PATHS[model_type(model)]
 
 
+def outside_blocks(model) -> dict[str, torch.Tensor]:
+    """The model's tensors outside its decoder blocks (embeddings, final norm, head); a tensor
+    held twice (a head tied to the embeddings) is kept under its first name only, as
+    save_pretrained keeps it."""
+    out, seen, prefix = {}, set(), block_prefix(model) + "."
+    for name, t in model.state_dict().items():
+        if name.startswith(prefix) or t.device.type == "meta":
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t
+    return out
+
+
 def is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 

@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
+from compress.blocks import store_of
 from compress.errors import CompressError
 from compress.evaluate import perplexity
-from compress.blocks import store_of
 
 log = logging.getLogger("compress")
 
@@ -94,27 +94,26 @@ def search_beta(
     """
     if ctx.validation is None:
         raise CompressError(f"{ctx.stage_key}.allocation.beta: 'auto' needs validation data (data.validation)")
-    space = store_of(model).trials(modules, zeros_only, states, ctx.scratch_dir)
     scores: dict[Hashable, float] = {}  # rounding can map several betas to one plan: score it once
     best: dict = {"score": math.inf}
+    with store_of(model).trials(modules, zeros_only, states, ctx.scratch_dir) as space:
 
-    def trial(beta: float) -> float:
-        key = plan(beta)
-        if key not in scores:
-            t, trial_notes = len(scores), []
-            space.begin(t)
-            try:
-                compress(key, trial_notes)
-                scores[key] = perplexity(model, ctx.validation.tokens, desc="validation").ppl
-            finally:
-                space.end()
-            log.info("  beta=%.5f  validation ppl %.3f", beta, scores[key])
-            if scores[key] < best["score"]:
-                space.keep(t)
-                best.update(score=scores[key], key=key, trial=t, notes=trial_notes)
-        return scores[key]
+        def trial(beta: float) -> float:
+            key = plan(beta)
+            if key not in scores:
+                t, trial_notes = len(scores), []
+                space.begin(t)
+                try:
+                    compress(key, trial_notes)
+                    scores[key] = perplexity(model, ctx.validation.tokens, desc="validation").ppl
+                finally:
+                    space.end()
+                log.info("  beta=%.5f  validation ppl %.3f", beta, scores[key])
+                if scores[key] < best["score"]:
+                    space.keep(t)
+                    best.update(score=scores[key], key=key, trial=t, notes=trial_notes)
+            return scores[key]
 
-    try:
         beta, trials_done = golden_section(trial, 0.0, beta_max, trials)
         chosen, notes = plan(beta), []
         if best.get("key") == chosen:
@@ -123,6 +122,4 @@ def search_beta(
         else:  # every trial scored inf (diverged): compress once more with the beta returned
             space.adopt(None)
             compress(chosen, notes)
-    finally:
-        space.close()
     return beta, [t.as_dict() for t in trials_done], notes

@@ -31,6 +31,8 @@ from safetensors import safe_open
 from compress import layer_state, tensor_files
 from compress.blocks import StreamedBlocks, store_of
 from compress.errors import CompressError
+from compress.ggml_formats import GRIDS_FILE
+from compress.model import outside_blocks
 from compress.tokenizer_files import save_tokenizer
 
 log = logging.getLogger("compress")
@@ -50,7 +52,7 @@ class WeightSource:
         else:
             self.files = {}
             for f in sorted(self.folder.glob("*.safetensors")):
-                if f.name == "ggml_grids.safetensors":  # block-format parameters beside the weights (export/hf.py)
+                if f.name == GRIDS_FILE:  # block-format parameters beside the weights, not weights
                     continue
                 with safe_open(f, "pt") as handle:
                     self.files.update({name: f for name in handle.keys()})
@@ -156,7 +158,7 @@ def save_hf(model, tokenizer, dest: Path) -> dict:
     dest.mkdir(parents=True, exist_ok=True)
     n = len(store.blocks) + 1
     weight_map, files = {}, []
-    rest = {name: p.detach().contiguous() for name, p in model.named_parameters() if not name.startswith(store.prefix + ".")}
+    rest = outside_blocks(model)
     first = f"model-00001-of-{n:05d}.safetensors"
     tensor_files.save(rest, dest / first, {"format": "pt"})
     weight_map.update({name: first for name in rest})

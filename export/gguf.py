@@ -45,11 +45,10 @@ from compress.ggml_formats import FORMATS, GgufState
 from compress.errors import CompressError
 from compress.export import gguf_arch, gguf_pack, gguf_rewrite, llama_convert
 from compress.export.gguf_index import GgufIndex
-from compress.export.shards import outside_blocks
 from compress.export.gguf_arch import Widths, head_dim, lowrank_notes
 from compress.export.gguf_check import NO_LLAMA_CPP, TOP1_AGREEMENT, check  # noqa: F401  (check: the exporter's; TOP1_AGREEMENT: its floors)
 from compress.layout import LowRankLinear
-from compress.model import block_prefix, decoder_blocks, model_type
+from compress.model import block_prefix, decoder_blocks, model_type, outside_blocks
 from compress.quant import QuantState
 
 log = logging.getLogger("compress")
@@ -157,7 +156,7 @@ def dense_state(model):
     business), each LowRankLinear as the Linear it multiplies by: its dense product under
     NAME.weight, its bias under NAME.bias."""
     store = store_of(model)
-    yield from _dense(model, outside_blocks(model, store.prefix).items())
+    yield from _dense(model, outside_blocks(model).items())
     for i, block in store.each():
         yield from _dense(block, ((f"{store.prefix}.{i}.{k}", t) for k, t in block.state_dict().items()), f"{store.prefix}.{i}.")
 
@@ -475,7 +474,7 @@ def zeros_kept(stored: GgufIndex, model, orders: dict) -> float | None:
         mask = (w == 0).numpy()
         if not hf_name.startswith(prefix) or not mask.any():
             continue
-        (_, values), = decoded(stored, {hf_name: orders[hf_name]}, lambda n: True)
+        _, values = next(decoded(stored, {hf_name: orders[hf_name]}, lambda n: True))
         zeros += int(mask.sum())
         kept += int((values[mask] == 0).sum())
     return kept / zeros if zeros else None

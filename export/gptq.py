@@ -28,8 +28,8 @@ from safetensors import safe_open
 
 from compress.blocks import store_of
 from compress.errors import CompressError
-from compress.export.shards import ShardWriter, outside_blocks
-from compress.model import block_prefix, get_weight
+from compress.export.shards import ShardWriter
+from compress.model import block_linears, block_prefix, get_weight, outside_blocks
 from compress.quant import Grid, QuantState
 from compress.tokenizer_files import save_tokenizer
 
@@ -115,8 +115,8 @@ def unpack_layer(tensors: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
 
 
 def quantized_layers(model) -> dict[str, torch.nn.Module]:
-    """Layers on an integer GPTQ grid (llama.cpp block formats are not GPTQ checkpoints), of the
-    blocks in memory (a streamed model's are read one at a time: see BlockScan)."""
+    """Layers on an integer GPTQ grid (llama.cpp block formats are not GPTQ checkpoints) among
+    the modules in memory (a streamed model's blocks hold theirs only while loaded: is_quantized)."""
     return {name: m for name, m in model.named_modules() if isinstance(getattr(m, "quant_state", None), QuantState)}
 
 
@@ -183,14 +183,14 @@ def save_gptq(model, tokenizer, folder: Path) -> dict:
     streamed model is never whole in memory; the files are the same either way): each quantised
     weight packed, every other floating tensor (embeddings, norms, the head) in float16, as
     gptqmodel stores them. Returns what the report needs (format, config, notes)."""
-    from compress.model import block_linears
-
     store, prefix = store_of(model), block_prefix(model)
     writer = ShardWriter(folder)
-    writer.add({k: half(t) for k, t in outside_blocks(model, prefix).items()})
+    writer.add({k: half(t) for k, t in outside_blocks(model).items()})
     grids, per_block = {}, []
     for i, block in store.each():
-        layers = {f"{prefix}.{i}.{rel}": m for rel, m in block_linears(block).items() if isinstance(getattr(m, "quant_state", None), QuantState)}
+        linears = block_linears(block)
+        quantised = [rel for rel, m in linears.items() if isinstance(getattr(m, "quant_state", None), QuantState)]
+        layers = {f"{prefix}.{i}.{rel}": linears[rel] for rel in quantised}
         check_packable(layers)
         tensors = {f"{prefix}.{i}.{k}": half(t) for k, t in block.state_dict().items()}
         for name, m in layers.items():
@@ -201,7 +201,7 @@ def save_gptq(model, tokenizer, folder: Path) -> dict:
                 raise CompressError(f"export.hf: {name}: {err}") from None
             g_idx = m.quant_state.g_idx
             grids[name] = LayerGrid(m.quant_state.grid, bool((g_idx[1:] < g_idx[:-1]).any()), get_weight(m).shape[1])
-        per_block.append(({name.rsplit(f"{prefix}.{i}.", 1)[1] for name in layers}, set(block_linears(block))))
+        per_block.append((set(quantised), set(linears)))
         writer.add(dict(sorted(tensors.items())))
     files = writer.close()
     config, notes = quantization_config(grids, per_block)
@@ -280,7 +280,7 @@ def check_dequantized(model, folder: Path) -> dict:
     files = SavedTensors(folder)
     quantised = set(files.grids)
     seen, diff, others = set(), 0.0, []
-    outside = outside_blocks(model, prefix)
+    outside = outside_blocks(model)
     others += [k for k, t in outside.items() if t.is_floating_point() and not torch.equal(files.get(k), t.half())]
     for i, block in store.each():
         for rel, t in block.state_dict().items():

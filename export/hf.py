@@ -27,7 +27,7 @@ from compress.calibrate import no_cache
 from compress.config import Config
 from compress.errors import CompressError
 from compress.export import bnb, gptq, sparse
-from compress.ggml_formats import GgufState
+from compress.ggml_formats import GRIDS_FILE, GgufState
 from compress.tokenizer_files import save_tokenizer
 
 log = logging.getLogger("compress")
@@ -88,7 +88,6 @@ def save(model, tokenizer, folder: Path, cfg: HfExport, scratch: Path) -> dict:
     return info
 
 
-GRIDS_FILE = "ggml_grids.safetensors"
 
 
 def save_block_grids(model, folder: Path) -> int:

@@ -61,18 +61,3 @@ class ShardWriter:
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         return names
 
-
-def outside_blocks(model, prefix: str) -> dict[str, torch.Tensor]:
-    """The model's tensors outside its decoder blocks (embeddings, final norm, head); a tensor
-    held twice (a head tied to the embeddings) is kept under its first name only, as
-    save_pretrained keeps it."""
-    out, seen = {}, set()
-    for name, t in model.state_dict().items():
-        if name.startswith(prefix + ".") or t.device.type == "meta":
-            continue
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key in seen:
-            continue
-        seen.add(key)
-        out[name] = t
-    return out

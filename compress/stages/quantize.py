@@ -255,10 +255,10 @@ def quantize_model(model, ctx: StageContext, cfg: QuantizeConfig, layers, block_
     pass over the weights; kept with the pass's checkpoints): zeros before / kept / after, the
     bits stored, the llama.cpp format it got (grid) and the output SQNR (gptq); plus "_notes"."""
 
-    def finish(name, module, W_new, state, sqnr=None):
-        W = get_weight(module)
-        was_zero = W == 0
-        set_weight(module, W_new)
+    def finish(name, module, was_zero, W_new, state, sqnr=None):
+        """W_new None: the layer stays as it is (float)."""
+        if W_new is not None:
+            set_weight(module, W_new)
         if state is not None:
             module.quant_state = devices.on_cpu(state)
         if cfg.method == "bnb":
@@ -270,23 +270,24 @@ def quantize_model(model, ctx: StageContext, cfg: QuantizeConfig, layers, block_
 
     def quantize_layer(name, module, bits, H=None):
         W = get_weight(module)
-        frozen = (W == 0) if cfg.keep_sparsity else None  # zeros of earlier stages, which must stay exactly zero
+        was_zero = W == 0
+        frozen = was_zero if cfg.keep_sparsity else None  # zeros of earlier stages, which must stay exactly zero
         grid = layer_grid(cfg, bits, module)
         if cfg.method == "bnb":
-            return finish(name, module, bnb_roundtrip(W, cfg.bnb_format), None)
+            return finish(name, module, was_zero, bnb_roundtrip(W, cfg.bnb_format), None)
         if grid is None:  # rows not whole blocks of the format or its fallback: float, as llama.cpp leaves it
-            return finish(name, module, W.clone(), None)
+            return finish(name, module, was_zero, None, None)
         if cfg.method == "rtn":  # needs no data; 0 is on every integer grid, so zeros stay zeros
             if cfg.grid is None:
-                return finish(name, module, *rtn(W, grid))
+                return finish(name, module, was_zero, *rtn(W, grid))
             W_new, state = ggml_formats.rtn(W, grid)
             if grid.holds_zero and cfg.keep_sparsity:
                 W_new = W_new.masked_fill(frozen, 0)  # q = 0 decodes to exactly 0
-            return finish(name, module, W_new, state)
+            return finish(name, module, was_zero, W_new, state)
         W_new, damp, state = gptq_quantize(W, H, grid, frozen, cfg.blocksize, cfg.dampening, cfg.column_order)
         if damp > cfg.dampening:
             results.setdefault("_notes", []).append(f"{name}: GPTQ needed dampening {damp:g} (asked {cfg.dampening:g})")
-        finish(name, module, W_new, state, sqnr_from_hessian(W.float(), W_new, H))
+        finish(name, module, was_zero, W_new, state, sqnr_from_hessian(W.float(), W_new, H))
 
     if cfg.method != "gptq":
         store = store_of(model)
