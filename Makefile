@@ -35,11 +35,15 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(VENV)/bin/compress run recipes/quickstart.yaml --overwrite
 
+# one pytest worker per core, one thread each: on 2 cores this takes 12 minutes instead of 25-36
+# (the tests are short matmuls and subprocesses; two torch threads per test mostly wait on each other)
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -n auto --dist worksteal
+
 test: install-test
-	$(PY) -m pytest
+	$(PYTEST)
 
 test-fast: install-test
-	$(PY) -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
