@@ -40,9 +40,14 @@ SIZES = {  # hidden, intermediate, blocks, heads, kv heads
 }
 
 
-def make_model(name: str, folder: Path, dtype: str, blocks: int | None = None) -> None:
+def make_model(name: str, folder: Path, dtype: str, blocks: int | None = None, peaked: bool = False) -> None:
     """A random Llama written one block per shard; never whole in memory (blocks: fewer decoder
-    blocks than the size's own, same widths)."""
+    blocks than the size's own, same widths).
+
+    peaked: logits with a trained model's margins instead of nearly flat ones, so that llama.cpp's
+    top-1 check of a 4-bit file means something: unit-variance embeddings that the head reads back
+    (a copy, not tied) and output projections (o_proj, down_proj) 40x smaller than the others, so
+    that the blocks nudge the residual stream instead of drowning the token in it."""
     import torch
     from accelerate import init_empty_weights
     from safetensors.torch import save_file
@@ -65,8 +70,18 @@ def make_model(name: str, folder: Path, dtype: str, blocks: int | None = None) -
         groups.setdefault(key, {})[param_name] = p.shape
     folder.mkdir(parents=True, exist_ok=True)
     weight_map, g = {}, torch.Generator().manual_seed(0)
+    def std(param_name: str) -> float:
+        if not peaked:
+            return 0.02
+        if param_name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            return 1.0
+        return 0.0005 if param_name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+
     for k, (key, shapes) in enumerate(groups.items()):
-        tensors = {n: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * 0.02).to(getattr(torch, dtype)) for n, s in shapes.items()}
+        tensors = {n: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * std(n)) for n, s in shapes.items()}
+        if peaked and "lm_head.weight" in tensors:
+            tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+        tensors = {n: t.to(getattr(torch, dtype)) for n, t in tensors.items()}
         file = f"model-{k:05d}.safetensors"
         save_file(tensors, str(folder / file), metadata={"format": "pt"})
         weight_map.update({n: file for n in tensors})

@@ -40,10 +40,10 @@ from stream_memory import digests, make_model  # noqa: E402
 RESULTS = HERE / "results"
 
 
-def recipe(folder: Path, out: Path, stream: bool, blocks: int) -> dict:
+def recipe(folder: Path, out: Path, stream: bool, blocks: int, dtype: str) -> dict:
     return {
         "name": out.name, "seed": 0, "calibration_dtype": "bfloat16",
-        "model": {"source": str(folder), "stream": stream, "dtype": "float32"},
+        "model": {"source": str(folder), "stream": stream, "dtype": dtype},
         "data": {"calibration": {"source": "python-docs", "nsamples": 16, "seqlen": 512},
                  "evaluation": {"source": "python-docs", "nsamples": 4, "seqlen": 512}},
         "stages": [
@@ -97,7 +97,7 @@ def run(path: Path, env: dict | None = None) -> subprocess.CompletedProcess:
 def measure(args, folder: Path, tag: str, stream: bool, env: dict | None = None) -> tuple[dict, Path]:
     out = args.work / f"out-{tag}"
     path = args.work / f"{out.name}.yaml"
-    path.write_text(yaml.safe_dump(recipe(folder, out, stream, args.blocks), sort_keys=False))
+    path.write_text(yaml.safe_dump(recipe(folder, out, stream, args.blocks, args.dtype), sort_keys=False))
     start = time.perf_counter()
     with DiskPeak(args.work, f"*{out.name}*") as disk:
         done = run(path, env)
@@ -124,7 +124,8 @@ def measure(args, folder: Path, tag: str, stream: bool, env: dict | None = None)
 def table(saved: dict) -> str:
     lines = ["# The whole recipe streamed: LLaMA-2-7B shapes", "",
              "ATP Wanda 50% -> GPTQ 4-bit g128 -> HF GPTQ + GGUF q4_0 (every check on), 16 x 512 calibration tokens, "
-             "random float32 weights; one `compress run` process at a time on 2 cores; peak RSS = VmHWM.", ""]
+             f"random {saved.get('dtype', 'float32')} weights on disk and in the run (logits with trained-like margins: "
+             "stream_memory.make_model(peaked=True)); one `compress run` process at a time on 2 cores; peak RSS = VmHWM.", ""]
     for r in saved["rows"]:
         if "error" in r:
             lines.append(f"- {r['run']}: failed ({r['error']})")
@@ -152,13 +153,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--blocks", type=int, default=32, help="decoder blocks at LLaMA-2-7B's widths (32: the whole model)")
     p.add_argument("--only", nargs="*", default=["stream", "memory", "resume"], choices=["stream", "memory", "resume"])
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="the weights on disk and model.dtype (float32 needs ~85 GB of disk at 32 blocks: source, one "
+                        "version of every block, the base GGUF)")
     p.add_argument("--work", type=Path, default=Path("/tmp/atp-stream-recipe"))
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    folder = args.work / f"llama-7b-{args.blocks}blocks"
-    make_model("7b", folder, "float32", args.blocks)
+    folder = args.work / f"llama-7b-{args.blocks}blocks-{args.dtype}"
+    make_model("7b", folder, args.dtype, args.blocks, peaked=True)
     target = RESULTS / "stream_recipe.json"
     saved = json.loads(target.read_text()) if target.is_file() else {"rows": []}
+    if saved.get("dtype", "float32") != args.dtype or saved.get("blocks") != args.blocks:
+        saved = {"rows": []}  # rows of another model are not comparable
+    saved.update(dtype=args.dtype, blocks=args.blocks)
 
     def keep(row):
         print(json.dumps(row), flush=True)

@@ -13,8 +13,12 @@ What the callers use:
     resident                   whether the whole model can run one plain forward pass
 
 Both keep the same files in <staging>/.blocks, so that every run resumes after a SIGKILL:
-    stage<k>/block<i>.safetensors   block i as stage k left it (weights, and each Linear's
-                                    quantisation state: compress/layer_state.py)
+    stage<k>/block<i>.safetensors   block i's weights as stage k left it, under the model's
+                                    parameter names: an HF shard, which the HF and GGUF exports of
+                                    a streamed model hard-link instead of copying
+    stage<k>/block<i>.states.safetensors   its Linears' quantisation states, when it has any
+                                    (compress/layer_state.py); written before the weights, so a
+                                    weights file never stands without its states
     stage<k>.pass<p>.pt             a pass's checkpoint: the next block and its input activations
     stage<k>.record.json, .done     a finished stage
 A block is read from the newest version of an earlier stage (or from the source), never from the
@@ -51,6 +55,17 @@ log = logging.getLogger("compress")
 
 KILL_AFTER = "COMPRESS_KILL_AFTER_BLOCK"  # "<stage>:<block>": SIGKILL after that block's checkpoint (tests)
 CHECKPOINT_SECONDS = float(os.environ.get("COMPRESS_CHECKPOINT_SECONDS", 60))
+
+
+def states_path(path: Path) -> Path:
+    """The layer-states file beside a block's weights file."""
+    return path.with_name(path.name.removesuffix(".safetensors") + ".states.safetensors")
+
+
+def remove(path: Path) -> None:
+    """A block version: its states first, so that a weights file never stands without them."""
+    states_path(path).unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
 
 
 def layout(block) -> list[tuple[str, tuple]]:
@@ -106,23 +121,28 @@ class BlockStore:
         return self.newest(i, before=self.stage + 1)
 
     def write(self, i: int, path: Path) -> None:
-        """Block i's weights and layer states to `path`, atomically (a kill never leaves half a
-        file under the final name)."""
+        """Block i's layer states (if any), then its weights, to `path`, each file atomically (a
+        kill never leaves half a file under the final name)."""
         block = self.blocks[i]
         tensors = {f"{self.prefix}.{i}.{n}": p for n, p in block.named_parameters()}
         modules = {f"{self.prefix}.{i}.{n}": m for n, m in block.named_modules() if n}
         states, metadata = layer_state.block_states(modules)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensor_files.save({**tensors, **states}, path, {"format": "pt", **metadata})
+        if states or metadata:
+            tensor_files.save(states, states_path(path), {"format": "pt", **metadata})
+        else:
+            states_path(path).unlink(missing_ok=True)
+        tensor_files.save(tensors, path, {"format": "pt"})
 
     def read(self, i: int, path: Path) -> None:
         """Block i's weights and layer states from `path`."""
-        modules = {f"{self.prefix}.{i}.{n}": m for n, m in self.blocks[i].named_modules() if n}
         with safe_open(path, "pt") as handle:
-            keys = set(handle.keys())
             for name in self.names(i):
                 self.put(name, handle.get_tensor(name))
-            layer_state.restore_states(modules, handle.metadata(), keys, handle.get_tensor)
+        if states_path(path).is_file():
+            modules = {f"{self.prefix}.{i}.{n}": m for n, m in self.blocks[i].named_modules() if n}
+            with safe_open(states_path(path), "pt") as handle:
+                layer_state.restore_states(modules, handle.metadata(), set(handle.keys()), handle.get_tensor)
 
     def names(self, i: int) -> list[str]:
         return [f"{self.prefix}.{i}.{name}" for name, _ in self.blocks[i].named_parameters()]
@@ -147,7 +167,7 @@ class BlockStore:
         for i in range(self.count):
             if self.path(k, i).is_file():
                 for j in range(k):
-                    self.path(j, i).unlink(missing_ok=True)
+                    remove(self.path(j, i))
         for f in self.root.glob(f"stage{k}.pass*.pt"):
             f.unlink()
         self.stage = k + 1  # what follows (evaluation, export, the next stage) reads stage k's blocks
@@ -210,7 +230,7 @@ class BlockStore:
         if collected is not None:
             collected.update(state.get("collected") or {})
         for i in range(start, len(self.blocks)):  # written after the checkpoint: recomputed
-            self.path(self.stage, i).unlink(missing_ok=True)
+            remove(self.path(self.stage, i))
         self.resumed(start)
         log.info("resuming stage %d pass %d at block %d (checkpoint %s)", self.stage, self.passes, start, path.name)
         return start, state["hidden"]
@@ -446,7 +466,10 @@ class FileTrials:
     def adopt(self, t: int | None) -> None:
         folder = self.store.root / f"stage{self.store.stage}"
         if t is not None:
-            for f in (folder / f"trial{t}").glob("block*.safetensors"):
+            for f in (folder / f"trial{t}").glob("block?????.safetensors"):
+                remove(folder / f.name)
+                if states_path(f).is_file():
+                    os.replace(states_path(f), states_path(folder / f.name))
                 os.replace(f, folder / f.name)
         for trial in folder.glob("trial*"):
             shutil.rmtree(trial, ignore_errors=True)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from compress import layer_state, tensor_files
+from compress import tensor_files
 from compress.blocks import StreamedBlocks, store_of
 from compress.errors import CompressError
 from compress.ggml_formats import GRIDS_FILE
@@ -152,8 +152,21 @@ def load_streamed(source: str, dtype: torch.dtype, staging: Path):
 
 
 def save_hf(model, tokenizer, dest: Path) -> dict:
-    """The model as sharded safetensors, one shard per block (each block's newest file is copied
-    as it is) plus one for the rest: the model is never whole in memory."""
+    """The model as sharded safetensors, one shard per block (each block's newest file, hard-linked
+    where it can be) plus one for the rest: the model is never whole in memory."""
+    files = write_shards(model, dest)
+    model.config.save_pretrained(dest)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(dest)
+    save_tokenizer(tokenizer, dest)
+    return {"format": "dense", "files": files, "streamed": True}
+
+
+def write_shards(model, dest: Path) -> list[str]:
+    """The model's weights in `dest` as an HF checkpoint with its index: the tensors outside the
+    blocks in one shard, then each block's final file as its shard, hard-linked (the staged copy
+    is deleted after the exports: no second copy on disk), or written from memory when the block
+    is still the source's."""
     store = store_of(model)
     dest.mkdir(parents=True, exist_ok=True)
     n = len(store.blocks) + 1
@@ -166,11 +179,10 @@ def save_hf(model, tokenizer, dest: Path) -> dict:
     for i in range(len(store.blocks)):
         name = f"model-{i + 2:05d}-of-{n:05d}.safetensors"
         staged = store.final(i)
-        if staged is not None and not has_layer_states(staged):
-            # a hard link where it can (the staged copy is deleted after the export): no second copy on disk
+        if staged is not None:
             try:
                 os.link(staged, dest / name)
-            except OSError:
+            except OSError:  # another file system
                 shutil.copyfile(staged, dest / name)
         else:
             with store.loaded(i):
@@ -180,11 +192,7 @@ def save_hf(model, tokenizer, dest: Path) -> dict:
         files.append(name)
     total = sum((dest / f).stat().st_size for f in files)
     (dest / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    model.config.save_pretrained(dest)
-    if model.generation_config is not None:
-        model.generation_config.save_pretrained(dest)
-    save_tokenizer(tokenizer, dest)
-    return {"format": "dense", "files": files, "streamed": True}
+    return files
 
 
 def check_hf(model, dest: Path) -> dict:
@@ -200,9 +208,3 @@ def check_hf(model, dest: Path) -> dict:
                 raise CompressError(f"export check failed: {full} in {dest} differs from the compressed block")
             checked += 1
     return {"tensors": checked, "identical": True}
-
-
-def has_layer_states(path: Path) -> bool:
-    """The block file carries quantisation states beside the weights (compress/layer_state.py)."""
-    with safe_open(path, "pt") as handle:
-        return layer_state.KEY in (handle.metadata() or {})

@@ -1,7 +1,10 @@
 """GGUF export for llama.cpp, through llama.cpp's own tools.
 
-    model -> a dense float32 HF folder (scratch) -> llama.cpp's converter (export/llama_convert.py)
-          -> F32 GGUF -> llama.cpp's quantizer for every other type -> checks in llama.cpp
+    model -> a dense HF folder (scratch) -> llama.cpp's converter (export/llama_convert.py)
+          -> base GGUF -> llama.cpp's quantizer for every other type -> checks in llama.cpp
+
+The base is F32, or F16 / BF16 when every weight is already in that type (no rounding either
+way; a 7B's base is then 13 GB, not 27).
 
 The converter knows the architectures, rope scalings and tokenizers (it recognises a BPE
 pre-tokenizer by hashing a tokenization); our code keeps only what it cannot do:
@@ -15,7 +18,7 @@ pre-tokenizer by hashing a tokenization); our code keeps only what it cannot do:
   file (export/sentencepiece_model.py), which the converter reads them from.
 A LowRankLinear goes in as its dense product (llama.cpp has no factored matmul).
 
-Row orders are never assumed: each matrix of the F32 file is matched to the model's row by row
+Row orders are never assumed: each matrix of the base file is matched to the model's row by row
 (the converter permutes q/k rows for llama's rope), and verify checks that every matrix is the
 model's, exactly. The checks in llama.cpp live in export/gguf_check.py.
 """
@@ -72,7 +75,7 @@ FALLBACK_REASON = {
     "k": "K-quants need rows divisible by 256 (Q5_0 / Q5_1 / Q8_0 otherwise, F16 when not divisible by 32), "
          "and the _M / _L mixes keep some layers at higher precision by design",
 }
-GRID_WRITTEN = "llama.cpp quantize from F32, grids written block for block"
+GRID_WRITTEN = "llama.cpp quantize, grids written block for block"
 
 
 class GgufExport(Config):
@@ -109,9 +112,23 @@ def save_tokenizer(tokenizer, folder: Path) -> None:
     tokenizer_files.list_user_defined(folder)
 
 
+def base_type(model) -> str:
+    """The converter's output type, which every other file is made from: the weights' own 16-bit
+    type when they all have it (lossless, and half of F32's disk for a 7B), F32 otherwise and for
+    narrowed blocks (export/gguf_rewrite.py cuts them back from an F32 file)."""
+    full = gguf_arch.config_widths(model.config)
+    if any(w != full for w in gguf_arch.block_widths(model)):
+        return "f32"
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return {torch.float16: "f16", torch.bfloat16: "bf16"}.get(dtypes.pop(), "f32") if len(dtypes) == 1 else "f32"
+
+
+DTYPE = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
 def converter_config(model) -> dict:
     """config.json for the converter: the model's, without a quantization_config (the folder holds
-    plain float32 weights), head_dim written out (narrowed blocks keep it)."""
+    plain float weights in the base type), head_dim written out (narrowed blocks keep it)."""
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -120,7 +137,7 @@ def converter_config(model) -> dict:
     data.setdefault("head_dim", head_dim(model.config))
     if not data.get("architectures"):  # a model loaded from GGUF or built from a config names none
         data["architectures"] = [type(model).__name__]
-    data["torch_dtype"] = data["dtype"] = "float32"
+    data["torch_dtype"] = data["dtype"] = str(DTYPE[base_type(model)]).removeprefix("torch.")
     return data
 
 
@@ -180,9 +197,19 @@ def _dense(module, items, prefix: str = ""):
 
 
 def write_convert_folder(model, tokenizer, folder: Path) -> Path:
-    """The model as a plain float32 HF checkpoint at its config's widths (narrowed blocks
-    zero-padded), one safetensors shard per block so that memory holds one block's copies."""
+    """The model as a plain HF checkpoint in the base type at its config's widths (narrowed blocks
+    zero-padded), one safetensors shard per block so that memory holds one block's copies. A
+    streamed model's block files are such shards already (it has no narrowed or low-rank blocks):
+    they are hard-linked, not copied."""
+    from compress import stream
+
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(converter_config(model), indent=2))
+    save_tokenizer(tokenizer, folder)
+    if not store_of(model).resident:
+        stream.write_shards(model, folder)
+        return folder
+    dtype = DTYPE[base_type(model)]
     full, size, prefix = gguf_arch.config_widths(model.config), head_dim(model.config), block_prefix(model) + "."
     count = len(decoder_blocks(model)) + 1
     index, shard, current = {}, {}, "rest"
@@ -198,12 +225,10 @@ def write_convert_folder(model, tokenizer, folder: Path) -> Path:
             write(shard)
             shard = {}
         current = block
-        shard[name] = at_config_widths(name, tensor.detach().float().cpu(), full, size).contiguous()
+        shard[name] = at_config_widths(name, tensor.detach().to(dtype).cpu(), full, size).contiguous()
     if shard:
         write(shard)
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
-    (folder / "config.json").write_text(json.dumps(converter_config(model), indent=2))
-    save_tokenizer(tokenizer, folder)
     return folder
 
 
@@ -332,7 +357,7 @@ def matrices(model):
 
 
 def row_orders(base: Path, model, arch: str) -> dict[str, tuple[str, np.ndarray]]:
-    """hf weight name -> (gguf name, perm) for every matrix of the F32 file that is the model's
+    """hf weight name -> (gguf name, perm) for every matrix of the base file that is the model's
     matrix in some row order. Raises naming the first matrix that is not."""
     stored = GgufIndex(base)
     names = name_map(arch, len(decoder_blocks(model)))
@@ -505,7 +530,8 @@ def save(model, tokenizer, dest: Path, cfg: GgufExport, scratch: Path) -> dict:
     scratch.mkdir(parents=True, exist_ok=True)
     log_file = scratch / "llama.cpp.log"
     folder = write_convert_folder(model, tokenizer, scratch / "hf")
-    converted = llama_convert.convert(folder, scratch / "converted-f32.gguf", "f32", log_file)
+    kind0 = base_type(model)
+    converted = llama_convert.convert(folder, scratch / f"converted-{kind0}.gguf", kind0, log_file)
     family = GgufIndex(converted).arch
     plan = gguf_arch.plan(model, family)
     base = gguf_rewrite.narrow(converted, scratch / "base-f32.gguf", plan, head_dim(model.config)) if plan.padded or plan.deci else converted
@@ -523,10 +549,10 @@ def save(model, tokenizer, dest: Path, cfg: GgufExport, scratch: Path) -> dict:
     for kind in cfg.types:
         path = dest / file_name(kind)
         entry = {"file": path.name}
-        if kind == "f32":
+        if kind == kind0:
             shutil.copyfile(base, path)
             entry["how"] = "llama.cpp's converter"
-        elif not llama_cpp_available():  # f16 / bf16 / q8_0 (needs_llama_cpp refused the rest)
+        elif kind == "f32" or not llama_cpp_available():  # f32 / f16 / bf16 / q8_0 (needs_llama_cpp refused the rest)
             if plan.padded or plan.deci:
                 raise CompressError(f"export.gguf: {kind} of a model with narrowed blocks comes from llama.cpp's quantizer; {NO_LLAMA_CPP}")
             llama_convert.convert(folder, path, kind, log_file)
@@ -535,7 +561,7 @@ def save(model, tokenizer, dest: Path, cfg: GgufExport, scratch: Path) -> dict:
             named = grid_base(model, states) if kind == "grid" else kind
             made = scratch / file_name(kind)
             llama_quantize(base, made, named, threads, log_file, cfg)
-            entry["how"] = "llama.cpp quantize from F32"
+            entry["how"] = f"llama.cpp quantize from {kind0.upper()}"
             blocks = grid_replacements(model, states, orders, None if kind == "grid" else GgufIndex(made).types()) if states else {}
             if blocks:
                 gguf_rewrite.with_tensors(made, path, blocks)
@@ -556,17 +582,19 @@ def save(model, tokenizer, dest: Path, cfg: GgufExport, scratch: Path) -> dict:
         entry["zeros_kept"] = zeros_kept(stored, model, orders)
         files[kind] = entry
     shutil.rmtree(folder, ignore_errors=True)  # as large as the model: gone before the next export
-    return {"format": "gguf", "arch": plan.arch, "family": family, "files": files, "notes": notes,
+    return {"format": "gguf", "arch": plan.arch, "family": family, "base": kind0, "files": files, "notes": notes,
             "converter": str(llama_convert.converter_dir())}
 
 
 def verify(model, dest: Path, info: dict, cfg: GgufExport) -> dict:
-    """Every matrix of the F32 file is the model's (in the file's row order), exactly; so is every
-    GPTQ matrix written block for block into a quantised file."""
+    """Every matrix of the F32 file (and of the base type's: F16 / BF16 of a 16-bit model) is the
+    model's (in the file's row order), exactly; so is every GPTQ matrix written block for block
+    into a quantised file."""
     out = {}
-    if "f32" in info["files"]:
-        orders = row_orders(dest / info["files"]["f32"]["file"], model, info["family"])  # raises naming a matrix that differs
-        out["f32"] = {"tensors": len(orders), "identical": True}
+    for kind in dict.fromkeys(("f32", info.get("base", "f32"))):
+        if kind in info["files"]:
+            orders = row_orders(dest / info["files"][kind]["file"], model, info["family"])  # raises naming a matrix that differs
+            out[kind] = {"tensors": len(orders), "identical": True}
     states, _ = gridded(model)
     names = name_map(info["family"], len(decoder_blocks(model)))
     for kind, entry in info["files"].items():

@@ -186,6 +186,20 @@ def test_a_tokenizer_the_converter_does_not_know_is_refused_before_compressing(t
 
 @needs_converter
 @needs_llama_cpp
+def test_a_bfloat16_model_goes_through_a_bf16_base_that_is_the_model_exactly(tmp_path, spm_tokenizer):
+    """A model whose weights are all bfloat16 is converted to BF16, not F32 (lossless, half the
+    disk of a 7B's base file); that file is verified matrix for matrix, and q4_0 is quantised from it."""
+    model = model_for(spm_tokenizer, sparsity=0.5).to(torch.bfloat16)
+    assert gguf_export.base_type(model) == "bf16"
+    info = export_and_check(tmp_path, model, spm_tokenizer, ["bf16", "q4_0"])
+    assert info["base"] == "bf16" and info["weights"]["bf16"] == {"tensors": 16, "identical": True}
+    assert info["files"]["bf16"]["tensor_types"]["BF16"] == 16  # the norms stay F32, as llama.cpp keeps them
+    assert info["files"]["q4_0"]["how"] == "llama.cpp quantize from BF16" and info["files"]["bf16"]["zeros_kept"] == 1.0
+    assert info["files_checked"]["bf16"]["greedy_equal"] and info["files_checked"]["bf16"]["tokenization_equal"]
+
+
+@needs_converter
+@needs_llama_cpp
 def test_f32_is_the_model_exactly_and_f16_keeps_the_zeros(tmp_path, spm_tokenizer):
     model = model_for(spm_tokenizer, sparsity=0.5)
     info = export_and_check(tmp_path, model, spm_tokenizer, ["f32", "f16"])

@@ -251,12 +251,23 @@ def test_a_streamed_run_writes_the_same_gguf_files_block_by_block(tmp_path, voca
   - {kind: prune, method: wanda, sparsity: 0.5, allocation: {kind: atp, beta: 0.05}}
   - {kind: quantize, method: gptq, bits: 4, group_size: 32}
 """
-    results = {}
+    results, linked = {}, []
+    link = os.link
+
+    def recording_link(src, dst):
+        linked.append((str(src), str(dst)))
+        return link(src, dst)
+
     for stream in (False, True):
         path = write_recipe(tmp_path / f"r{stream}.yaml", source, tmp_path / f"out-{stream}", stages=stages, stream=stream,
                             extra="export: {hf: true, gguf: {types: [f16, q4_0]}}\n")
-        engine.run(load_recipe(path), path)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(os, "link", recording_link)
+            engine.run(load_recipe(path), path)
         results[stream] = json.loads((tmp_path / f"out-{stream}" / "results.json").read_text())
+    # the streamed converter folder is the quantize stage's block files, hard-linked (their
+    # quantisation states sit beside them, or the converter would meet tensors it cannot map)
+    assert [s.rsplit("/", 2)[-2:] for s, _ in linked] == [["stage1", f"block{i:05d}.safetensors"] for i in range(4)]
     gguf = {s: {f.name: f.read_bytes() for f in (tmp_path / f"out-{s}" / "gguf").glob("*.gguf")} for s in (False, True)}
     assert set(gguf[True]) == {"model-f16.gguf", "model-q4_0.gguf"} and gguf[True] == gguf[False]
     assert files_digest(tmp_path / "out-True") == files_digest(tmp_path / "out-False")
