@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The design card's first combination on LLaMA-2-7B's shapes, streamed: ATP Wanda 50% -> GPTQ
+"""The design card's first combination on LLaMA-2-7B's shapes (or a 2.5 B), streamed: ATP Wanda 50% -> GPTQ
 4-bit g128 -> HF GPTQ folder + GGUF q4_0, 16 x 512 calibration tokens, every export check on.
 
 Reported per run: peak RSS of each phase (VmHWM after it), seconds per stage and per export,
@@ -13,10 +13,11 @@ LLaMA-2's 0.26 B). --blocks takes fewer than LLaMA-2-7B's 32 blocks at the same 
 streamed run holds one block at a time, so its peak memory does not depend on the block count
 (tests/test_stream.py checks that), while seconds and disk grow with it, one block's worth each.
 
-    python benchmarks/stream_recipe.py --blocks 4              # streamed + in memory + resume, ~1 h on 2 cores
-    python benchmarks/stream_recipe.py --blocks 4 --only stream
+    python benchmarks/stream_recipe.py --only stream                  # the 7B, ~70 min on 2 cores
+    python benchmarks/stream_recipe.py --size 3b --only stream memory  # 2.5 B, streamed and in memory: identical files?
+    python benchmarks/stream_recipe.py --blocks 4                     # 4 of 32 blocks, + resume
 
-Writes benchmarks/results/stream_recipe.json and .md.
+Writes benchmarks/results/stream_recipe-<size>.json and .md.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def measure(args, folder: Path, tag: str, stream: bool, env: dict | None = None)
 
 
 def table(saved: dict) -> str:
-    lines = ["# The whole recipe streamed: LLaMA-2-7B shapes", "",
+    lines = [f"# The whole recipe streamed: {saved.get('size', '7b')} shapes", "",
              "ATP Wanda 50% -> GPTQ 4-bit g128 -> HF GPTQ + GGUF q4_0 (every check on), 16 x 512 calibration tokens, "
              f"random {saved.get('dtype', 'float32')} weights on disk and in the run (logits with trained-like margins: "
              "stream_memory.make_model(peaked=True)); one `compress run` process at a time on 2 cores; peak RSS = VmHWM.", ""]
@@ -151,7 +152,8 @@ def main() -> None:
     from compress.blocks import KILL_AFTER
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--blocks", type=int, default=32, help="decoder blocks at LLaMA-2-7B's widths (32: the whole model)")
+    p.add_argument("--size", default="7b", choices=["7b", "3b"], help="LLaMA-2-7B's widths, or 2560 / 6912 (2.47 B at 32 blocks)")
+    p.add_argument("--blocks", type=int, default=32, help="decoder blocks at those widths (32: the whole model)")
     p.add_argument("--only", nargs="*", default=["stream", "memory", "resume"], choices=["stream", "memory", "resume"])
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="the weights on disk and model.dtype (float32 needs ~85 GB of disk at 32 blocks: source, one "
@@ -159,13 +161,13 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/atp-stream-recipe"))
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    folder = args.work / f"llama-7b-{args.blocks}blocks-{args.dtype}"
-    make_model("7b", folder, args.dtype, args.blocks, peaked=True)
-    target = RESULTS / "stream_recipe.json"
+    folder = args.work / f"llama-{args.size}-{args.blocks}blocks-{args.dtype}"
+    make_model(args.size, folder, args.dtype, args.blocks, peaked=True)
+    target = RESULTS / f"stream_recipe-{args.size}.json"
     saved = json.loads(target.read_text()) if target.is_file() else {"rows": []}
     if saved.get("dtype", "float32") != args.dtype or saved.get("blocks") != args.blocks:
         saved = {"rows": []}  # rows of another model are not comparable
-    saved.update(dtype=args.dtype, blocks=args.blocks)
+    saved.update(dtype=args.dtype, blocks=args.blocks, size=args.size)
 
     def keep(row):
         print(json.dumps(row), flush=True)
@@ -187,7 +189,7 @@ def main() -> None:
         saved["resume"] = {"killed_after_block": max(args.blocks // 2 - 1, 0), "kill_status": row["status"], "resumed_status": resumed["status"],
                            "files_identical": resumed["status"] == 0 and digests(killed) == digests(whole)}
     target.write_text(json.dumps(saved, indent=2) + "\n")
-    (RESULTS / "stream_recipe.md").write_text(table(saved))
+    (RESULTS / f"stream_recipe-{args.size}.md").write_text(table(saved))
     for out in outs.values():  # the runs' files are GBs: keep the disk for the next one
         shutil.rmtree(out, ignore_errors=True)
 

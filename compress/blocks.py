@@ -68,6 +68,24 @@ def remove(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
+COUNTS = "block_counts"  # a block file's metadata entry: block_counts() of the block it holds
+
+
+def block_counts(block) -> dict:
+    """What the run's size table counts in a block: its nonzero parameters, and its Linears'
+    weights, exact zeros and stored bits (compress/quant.py: stored_bits)."""
+    from compress.model import block_linears
+    from compress.quant import stored_bits
+
+    modules = list(block_linears(block).values())
+    return {
+        "nonzero": sum(int(torch.count_nonzero(p)) for p in block.parameters()),  # (p != 0).sum() would copy to int64
+        "weights": sum(m.weight.numel() for m in modules),
+        "zeros": sum(m.weight.numel() - int(torch.count_nonzero(m.weight)) for m in modules),
+        "bits": sum(stored_bits(m) for m in modules),
+    }
+
+
 def layout(block) -> list[tuple[str, tuple]]:
     return [(name, tuple(p.shape)) for name, p in block.named_parameters()]
 
@@ -132,7 +150,7 @@ class BlockStore:
             tensor_files.save(states, states_path(path), {"format": "pt", **metadata})
         else:
             states_path(path).unlink(missing_ok=True)
-        tensor_files.save(tensors, path, {"format": "pt"})
+        tensor_files.save(tensors, path, {"format": "pt", COUNTS: json.dumps(block_counts(block))})
 
     def read(self, i: int, path: Path) -> None:
         """Block i's weights and layer states from `path`."""
@@ -143,6 +161,18 @@ class BlockStore:
             modules = {f"{self.prefix}.{i}.{n}": m for n, m in self.blocks[i].named_modules() if n}
             with safe_open(states_path(path), "pt") as handle:
                 layer_state.restore_states(modules, handle.metadata(), set(handle.keys()), handle.get_tensor)
+
+    def counts(self, i: int) -> dict:
+        """block_counts() of block i as every stage so far left it; a streamed block that has a
+        file is not read for it: its file says (counted when it was written)."""
+        path = self.final(i) if self.root is not None and not self.resident else None
+        if path is not None:
+            with safe_open(path, "pt") as handle:
+                counted = (handle.metadata() or {}).get(COUNTS)
+            if counted:
+                return json.loads(counted)
+        with self.loaded(i, final=True):
+            return block_counts(self.blocks[i])
 
     def names(self, i: int) -> list[str]:
         return [f"{self.prefix}.{i}.{name}" for name, _ in self.blocks[i].named_parameters()]
@@ -385,6 +415,22 @@ class StreamedBlocks(BlockStore):
 
     def changed(self, i: int) -> None:
         self.write(i, self.path(self.stage, i, self.trial))  # it is about to leave memory
+
+    def offload_index(self) -> dict:
+        """accelerate's offload index ({tensor name: its safetensors file, name, dtype}) of every
+        block as the stages left it: their files; a block still the source's is written once to
+        <staging>/.blocks/source/ (the source may be a GGUF file, or in another dtype)."""
+        index = {}
+        for i in range(self.count):
+            path = self.final(i)
+            if path is None:
+                path = self.root / "source" / f"block{i:05d}.safetensors"
+                if not path.is_file():
+                    with self.loaded(i):
+                        self.write(i, path)
+            for name in self.names(i):
+                index[name] = {"safetensors_file": str(path), "weight_name": name, "dtype": str(self.dtype).removeprefix("torch.")}
+        return index
 
     def unload(self, i: int) -> None:
         self.blocks[i].to("meta")

@@ -96,8 +96,14 @@ def dispatched(model: nn.Module) -> Iterator[torch.device]:
     """The whole model spread over the recipe's GPU(s) with accelerate for whole-model forwards
     (perplexity, zero-shot, LoRA training, tokens/s); what does not fit stays in CPU RAM and is
     onloaded per forward. Yields the device the input ids go to. The hooks are removed and every
-    weight is back in CPU RAM afterwards."""
+    weight is back in CPU RAM afterwards. A streamed model's blocks are read from their files for
+    each forward (from_disk)."""
     name = getattr(model, "compress_device", "cpu")
+    store = getattr(model, "block_store", None)
+    if store is not None and not store.resident:
+        with from_disk(model, store, block_device(name) or CPU) as device:
+            yield device
+        return
     if name == "cpu":
         yield next(model.parameters()).device
         return
@@ -119,3 +125,29 @@ def dispatched(model: nn.Module) -> Iterator[torch.device]:
         remove_hook_from_module(model, recurse=True)  # offloaded weights go back where they were
         model.to(CPU)
         model.__dict__.pop("hf_device_map", None)  # or transformers would treat it as still dispatched
+
+
+@contextmanager
+def from_disk(model: nn.Module, store, device: torch.device) -> Iterator[torch.device]:
+    """A streamed model ready for whole-model forwards (zero-shot scoring): accelerate's disk
+    offload over the block store's files, so each block is read from its file when the forward
+    reaches it and dropped after; the tensors outside the blocks stay in RAM."""
+    from accelerate import dispatch_model
+    from accelerate.hooks import remove_hook_from_module
+
+    where = "cpu" if device.type == "cpu" else device.index or 0
+    parts = store.prefix.split(".")
+    ancestors = {".".join(parts[:k]) for k in range(len(parts))}  # "", "model" for "model.layers"
+    device_map = {f"{store.prefix}.{i}": "disk" for i in range(store.count)}
+    for parent in ancestors:
+        for child, _ in model.get_submodule(parent).named_children():
+            full = f"{parent}.{child}" if parent else child
+            if full not in ancestors and full != store.prefix:
+                device_map[full] = where
+    # a plain "cpu" (safetensors' safe_open, which reads the offloaded blocks, takes no torch.device for it)
+    dispatch_model(model, device_map, main_device=where, offload_index=store.offload_index())
+    try:
+        yield device
+    finally:
+        remove_hook_from_module(model, recurse=True)  # the blocks are back on the meta device
+        model.__dict__.pop("hf_device_map", None)

@@ -29,8 +29,7 @@ from compress.errors import CompressError
 from compress.evaluate import perplexity
 from compress.export import EXPORTERS, preflight
 from compress.export.reference import reference_for_run
-from compress.model import DTYPES, LoadedModel, block_linears, context_length, decoder_blocks, load_model, model_type
-from compress.quant import stored_bits
+from compress.model import DTYPES, LoadedModel, context_length, decoder_blocks, load_model, model_type
 from compress.recipe import Recipe
 from compress.report import write_report
 from compress.stages import STAGES
@@ -153,29 +152,24 @@ class Phases:
 def weight_counts(model) -> tuple[int, dict]:
     """Nonzero parameters of the whole model, and the Linear layers inside decoder blocks: how many
     weights, the share that is exactly zero, and the bits per weight their checkpoint format stores
-    (scales and zero points included). One walk over the blocks: a streamed model's are read from
-    disk once for both."""
+    (scales and zero points included). A streamed block is not read again for this: its file
+    carries its counts (compress/blocks.py: block_counts)."""
+    store = store_of(model)
     in_blocks = {id(p) for p in decoder_blocks(model).parameters()}
-    # (p != 0).sum() would make an int64 copy; meta: a streamed block, counted below
+    # meta: a streamed block, counted below
     nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters() if id(p) not in in_blocks and p.device.type != "meta")
     weights = zeros = bits = 0
-    for block in each_block(model):
-        nonzero += sum(int(torch.count_nonzero(p)) for p in block.parameters())
-        modules = list(block_linears(block).values())
-        weights += sum(m.weight.numel() for m in modules)
-        zeros += sum(m.weight.numel() - int(torch.count_nonzero(m.weight)) for m in modules)
-        bits += sum(stored_bits(m) for m in modules)
+    for i in range(store.count):
+        counted = store.counts(i)
+        nonzero += counted["nonzero"]
+        weights += counted["weights"]
+        zeros += counted["zeros"]
+        bits += counted["bits"]
     return nonzero, {
         "block_linear_weights": weights,
         "block_linear_sparsity": zeros / weights,
         "block_linear_bits_per_weight": bits / weights,
     }
-
-
-def each_block(model):
-    """The decoder blocks, a streamed model's materialised one at a time."""
-    for _, block in store_of(model).each(final=True):
-        yield block
 
 
 def export_all(recipe: Recipe, loaded, tmp: Path, scratch: Path, segments: dict, phases) -> dict:

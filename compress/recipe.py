@@ -166,8 +166,8 @@ class Recipe(Config):
     @model_validator(mode="after")
     def _streamed_runs(self):
         """What a streamed run can do so far: prune and quantize stages (gptq / rtn, integer
-        grids or llama.cpp's block formats; every allocation), perplexity, the HF folder
-        (dense, or GPTQ when quantised) and GGUF files."""
+        grids or llama.cpp's block formats; every allocation), perplexity and zero-shot tasks,
+        the HF folder (dense, or GPTQ when quantised) and GGUF files."""
         if not self.model.stream:
             return self
         for k, stage in enumerate(self.stages):
@@ -177,8 +177,6 @@ class Recipe(Config):
             if stage.kind == "quantize" and stage.method == "bnb":
                 raise ValueError(f"stages[{k}].method: bnb is not streamed (its checkpoint is written by transformers from the whole "
                                  "model): use gptq or rtn")
-        if self.eval.tasks:
-            raise ValueError("eval.tasks: zero-shot scoring needs the whole model in memory; model.stream measures perplexity only")
         if any(item.partition(":")[0] in ("hf", "onnx") for item in self.eval.artefacts) or self.eval.speed:
             raise ValueError("eval.artefacts / eval.speed: a streamed run measures the model block by block, and GGUF files in "
                              "llama.cpp; the HF folder is not reloaded whole")

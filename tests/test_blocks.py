@@ -1,10 +1,14 @@
 """The block store (compress/blocks.py): block files carry the weights and every Linear's
 quantisation state; an interrupted run's stages that changed the blocks' layout are run again."""
 
+import json
+
+import pytest
 import torch
+from safetensors import safe_open
 
 from compress import ggml_formats
-from compress.blocks import ResidentBlocks
+from compress.blocks import COUNTS, ResidentBlocks, StreamedBlocks, block_counts, states_path
 from compress.quant import Grid, rtn
 from conftest import tiny_model
 
@@ -22,6 +26,13 @@ def test_a_block_file_brings_back_weights_grids_and_block_formats(tmp_path):
     saved = {k: v.clone() for k, v in block.state_dict().items()}
     path = store.path(0, 0)
     store.write(0, path)
+    # the weights file is an HF shard (the exports of a streamed model hard-link it; llama.cpp's
+    # converter reads it): the block's parameters under the model's names, nothing else
+    with safe_open(path, "pt") as handle:
+        assert set(handle.keys()) == {f"model.layers.0.{n}" for n, _ in block.named_parameters()}
+        assert json.loads(handle.metadata()[COUNTS]) == block_counts(block)
+    with safe_open(states_path(path), "pt") as handle:
+        assert all(".quant_state." in k for k in handle.keys()) and len(list(handle.keys())) > 0
 
     for p in block.parameters():  # what a later change would do; the file must undo it
         p.data.add_(1.0)
@@ -62,3 +73,26 @@ def test_a_store_without_a_folder_keeps_nothing_on_disk():
     store.checkpoint(1, [torch.zeros(1)])
     store.end_stage(0, {})
     assert store.stage == 1 and not store.dirty
+
+
+def test_a_streamed_block_is_counted_from_its_file_without_reading_it(tmp_path):
+    """The run's size table (zeros, stored bits, nonzero parameters) needs no pass of its own over
+    a streamed model: each block file says what it holds."""
+    model = tiny_model("llama", layers=2)
+    q = model.model.layers[1].self_attn.q_proj
+    q.weight.data, q.quant_state = rtn(q.weight.data, Grid(4, 32, True))
+    q.weight.data[:, :8] = 0
+    expected = [block_counts(b) for b in model.model.layers]
+    store = StreamedBlocks(model, source=None, staging=tmp_path, dtype=torch.float32)
+    for i in range(2):
+        store.write(i, store.path(0, i))
+
+    def no_reading(*args):
+        raise AssertionError("a block was read to be counted")
+
+    store.load = no_reading
+    assert [store.counts(i) for i in range(2)] == expected
+    assert expected[1]["zeros"] >= 8 * q.weight.shape[0] and expected[1]["bits"] < expected[0]["bits"]
+    (store.path(0, 1)).unlink()  # no file: read from the source, and counted
+    with pytest.raises(AssertionError, match="read to be counted"):
+        store.counts(1)

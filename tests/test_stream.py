@@ -178,7 +178,6 @@ def test_peak_memory_follows_the_block_not_the_block_count(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ("stages.0={kind: lowrank, ratio: 0.5}", "model.stream runs prune and quantize stages so far"),
     ("stages.0={kind: quantize, method: bnb}", "bnb is not streamed"),
-    ("eval.tasks=[piqa]", "model.stream measures perplexity only"),
     ("export.onnx=true", "a streamed model is not exported to ONNX"),
     ("eval.artefacts=[model, hf]", "the HF folder is not reloaded whole"),
 ])
@@ -187,6 +186,48 @@ def test_what_a_streamed_run_cannot_do_yet_is_refused_before_it_starts(tmp_path,
     overrides = [change, "eval.tasks_dir=."] if "tasks" in change else [change]
     with pytest.raises(CompressError, match=message):
         load_recipe(path, overrides)
+
+
+def test_a_streamed_model_runs_whole_forwards_from_its_block_files(tmp_path):
+    """devices.dispatched on a streamed model: accelerate's disk offload reads each block from its
+    file for its forward (a block still the source's is written once first): the logits are the
+    in-memory model's, bit for bit, and the blocks are back on the meta device after."""
+    from transformers import AutoModelForCausalLM
+
+    from compress import devices
+    from compress.stream import load_streamed
+
+    source = save_model(tmp_path / "model")
+    model, _, _ = load_streamed(str(source), torch.float32, tmp_path / "staging")
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7]])
+    expected = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()(ids).logits
+    with devices.dispatched(model) as device:
+        assert device.type == "cpu"
+        assert torch.equal(model(ids).logits, expected)
+    assert all(p.device.type == "meta" for p in model.model.layers.parameters())
+    assert len(list((tmp_path / "staging" / ".blocks" / "source").glob("block*.safetensors"))) == 4
+
+
+def test_a_streamed_run_scores_zero_shot_tasks_as_the_in_memory_run_does(tmp_path):
+    """lm-eval scores a streamed model through accelerate's disk offload over the block files
+    (each block read for its forward): the same accuracies, dense and compressed, as in memory."""
+    from test_zeroshot import write_data
+
+    (tmp_path / "tasks").mkdir()
+    source, data = save_model(tmp_path / "model"), write_data(tmp_path / "tasks")
+    stages = "  - {kind: prune, method: wanda, sparsity: 0.5}\n  - {kind: quantize, method: gptq, bits: 4, group_size: 32}\n"
+    results = {}
+    for stream in (False, True):
+        path = write_recipe(tmp_path / f"r{stream}.yaml", source, tmp_path / f"out-{stream}", stages=stages, stream=stream,
+                            extra=f"eval: {{tasks: [piqa, arc_easy], tasks_dir: {data}, dense: true}}\n")
+        engine.run(load_recipe(path), path)
+        results[stream] = json.loads((tmp_path / f"out-{stream}" / "results.json").read_text())["zero_shot"]
+    for which in ("dense", "compressed"):
+        streamed, in_memory = results[True][which], results[False][which]
+        assert {t: r["n"] for t, r in streamed["tasks"].items()} == {"piqa": 3, "arc_easy": 3}  # every item
+        for task in ("piqa", "arc_easy"):
+            assert streamed["tasks"][task]["acc"] == in_memory["tasks"][task]["acc"]
+            assert streamed["tasks"][task]["acc_norm"] == in_memory["tasks"][task]["acc_norm"]
 
 
 def test_a_hub_id_is_not_streamed(tmp_path):

@@ -207,14 +207,17 @@ def prune_layer(module: nn.Module, plan: BlockPlan, cfg: PruneConfig, stats) -> 
 STATISTICS = {"wanda": InputNorms, "sparsegpt": Hessian}
 
 
-def prune_model(model, ctx: StageContext, cfg: PruneConfig, layers, plans: list[BlockPlan], notes: list[str]) -> None:
-    """Prune every selected layer; Wanda and SparseGPT calibrate block by block on pruned outputs."""
+def prune_model(model, ctx: StageContext, cfg: PruneConfig, layers, plans: list[BlockPlan], notes: list[str], achieved: dict) -> None:
+    """Prune every selected layer; Wanda and SparseGPT calibrate block by block on pruned outputs.
+    achieved gets each layer's share of zeros, counted while its block is in memory (the record
+    needs no pass of its own over a streamed model's blocks)."""
     if cfg.method == "magnitude":  # needs no data: no forward pass at all
         store = store_of(model)
         for i, (block_layers, plan) in enumerate(zip(layers, plans)):
             with store.loaded(i) as state:
-                for module in block_layers.values():
+                for name, module in block_layers.items():
                     prune_layer(module, plan, cfg, None)
+                    achieved[name] = fraction_zero(get_weight(module))
                 state["changed"] = True
         return
     stats: dict[str, object] = {}
@@ -227,17 +230,19 @@ def prune_model(model, ctx: StageContext, cfg: PruneConfig, layers, plans: list[
             watched[module] = stats[name]
         return watched
 
-    collected = {"notes": []}  # kept with the pass's checkpoints
+    collected = {"notes": [], "achieved": {}}  # kept with the pass's checkpoints
 
     def compress(i, block):
         for name, module in layers[i].items():
             damp = prune_layer(module, plans[i], cfg, stats[name])
+            collected["achieved"][name] = fraction_zero(get_weight(module))
             if damp is not None and damp > cfg.dampening:
                 collected["notes"].append(f"{name}: SparseGPT needed dampening {damp:g} (asked {cfg.dampening:g})")
         return bool(layers[i])
 
     sequential(model, ctx.block_inputs(model), observe, compress, f"{cfg.method} prune", ctx.calibration_dtype, collected=collected)
     notes.extend(collected["notes"])
+    achieved.update(collected["achieved"])
 
 
 # ---------------------------------------------------------------- allocation
@@ -290,14 +295,15 @@ def allocate_ratios(model, ctx, cfg: PruneConfig, layers, beta: float | None) ->
 # ---------------------------------------------------------------- beta search
 
 
-def choose_beta(model, ctx: StageContext, cfg: PruneConfig, layers, notes: list[str]) -> tuple[float, list[dict]]:
+def choose_beta(model, ctx: StageContext, cfg: PruneConfig, layers, notes: list[str], achieved: dict) -> tuple[float, list[dict]]:
     """ATP's beta by golden-section search on validation text (compress/search.py); leaves the
-    model pruned with it."""
+    model pruned with it, and `achieved` with what its trial counted."""
     L, S = len(layers), cfg.target
     modules = {name: m for block in layers for name, m in block.items()}
+    counted: dict[tuple, dict] = {}  # per plan: a later trial must not overwrite the kept one's counts
 
     def prune(plans, trial_notes):
-        prune_model(model, ctx, cfg, layers, list(plans), trial_notes)
+        prune_model(model, ctx, cfg, layers, list(plans), trial_notes, counted.setdefault(plans, {}))
 
     beta, trials, winner_notes = search_beta(
         model, ctx, modules, allocate.atp_beta_max(L, S), cfg.allocation.trials,
@@ -305,6 +311,7 @@ def choose_beta(model, ctx: StageContext, cfg: PruneConfig, layers, notes: list[
         compress=prune, zeros_only=cfg.method != "sparsegpt",
     )
     notes.extend(winner_notes)
+    achieved.update(counted[tuple(plan_blocks(allocate.atp(L, S, beta), cfg.pattern))])
     return beta, trials
 
 
@@ -316,24 +323,23 @@ def apply(model, ctx: StageContext, cfg: PruneConfig) -> tuple[nn.Module, PruneR
     layers, skipped = select_layers(model, cfg, ctx.stage_key)
     cfg.check_layers(layers, ctx.stage_key)
     notes: list[str] = []
+    layer_achieved: dict[str, float] = {}
     beta, search = None, None
     if isinstance(cfg.allocation, allocate.AtpAllocation):
         beta = cfg.allocation.beta
         if beta == "auto":
-            beta, search = choose_beta(model, ctx, cfg, layers, notes)  # leaves the model pruned
+            beta, search = choose_beta(model, ctx, cfg, layers, notes, layer_achieved)  # leaves the model pruned
             log.info("chosen beta %.5f from %d trials", beta, len(search))
     ratios = allocate_ratios(model, ctx, cfg, layers, beta)
     plans = plan_blocks(ratios, cfg.pattern)
     if search is None:
-        prune_model(model, ctx, cfg, layers, plans, notes)
-    return model, measure(model, cfg, layers, ratios, plans, beta, search, skipped, notes, time.perf_counter() - start)
+        prune_model(model, ctx, cfg, layers, plans, notes, layer_achieved)
+    return model, measure(cfg, layers, ratios, plans, layer_achieved, beta, search, skipped, notes, time.perf_counter() - start)
 
 
-def measure(model, cfg: PruneConfig, layers, ratios, plans, beta, search, skipped, notes, seconds) -> PruneRecord:
-    """What was actually achieved, counted from the weights (a streamed model's block by block)."""
-    layer_achieved = {}
-    for i, _ in store_of(model).each(final=True):
-        layer_achieved.update({name: fraction_zero(get_weight(m)) for name, m in layers[i].items()})
+def measure(cfg: PruneConfig, layers, ratios, plans, layer_achieved: dict, beta, search, skipped, notes, seconds) -> PruneRecord:
+    """What was actually achieved, from each layer's zeros counted as it was pruned."""
+    layer_achieved = {name: layer_achieved[name] for block in layers for name in block}  # in block order
     sizes = block_weight_counts(layers)
     block_achieved = []
     for block in layers:
