@@ -597,6 +597,7 @@ def verify(model, dest: Path, info: dict, cfg: GgufExport) -> dict:
             out[kind] = {"tensors": len(orders), "identical": True}
     states, _ = gridded(model)
     names = name_map(info["family"], len(decoder_blocks(model)))
+    dtype = DTYPE[base_type(model)]  # a 16-bit model holds the grid values rounded to its dtype
     for kind, entry in info["files"].items():
         if entry["how"] != GRID_WRITTEN:
             continue
@@ -606,7 +607,10 @@ def verify(model, dest: Path, info: dict, cfg: GgufExport) -> dict:
             name = names.get_name(hf_name, try_suffixes=(".weight",))
             if hf_name not in states or types.get(name) != states[hf_name].fmt.qtype.name:
                 continue  # no grid, or requantised into another type by llama.cpp's mix
-            if row_order(stored.values(name), w.numpy()) is None:
+            values = stored.values(name)
+            if dtype != torch.float32:
+                values = torch.from_numpy(values).to(dtype).float().numpy()
+            if row_order(values, w.numpy()) is None:
                 raise CompressError(f"export check failed: gguf {kind} tensor {name} does not decode to the model's {hf_name}")
             checked += 1
         out[kind] = {"tensors": checked, "identical": True}

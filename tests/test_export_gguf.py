@@ -191,11 +191,16 @@ def test_a_bfloat16_model_goes_through_a_bf16_base_that_is_the_model_exactly(tmp
     disk of a 7B's base file); that file is verified matrix for matrix, and q4_0 is quantised from it."""
     model = model_for(spm_tokenizer, sparsity=0.5).to(torch.bfloat16)
     assert gguf_export.base_type(model) == "bf16"
-    info = export_and_check(tmp_path, model, spm_tokenizer, ["bf16", "q4_0"])
+    info = export_and_check(tmp_path / "dense", model, spm_tokenizer, ["bf16", "q4_0"])
     assert info["base"] == "bf16" and info["weights"]["bf16"] == {"tensors": 16, "identical": True}
     assert info["files"]["bf16"]["tensor_types"]["BF16"] == 16  # the norms stay F32, as llama.cpp keeps them
     assert info["files"]["q4_0"]["how"] == "llama.cpp quantize from BF16" and info["files"]["bf16"]["zeros_kept"] == 1.0
     assert info["files_checked"]["bf16"]["greedy_equal"] and info["files_checked"]["bf16"]["tokenization_equal"]
+    # GPTQ on Q4_0's grid in a bfloat16 model: the weights are the grid values rounded to bfloat16,
+    # the file holds the grid itself, and the two agree once rounded the same way
+    model = gptq(model, spm_tokenizer, tmp_path)
+    info = export_and_check(tmp_path / "gptq", model, spm_tokenizer, ["q4_0"], check=False)
+    assert info["files"]["q4_0"]["how"] == gguf_export.GRID_WRITTEN and info["weights"]["q4_0"] == {"tensors": 14, "identical": True}
 
 
 @needs_converter
