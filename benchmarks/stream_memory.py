@@ -46,7 +46,7 @@ def make_model(name: str, folder: Path, dtype: str, blocks: int | None = None, p
 
     peaked: logits with a trained model's margins instead of nearly flat ones, so that llama.cpp's
     top-1 check of a 4-bit file means something: unit-variance embeddings that the head reads back
-    (a copy, not tied) and output projections (o_proj, down_proj) 40x smaller than the others, so
+    (a scaled copy, not tied: the token's own logit is 12, finite perplexities) and output projections (o_proj, down_proj) 40x smaller than the others, so
     that the blocks nudge the residual stream instead of drowning the token in it."""
     import torch
     from accelerate import init_empty_weights
@@ -79,8 +79,8 @@ def make_model(name: str, folder: Path, dtype: str, blocks: int | None = None, p
 
     for k, (key, shapes) in enumerate(groups.items()):
         tensors = {n: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * std(n)) for n, s in shapes.items()}
-        if peaked and "lm_head.weight" in tensors:
-            tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+        if peaked and "lm_head.weight" in tensors:  # logit 12 for the token itself, the others ~N(0, 0.2)
+            tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"] * (12 / hidden)
         tensors = {n: t.to(getattr(torch, dtype)) for n, t in tensors.items()}
         file = f"model-{k:05d}.safetensors"
         save_file(tensors, str(folder / file), metadata={"format": "pt"})
