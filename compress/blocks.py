@@ -16,9 +16,10 @@ Both keep the same files in <staging>/.blocks, so that every run resumes after a
     stage<k>/block<i>.safetensors   block i's weights as stage k left it, under the model's
                                     parameter names: an HF shard, which the HF and GGUF exports of
                                     a streamed model hard-link instead of copying
-    stage<k>/block<i>.states.safetensors   its Linears' quantisation states, when it has any
-                                    (compress/layer_state.py); written before the weights, so a
-                                    weights file never stands without its states
+    stage<k>/block<i>.states.safetensors   its Linears' quantisation states (compress/layer_state.py)
+                                    and, in its metadata, the block's counts for the size table;
+                                    written before the weights, so a weights file never stands
+                                    without its states
     stage<k>.pass<p>.pt             a pass's checkpoint: the next block and its input activations
     stage<k>.record.json, .done     a finished stage
 A block is read from the newest version of an earlier stage (or from the source), never from the
@@ -146,11 +147,8 @@ class BlockStore:
         modules = {f"{self.prefix}.{i}.{n}": m for n, m in block.named_modules() if n}
         states, metadata = layer_state.block_states(modules)
         path.parent.mkdir(parents=True, exist_ok=True)
-        if states or metadata:
-            tensor_files.save(states, states_path(path), {"format": "pt", **metadata})
-        else:
-            states_path(path).unlink(missing_ok=True)
-        tensor_files.save(tensors, path, {"format": "pt", COUNTS: json.dumps(block_counts(block))})
+        tensor_files.save(states, states_path(path), {"format": "pt", COUNTS: json.dumps(block_counts(block)), **metadata})
+        tensor_files.save(tensors, path, {"format": "pt"})
 
     def read(self, i: int, path: Path) -> None:
         """Block i's weights and layer states from `path`."""
@@ -164,10 +162,10 @@ class BlockStore:
 
     def counts(self, i: int) -> dict:
         """block_counts() of block i as every stage so far left it; a streamed block that has a
-        file is not read for it: its file says (counted when it was written)."""
+        file is not read for it: the file beside it says (counted when it was written)."""
         path = self.final(i) if self.root is not None and not self.resident else None
-        if path is not None:
-            with safe_open(path, "pt") as handle:
+        if path is not None and states_path(path).is_file():
+            with safe_open(states_path(path), "pt") as handle:
                 counted = (handle.metadata() or {}).get(COUNTS)
             if counted:
                 return json.loads(counted)
