@@ -35,9 +35,10 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(VENV)/bin/compress run recipes/quickstart.yaml --overwrite
 
-# one pytest worker per core, one thread each: on 2 cores this takes 12 minutes instead of 25-36
-# (the tests are short matmuls and subprocesses; two torch threads per test mostly wait on each other)
-PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -n auto --dist worksteal
+# one pytest worker per core, one thread each: on 2 cores this takes 10-12 minutes instead of 25-36
+# (the tests are short matmuls and subprocesses; two torch threads per test mostly wait on each other);
+# at most 4 workers: the heaviest tests hold a few GB each
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -n auto --maxprocesses 4 --dist worksteal
 
 test: install-test
 	$(PYTEST)
