@@ -140,8 +140,8 @@ class BlockStore:
         return self.newest(i, before=self.stage + 1)
 
     def write(self, i: int, path: Path) -> None:
-        """Block i's layer states (if any), then its weights, to `path`, each file atomically (a
-        kill never leaves half a file under the final name)."""
+        """Block i's layer states and counts (states_path), then its weights, to `path`, each file
+        atomically (a kill never leaves half a file under the final name)."""
         block = self.blocks[i]
         tensors = {f"{self.prefix}.{i}.{n}": p for n, p in block.named_parameters()}
         modules = {f"{self.prefix}.{i}.{n}": m for n, m in block.named_modules() if n}

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import gguf
 import torch
 
+from compress.quant import rounding_slack
+
 Q = gguf.GGMLQuantizationType
 
 
@@ -288,8 +290,7 @@ class GgufState:
         scale, offset = self.scale_offset()
         q = encode(W.float(), scale, offset, self.fmt)
         grid = decode(q, scale, offset)
-        exact = torch.equal(grid, W.float())
-        if not exact and (W.dtype == torch.float32 or ((grid - W.float()).abs() > torch.finfo(W.dtype).eps * grid.abs()).any()):
+        if not bool(((grid - W.float()).abs() <= rounding_slack(grid, W.dtype)).all()):  # NaN is refused too
             raise ValueError(f"weights are not on their {self.fmt.name} grid (changed after quantizing?)")
         return q.to(torch.int32)
 

@@ -77,6 +77,13 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     return scale * (q - zero)
 
 
+def rounding_slack(grid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | float:
+    """How far a weight of `dtype` may lie from its grid value `grid`: nothing in float32; a
+    bfloat16 / float16 model holds the grid values rounded to its dtype, up to one unit in the
+    last place of the value."""
+    return 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps * grid.abs()
+
+
 @dataclass
 class QuantState:
     """Where a Linear's weight sits on its grid: what an exporter needs to pack it.
@@ -96,13 +103,9 @@ class QuantState:
         zero = self.zeros[self.g_idx.long()].t()
         q = quantize(W.float(), scale, zero, self.grid.maxq)
         grid = dequantize(q, scale, zero)
-        # exact in float32; a bfloat16 / float16 model holds the grid values rounded to its dtype,
-        # up to one unit in the last place of the value (bfloat16: |q - zero| / 128 scales, which
-        # at 4 bits is far from the next code; 8-bit codes of large values may come back one off)
-        tolerance = 0.01 * scale
-        if W.dtype != torch.float32:
-            tolerance = tolerance + torch.finfo(W.dtype).eps * grid.abs()
-        if ((grid - W.float()).abs() > tolerance).any():
+        # bfloat16: |q - zero| / 128 scales of slack, far from the next code at 4 bits; 8-bit codes
+        # of large values may come back one off
+        if ((grid - W.float()).abs() > 0.01 * scale + rounding_slack(grid, W.dtype)).any():
             raise ValueError("weights are not on their quantization grid (changed after quantizing?)")
         return q.to(torch.int32)
 

@@ -530,8 +530,8 @@ def save(model, tokenizer, dest: Path, cfg: GgufExport, scratch: Path) -> dict:
     scratch.mkdir(parents=True, exist_ok=True)
     log_file = scratch / "llama.cpp.log"
     folder = write_convert_folder(model, tokenizer, scratch / "hf")
-    kind0 = base_type(model)
-    converted = llama_convert.convert(folder, scratch / f"converted-{kind0}.gguf", kind0, log_file)
+    base_kind = base_type(model)
+    converted = llama_convert.convert(folder, scratch / f"converted-{base_kind}.gguf", base_kind, log_file)
     family = GgufIndex(converted).arch
     plan = gguf_arch.plan(model, family)
     base = gguf_rewrite.narrow(converted, scratch / "base-f32.gguf", plan, head_dim(model.config)) if plan.padded or plan.deci else converted
@@ -549,7 +549,7 @@ def save(model, tokenizer, dest: Path, cfg: GgufExport, scratch: Path) -> dict:
     for kind in cfg.types:
         path = dest / file_name(kind)
         entry = {"file": path.name}
-        if kind == kind0:
+        if kind == base_kind:
             shutil.copyfile(base, path)
             entry["how"] = "llama.cpp's converter"
         elif kind == "f32" or not llama_cpp_available():  # f32 / f16 / bf16 / q8_0 (needs_llama_cpp refused the rest)
@@ -561,7 +561,7 @@ def save(model, tokenizer, dest: Path, cfg: GgufExport, scratch: Path) -> dict:
             named = grid_base(model, states) if kind == "grid" else kind
             made = scratch / file_name(kind)
             llama_quantize(base, made, named, threads, log_file, cfg)
-            entry["how"] = f"llama.cpp quantize from {kind0.upper()}"
+            entry["how"] = f"llama.cpp quantize from {base_kind.upper()}"
             blocks = grid_replacements(model, states, orders, None if kind == "grid" else GgufIndex(made).types()) if states else {}
             if blocks:
                 gguf_rewrite.with_tensors(made, path, blocks)
@@ -582,7 +582,7 @@ def save(model, tokenizer, dest: Path, cfg: GgufExport, scratch: Path) -> dict:
         entry["zeros_kept"] = zeros_kept(stored, model, orders)
         files[kind] = entry
     shutil.rmtree(folder, ignore_errors=True)  # as large as the model: gone before the next export
-    return {"format": "gguf", "arch": plan.arch, "family": family, "base": kind0, "files": files, "notes": notes,
+    return {"format": "gguf", "arch": plan.arch, "family": family, "base": base_kind, "files": files, "notes": notes,
             "converter": str(llama_convert.converter_dir())}
 
 
