@@ -240,6 +240,28 @@ def test_llama_cpp_quantizer_types_report_fallbacks_and_kept_zeros(tmp_path, spm
 
 @needs_converter
 @needs_llama_cpp
+def test_the_check_reads_quantised_weights_from_the_file_not_from_llama_cpps_repacked_copy(tmp_path, spm_tokenizer):
+    """Repacking (llama.cpp's default) copies a q4_0 file's weights for the AVX-512 kernels, which
+    doubled a 7B's memory in the check; without it the logits are the same up to summation order."""
+    import llama_cpp.llama_cpp as bindings
+
+    model = model_for(spm_tokenizer)
+    info = export_and_check(tmp_path, model, spm_tokenizer, ["q4_0"], check=False)
+    path = tmp_path / "g" / info["files"]["q4_0"]["file"]
+    tokens = reference(model, spm_tokenizer).evaluation[0].tolist()
+    logits = {}
+    for repack in (False, True):
+        llm = gguf_check.open_llama(path, len(tokens), repack=repack)
+        assert llm.model_params.use_extra_bufts is repack
+        logits[repack] = gguf_check.window_logits(llm, tokens)
+        llm.close()
+    assert bindings.llama_model_default_params().use_extra_bufts  # llama.cpp's default is left as it was
+    np.testing.assert_allclose(logits[False], logits[True], atol=2e-2 * np.abs(logits[True]).max())
+    assert (logits[False].argmax(-1) == logits[True].argmax(-1)).mean() >= 0.95
+
+
+@needs_converter
+@needs_llama_cpp
 def test_k_quants_on_rows_not_divisible_by_256_say_what_they_fell_back_to(tmp_path, spm_tokenizer):
     model = model_from_config("llama", vocab_size=len(spm_tokenizer), hidden_size=192, intermediate_size=512, num_hidden_layers=2,
                               num_attention_heads=3, num_key_value_heads=1)
