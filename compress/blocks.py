@@ -17,7 +17,8 @@ Both keep the same files in <staging>/.blocks, so that every run resumes after a
                                     parameter names: an HF shard, which the HF and GGUF exports of
                                     a streamed model hard-link instead of copying
     stage<k>/block<i>.states.safetensors   its Linears' quantisation states (compress/layer_state.py)
-                                    and, in its metadata, the block's counts for the size table;
+                                    and, in its metadata, the block's counts for the size table and
+                                    its layout (every projection's shape: low-rank, narrowed);
                                     written before the weights, so a weights file never stands
                                     without its states
     stage<k>.pass<p>.pt             a pass's checkpoint: the next block and its input activations
@@ -29,9 +30,14 @@ resident one writes its changed blocks when it checkpoints, and at the end of a 
 are taken at most every CHECKPOINT_SECONDS (each holds one block's input activations, which for
 large calibration sets is hundreds of MB), so resuming repeats at most that much work.
 
-A stage that changes the blocks' layout (structured, low-rank) cannot be put back into the
-original skeleton from block files: a resumed resident run runs that stage and the ones after it
-again (and says so).
+Stages that change the blocks' layout (structured, low-rank) turn each block into its final form
+with a `finish` function once the block's outputs are propagated: a streamed store as the block
+leaves memory (sequential calls it), so the file holds the final modules and its layout; a
+resident store after the whole pass or search (store.finish), since a beta-search trial restores
+the weights of the modules it began with. A streamed skeleton takes the layout of the files it
+reads (StreamedBlocks.reshape): each block as it is loaded, and every block at the stage
+boundaries. A resident run cannot put a reshaped block back into its skeleton from a block file:
+a resumed resident run runs that stage and the ones after it again (and says so).
 """
 
 from __future__ import annotations
@@ -72,6 +78,15 @@ def remove(path: Path) -> None:
 COUNTS = "block_counts"  # a block file's metadata entry: block_counts() of the block it holds
 
 
+def written(path: Path | None, entry: str):
+    """An entry of a block file's states metadata (COUNTS, LAYOUT), None where it has none."""
+    if path is None or not states_path(path).is_file():
+        return None
+    with safe_open(states_path(path), "pt") as handle:
+        value = (handle.metadata() or {}).get(entry)
+    return None if value is None else json.loads(value)
+
+
 def block_counts(block) -> dict:
     """What the run's size table counts in a block: its nonzero parameters, and its Linears'
     weights, exact zeros and stored bits (compress/quant.py: stored_bits)."""
@@ -89,6 +104,27 @@ def block_counts(block) -> dict:
 
 def layout(block) -> list[tuple[str, tuple]]:
     return [(name, tuple(p.shape)) for name, p in block.named_parameters()]
+
+
+LAYOUT = "block_layout"  # a states file's metadata entry: block_specs() of the block it holds
+
+
+def block_specs(block) -> dict[str, dict]:
+    """{module name in the block: compress.layout spec} of its projections: every Linear, or
+    LowRankLinear as one (not the Linears inside it)."""
+    from torch import nn
+
+    from compress.layout import LowRankLinear, spec_of
+
+    specs, inside = {}, ()
+    for name, module in block.named_modules():
+        if inside and name.startswith(inside):
+            continue
+        if isinstance(module, LowRankLinear):
+            specs[name], inside = spec_of(module), name + "."
+        elif isinstance(module, nn.Linear):
+            specs[name] = spec_of(module)
+    return specs
 
 
 class BlockStore:
@@ -147,7 +183,8 @@ class BlockStore:
         modules = {f"{self.prefix}.{i}.{n}": m for n, m in block.named_modules() if n}
         states, metadata = layer_state.block_states(modules)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensor_files.save(states, states_path(path), {"format": "pt", COUNTS: json.dumps(block_counts(block)), **metadata})
+        tensor_files.save(states, states_path(path), {"format": "pt", COUNTS: json.dumps(block_counts(block)),
+                                                      LAYOUT: json.dumps(block_specs(block)), **metadata})
         tensor_files.save(tensors, path, {"format": "pt"})
 
     def read(self, i: int, path: Path) -> None:
@@ -164,11 +201,9 @@ class BlockStore:
         """block_counts() of block i as every stage so far left it; a streamed block that has a
         file is not read for it: the file beside it says (counted when it was written)."""
         path = self.final(i) if self.root is not None and not self.resident else None
-        if path is not None and states_path(path).is_file():
-            with safe_open(states_path(path), "pt") as handle:
-                counted = (handle.metadata() or {}).get(COUNTS)
-            if counted:
-                return json.loads(counted)
+        counted = written(path, COUNTS)
+        if counted is not None:
+            return counted
         with self.loaded(i, final=True):
             return block_counts(self.blocks[i])
 
@@ -297,6 +332,12 @@ class BlockStore:
 
     def put(self, name: str, tensor: torch.Tensor) -> None: ...
 
+    finishes_in_pass = False  # sequential calls a stage's finish(i, block) as each block leaves memory
+
+    def finish(self, fn) -> None:
+        """After a stage's pass or beta search: every block in its final form (fn(i, block) turns
+        a block into it: low-rank modules, narrowed projections)."""
+
     def trials(self, modules: dict, zeros_only: bool, states: tuple[str, ...], scratch: Path | None):
         """A context manager giving the beta search's trial space (SpilledTrials or FileTrials),
         its temporary files removed on exit."""
@@ -380,6 +421,10 @@ class ResidentBlocks(BlockStore):
     def settle(self) -> None:
         self.sync(before=self.stage)
 
+    def finish(self, fn) -> None:
+        for i, block in enumerate(self.blocks):
+            fn(i, block)
+
     @contextmanager
     def trials(self, modules, zeros_only, states, scratch):
         with scratch_folder(scratch) as folder:
@@ -392,9 +437,12 @@ class StreamedBlocks(BlockStore):
 
     resident = False
 
+    finishes_in_pass = True
+
     def __init__(self, model, source, staging: Path, dtype: torch.dtype):
         super().__init__(model, staging)
         self.source, self.dtype = source, dtype
+        self.source_specs = [block_specs(b) for b in self.blocks]  # the layout of the source's blocks (config.json's)
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
         from accelerate.utils import set_module_tensor_to_device
@@ -405,11 +453,41 @@ class StreamedBlocks(BlockStore):
         staged = self.final(i) if final else self.newest(i)
         if self.trial is not None and self.path(self.stage, i, self.trial).is_file():
             staged = self.path(self.stage, i, self.trial)  # the running trial's own version
+        self.reshape(i, staged)
         if staged is not None:
             self.read(i, staged)
         else:
             for name in self.names(i):
                 self.put(name, self.source.get(name))
+
+    def reshape(self, i: int, path: Path | None) -> None:
+        """Block i's modules (on meta) rebuilt where they differ from the layout of the block file
+        `path` (None: the source's), so that its tensors fit them."""
+        from compress.layout import build
+
+        target = written(path, LAYOUT) or self.source_specs[i]
+        block = self.blocks[i]
+        current = block_specs(block)
+        for name, spec in target.items():
+            if current.get(name) != spec:
+                parent, _, child = name.rpartition(".")
+                setattr(block.get_submodule(parent), child, build(spec, self.dtype, "meta"))
+
+    def reshape_all(self, final: bool) -> None:
+        """Every block's modules as the newest files of the stages before the running one
+        (final: and of the running one) lay them out."""
+        for i in range(self.count):
+            self.reshape(i, self.final(i) if final else self.newest(i))
+
+    def begin_stage(self, k: int) -> None:
+        super().begin_stage(k)
+        self.reshape_all(final=False)  # what the stage selects its layers from: its input's layout
+
+    def finish(self, fn) -> None:
+        self.reshape_all(final=True)  # each block was finished in its pass: the skeleton takes the files' layout
+
+    def settle(self) -> None:
+        self.reshape_all(final=True)
 
     def changed(self, i: int) -> None:
         self.write(i, self.path(self.stage, i, self.trial))  # it is about to leave memory
@@ -433,7 +511,7 @@ class StreamedBlocks(BlockStore):
     def unload(self, i: int) -> None:
         self.blocks[i].to("meta")
         for module in self.blocks[i].modules():  # the layer states are in the block's file
-            for attr in ("quant_state", "bnb_format"):
+            for attr in ("quant_state", "bnb_format", "low_rank_factors"):
                 if hasattr(module, attr):
                     delattr(module, attr)
 

@@ -167,6 +167,7 @@ def sequential(
     dtype: torch.dtype | None = None,
     keep_last: bool = False,
     collected: dict | None = None,
+    finish: Compress | None = None,
 ) -> list[torch.Tensor] | None:
     """Walk the blocks in order: observe, compress, propagate (see the module docstring).
 
@@ -184,6 +185,10 @@ def sequential(
     keep_last: also run the last block and return its outputs (a block-wise forward pass).
     collected: what compress gathers as it goes (plain values: numbers, strings, lists, dicts),
     saved with each checkpoint and put back when a killed pass resumes.
+    finish(i, block): a changed block into its final form (low-rank modules, narrowed
+    projections) once its outputs are propagated, where the store finishes blocks in their pass
+    (streamed: the block is about to leave memory); a resident store's stage calls
+    store.finish(finish) after the pass instead (compress/blocks.py).
     Each block is taken from the model's block store (compress/blocks.py) for its turn and handed
     back, changed or not: a streamed model holds one block in memory at a time; a pass that
     changes weights checkpoints as it goes, so that a killed run resumes inside it.
@@ -217,16 +222,20 @@ def sequential(
                             acc[m].share(acc[leader[m]])
                 changed = compress(i, block)
                 state["changed"] = changed
-                if i == len(blocks) - 1 and not keep_last:
-                    break  # nothing reads the last block's outputs
-                if changed and work is not block:
-                    work = _working_copy(block, dtype)
-                if outputs is None:
-                    outputs = run_block(work, hidden, extra)
-                elif changed:
-                    run_block(work, hidden, extra, out=outputs)
-                hidden = outputs
+                last = i == len(blocks) - 1 and not keep_last  # nothing reads the last block's outputs
+                if not last:
+                    if changed and work is not block:
+                        work = _working_copy(block, dtype)
+                    if outputs is None:
+                        outputs = run_block(work, hidden, extra)
+                    elif changed:
+                        run_block(work, hidden, extra, out=outputs)
+                    hidden = outputs
                 del work
+                if changed and finish is not None and store.finishes_in_pass:
+                    finish(i, block)
+            if last:
+                break
             if changed:
                 store.checkpoint(i + 1, hidden, collected)
     return hidden if keep_last else None

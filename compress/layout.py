@@ -10,6 +10,8 @@ modules before its weights are loaded. The attention code of the supported famil
 
 Weights of such a folder go into model.layout.safetensors, not model.safetensors: transformers
 would otherwise load the low-rank keys as "missing" and fill the projections with random numbers.
+A streamed model's folder is sharded the same way: model.layout-00001-of-N.safetensors ... with
+model.layout.safetensors.index.json (one shard per block: its block file, hard-linked).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from compress.tokenizer_files import save_tokenizer
 
 LAYOUT_FILE = "layout.json"
 WEIGHTS_FILE = "model.layout.safetensors"
+SHARD_STEM = "model.layout"  # shards: model.layout-00001-of-N.safetensors, index model.layout.safetensors.index.json
+INDEX_FILE = WEIGHTS_FILE + ".index.json"
 FORMAT = "atp-layout-v1"
 
 
@@ -128,7 +132,19 @@ def read(folder: Path) -> dict[str, dict]:
 
 
 def is_layout_folder(folder: Path) -> bool:
-    return (folder / WEIGHTS_FILE).is_file()
+    return (folder / WEIGHTS_FILE).is_file() or (folder / INDEX_FILE).is_file()
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The folder's weights files: model.layout.safetensors, or the shards its index names."""
+    index = folder / INDEX_FILE
+    if not index.is_file():
+        return [folder / WEIGHTS_FILE]
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, ValueError, KeyError) as err:
+        raise CompressError(f"{index}: not a safetensors index ({err})") from None
+    return [folder / name for name in sorted(set(weight_map.values()))]
 
 
 def save(model, tokenizer, folder: Path, layout: dict[str, dict]) -> None:
@@ -172,8 +188,10 @@ def load(folder: Path, dtype: torch.dtype | None = None):
     """The model of a folder written by `save`, bit-identical to the one saved."""
     from safetensors import safe_open
 
-    with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as f:
-        state = {key: f.get_tensor(key) for key in f.keys()}
+    state = {}
+    for path in weight_files(folder):
+        with safe_open(str(path), framework="pt") as f:
+            state.update({key: f.get_tensor(key) for key in f.keys()})
     stored = next(iter(state.values())).dtype
     model = from_config(folder, stored)
     load_state(model, state, folder)

@@ -165,15 +165,16 @@ class Recipe(Config):
 
     @model_validator(mode="after")
     def _streamed_runs(self):
-        """What a streamed run can do so far: prune and quantize stages (gptq / rtn, integer
-        grids or llama.cpp's block formats; every allocation), perplexity and zero-shot tasks,
-        the HF folder (dense, or GPTQ when quantised) and GGUF files."""
+        """What a streamed run can do: prune, quantize (gptq / rtn, integer grids or llama.cpp's
+        block formats), lowrank and structured stages with every allocation, perplexity and
+        zero-shot tasks, the HF folder (dense, GPTQ when quantised, layout when restructured) and
+        GGUF files."""
         if not self.model.stream:
             return self
         for k, stage in enumerate(self.stages):
-            if stage.kind not in ("prune", "quantize"):
-                raise ValueError(f"stages[{k}]: model.stream runs prune and quantize stages so far (not {stage.kind}): "
-                                 "it changes the blocks' layout or trains across blocks")
+            if stage.kind == "recover":
+                raise ValueError(f"stages[{k}]: model.stream does not run recover: LoRA trains every block at once against the "
+                                 "model's loss (backpropagation through the whole model); run it on a machine that holds the model")
             if stage.kind == "quantize" and stage.method == "bnb":
                 raise ValueError(f"stages[{k}].method: bnb is not streamed (its checkpoint is written by transformers from the whole "
                                  "model): use gptq or rtn")

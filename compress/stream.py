@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from compress import tensor_files
+from compress import layout, tensor_files
 from compress.blocks import StreamedBlocks, store_of
 from compress.errors import CompressError
 from compress.ggml_formats import GRIDS_FILE
@@ -153,31 +153,36 @@ def load_streamed(source: str, dtype: torch.dtype, staging: Path):
 
 def save_hf(model, tokenizer, dest: Path) -> dict:
     """The model as sharded safetensors, one shard per block (each block's newest file, hard-linked
-    where it can be) plus one for the rest: the model is never whole in memory."""
-    files = write_shards(model, dest)
+    where it can be) plus one for the rest: the model is never whole in memory. Blocks of low-rank
+    or narrowed modules make a compress.layout folder: layout.json, model.layout-*.safetensors."""
+    shapes = layout.describe(model)
+    files = write_shards(model, dest, layout.SHARD_STEM if shapes else "model")
+    if shapes:
+        layout.write(dest, shapes)
     model.config.save_pretrained(dest)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(dest)
     save_tokenizer(tokenizer, dest)
-    return {"format": "dense", "files": files, "streamed": True}
+    return {"format": "layout" if shapes else "dense", "files": files, "streamed": True}
 
 
-def write_shards(model, dest: Path) -> list[str]:
+def write_shards(model, dest: Path, stem: str = "model") -> list[str]:
     """The model's weights in `dest` as an HF checkpoint with its index: the tensors outside the
     blocks in one shard, then each block's final file as its shard, hard-linked (the staged copy
     is deleted after the exports: no second copy on disk), or written from memory when the block
-    is still the source's."""
+    is still the source's. stem: the files' names, <stem>-00001-of-N.safetensors and
+    <stem>.safetensors.index.json (compress/layout.py names a restructured model's differently)."""
     store = store_of(model)
     dest.mkdir(parents=True, exist_ok=True)
     n = len(store.blocks) + 1
     weight_map, files = {}, []
     rest = outside_blocks(model)
-    first = f"model-00001-of-{n:05d}.safetensors"
+    first = f"{stem}-00001-of-{n:05d}.safetensors"
     tensor_files.save(rest, dest / first, {"format": "pt"})
     weight_map.update({name: first for name in rest})
     files.append(first)
     for i in range(len(store.blocks)):
-        name = f"model-{i + 2:05d}-of-{n:05d}.safetensors"
+        name = f"{stem}-{i + 2:05d}-of-{n:05d}.safetensors"
         staged = store.final(i)
         if staged is not None:
             try:
@@ -191,7 +196,7 @@ def write_shards(model, dest: Path) -> list[str]:
             weight_map.update({key: name for key in handle.keys()})
         files.append(name)
     total = sum((dest / f).stat().st_size for f in files)
-    (dest / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (dest / f"{stem}.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return files
 
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
-from compress import tensor_files, tokenizer_files
+from compress import layout, tensor_files, tokenizer_files
 from compress.blocks import store_of
 from compress.config import Config
 from compress.ggml_formats import FORMATS, GgufState
@@ -199,14 +199,14 @@ def _dense(module, items, prefix: str = ""):
 def write_convert_folder(model, tokenizer, folder: Path) -> Path:
     """The model as a plain HF checkpoint in the base type at its config's widths (narrowed blocks
     zero-padded), one safetensors shard per block so that memory holds one block's copies. A
-    streamed model's block files are such shards already (it has no narrowed or low-rank blocks):
-    they are hard-linked, not copied."""
+    streamed model's block files are such shards already where its blocks have the config's
+    layout (no narrowed or low-rank blocks): they are hard-linked, not copied."""
     from compress import stream
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(converter_config(model), indent=2))
     save_tokenizer(tokenizer, folder)
-    if not store_of(model).resident:
+    if not store_of(model).resident and not layout.describe(model):
         stream.write_shards(model, folder)
         return folder
     dtype = DTYPE[base_type(model)]

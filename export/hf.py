@@ -45,34 +45,35 @@ class HfExport(Config):
     format: Literal["dense", "sparse"] = "dense"
 
 
-def export_format(model, cfg: HfExport = HfExport()) -> str:
-    """dense | layout (dense, with per-module shapes: low-rank or structured) | sparse | gptq | bnb."""
+def export_format(model, cfg: HfExport = HfExport()) -> tuple[str, str | None]:
+    """(dense | layout (dense, with per-module shapes: low-rank or structured) | sparse | gptq | bnb,
+    how the model is quantised: gptq | bnb | None)."""
     quantised = "gptq" if gptq.is_quantized(model) else "bnb" if bnb.bnb_layers(model) else None
     if quantised and cfg.format == "sparse":
         raise CompressError(f"export.hf.format: sparse stores unquantised tensors; this model is quantised ({quantised}), whose checkpoint packs its weights already: use format: dense")
     if quantised and layout.describe(model):
         # GPTQ and bitsandbytes loaders build every Linear from config.json's single width
-        return "layout"
+        return "layout", quantised
     if cfg.format == "dense" and layout.describe(model):
-        return "layout"
-    return quantised or cfg.format
+        return "layout", quantised
+    return quantised or cfg.format, quantised
 
 
 def save(model, tokenizer, folder: Path, cfg: HfExport, scratch: Path) -> dict:
     """Write the model into folder; returns its format, files and notes."""
     folder.mkdir(parents=True, exist_ok=True)
-    fmt = export_format(model, cfg)
+    fmt, quantised = export_format(model, cfg)
     if fmt == "sparse":
         info = sparse.save_sparse(model, tokenizer, folder)
     elif fmt == "gptq":
         info = gptq.save_gptq(model, tokenizer, folder)
     elif fmt == "bnb":
         info = bnb.save_bnb(model, tokenizer, folder, scratch)
-    elif fmt == "layout":
-        info = save_layout(model, tokenizer, folder)
-    elif not store_of(model).resident:  # a streamed model: block by block, never whole in memory
+    elif not store_of(model).resident:  # a streamed model: block by block, never whole in memory (dense or layout)
         info = stream.save_hf(model, tokenizer, folder)
-        info["notes"] = []
+        info["notes"] = layout_notes(model, quantised) if fmt == "layout" else []
+    elif fmt == "layout":
+        info = save_layout(model, tokenizer, folder, quantised)
     else:
         model.save_pretrained(folder, safe_serialization=True)
         save_tokenizer(tokenizer, folder)
@@ -132,16 +133,21 @@ def load_block_grids(model, folder: Path) -> int:
     return len(formats)
 
 
-def save_layout(model, tokenizer, folder: Path) -> dict:
+def save_layout(model, tokenizer, folder: Path, quantised: str | None) -> dict:
     shapes = layout.describe(model)
     layout.save(model, tokenizer, folder, shapes)
+    return {"format": "layout", "modules": len(shapes), "notes": layout_notes(model, quantised)}
+
+
+def layout_notes(model, quantised: str | None) -> list[str]:
+    shapes = layout.describe(model)
     kinds = sorted({spec["type"] for spec in shapes.values()})
     notes = [f"{len(shapes)} modules differ from config.json ({', '.join(kinds)}): their shapes are in {layout.LAYOUT_FILE}; "
              "transformers cannot load this folder, compress can (compress eval FOLDER, or compress.layout.load)"]
-    if gptq.quantized_layers(model) or bnb.bnb_layers(model):
+    if quantised:
         notes.append("the quantised layers are stored dequantised: GPTQ and bitsandbytes checkpoints need config.json's uniform "
                      "shapes; the GGUF export keeps the grids")
-    return {"format": "layout", "modules": len(shapes), "notes": notes}
+    return notes
 
 
 def verify(model, folder: Path, info: dict, cfg: HfExport) -> dict:
@@ -172,14 +178,14 @@ def check(folder: Path, info: dict, ref, cfg: HfExport) -> dict:
 
 def check_weights(model, folder: Path, fmt: str) -> dict | None:
     """Quantised and sparse formats: the saved weights, decoded, equal the in-memory model's."""
+    if fmt in ("dense", "layout") and not store_of(model).resident:
+        return stream.check_hf(model, folder)
     if fmt == "sparse":
         return sparse.check_saved(model, folder)
     if fmt == "layout":
         return check_layout_saved(model, folder)
     if fmt == "gptq":
         return gptq.check_dequantized(model, folder)
-    if fmt == "dense" and not store_of(model).resident:
-        return stream.check_hf(model, folder)
     if fmt == "bnb":
         return bnb.check_dequantized(model, folder)
     return None

@@ -76,7 +76,7 @@ def test_zeroed_units_compute_exactly_what_the_sliced_model_computes():
         for i, b in enumerate(decoder_blocks(model))])
     slots = structured.add_bias_slots(model, blocks)
     cfg = StructuredConfig(ratio=0.5, channel_multiple=8)
-    structured.zero_model(model, context(), cfg, blocks, [0.5] * 4)
+    structured.zero_model(model, context(), cfg, blocks, [0.5] * 4, slots)
     tokens = torch.randint(0, 256, (2, 16))
     zeroed = model(tokens).logits
     for block in blocks:

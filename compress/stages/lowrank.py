@@ -20,8 +20,11 @@ other's remainder).
 
 During the stage (and every beta-search trial) each Linear holds the dense equivalent in place,
 with its factors in `module.low_rank_factors`, so later blocks calibrate on compressed outputs and
-the search restores a trial like any other stage's; at the end each one is replaced by a
-compress.layout.LowRankLinear, so the returned model is physically smaller.
+the search restores a trial like any other stage's; then each one is replaced by a
+compress.layout.LowRankLinear, so the returned model is physically smaller: a streamed block as it
+leaves memory, resident blocks after the pass or search (compress/blocks.py: finish). Layers are
+looked up by name at each use, since a streamed block's modules are rebuilt to the layout of the
+file it is read from.
 
 Entry point: apply(model, ctx, cfg) -> (model, LowRankRecord).
 """
@@ -41,6 +44,7 @@ from torch import nn
 
 from compress import allocate, devices
 from compress.allocate import AtpAllocation, ExplicitAllocation, RatioAllocation, UniformAllocation
+from compress.blocks import store_of
 from compress.calibrate import sequential
 from compress.config import Config, LayerPatterns
 from compress.context import StageContext
@@ -276,54 +280,68 @@ def _factorize(W: torch.Tensor, H: torch.Tensor, r: int, cfg: LowRankConfig) -> 
 # ---------------------------------------------------------------- the model
 
 
-def lowrank_model(model, ctx: StageContext, cfg: LowRankConfig, layers, ranks: dict[str, int | None], notes: list[str]) -> None:
+def lowrank_model(model, ctx: StageContext, cfg: LowRankConfig, names: list[list[str]], ranks: dict[str, int | None]) -> dict:
     """Factorise every selected layer with a rank, block by block on compressed outputs; each
-    holds its dense equivalent and its Factors afterwards (see the module docstring)."""
+    holds its dense equivalent and its Factors until its block is finished (see the module
+    docstring). Returns what the pass collected: each layer's output error, its weights as
+    stored once finished ("params"), and notes."""
     stats: dict[str, Hessian] = {}
+    collected: dict = {"errors": {}, "params": {}, "notes": []}
 
     def observe(i, block):
         stats.clear()  # plain svd needs H too: for the recorded output error and residual scores
-        stats.update({name: Hessian(in_features(m)) for name, m in layers[i].items() if ranks[name] is not None})
-        return {m: stats[name] for name, m in layers[i].items() if name in stats}
+        stats.update({name: Hessian(in_features(model.get_submodule(name))) for name in names[i] if ranks[name] is not None})
+        return {model.get_submodule(name): stats[name] for name in stats}
 
     def compress(i, block):
-        for name, module in layers[i].items():
+        for name in names[i]:
+            module = model.get_submodule(name)
+            refuse_quantised(module, name, ctx.stage_key)  # a streamed block's states are known once it is read
             setattr(module, FACTORS, None)  # a search trial starts from restored dense weights
             if ranks[name] is None:
                 continue
             factors = factorize(get_weight(module), stats[name].H, ranks[name], cfg)
             if factors.damping is not None and factors.damping > cfg.dampening:
-                notes.append(f"{name}: asvd needed dampening {factors.damping:g} (asked {cfg.dampening:g})")
+                collected["notes"].append(f"{name}: asvd needed dampening {factors.damping:g} (asked {cfg.dampening:g})")
             set_weight(module, factors.dense())
             setattr(module, FACTORS, devices.on_cpu(factors))
+            collected["errors"][name] = factors.error
         return bool(stats)
 
-    sequential(model, ctx.block_inputs(model), observe, compress, f"{cfg.method} low-rank", ctx.calibration_dtype)
+    sequential(model, ctx.block_inputs(model), observe, compress, f"{cfg.method} low-rank", ctx.calibration_dtype,
+               collected=collected, finish=lambda i, block: to_low_rank_modules(model, names[i], collected["params"]))
+    return collected
 
 
-def to_low_rank_modules(model: nn.Module, layers) -> None:
-    """Replace every Linear holding Factors by a LowRankLinear with them (bias kept, on `up`)."""
-    for block in layers:
-        for name, module in list(block.items()):
-            factors = getattr(module, FACTORS, None)
-            if hasattr(module, FACTORS):
-                delattr(module, FACTORS)
-            if factors is None:
-                continue
-            W = get_weight(module)
-            (r, n), m = factors.down.shape, factors.up.shape[0]
-            new = LowRankLinear(n, m, r, bias=module.bias is not None, residual=factors.residual is not None,
-                                dtype=W.dtype, device=W.device)
-            with torch.no_grad():
-                new.down.weight.copy_(factors.down)
-                new.up.weight.copy_(factors.up)
-                if module.bias is not None:
-                    new.up.bias.copy_(module.bias)
-                if factors.residual is not None:
-                    new.residual.weight.copy_(factors.residual)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, new)
-            block[name] = new
+def refuse_quantised(module: nn.Module, name: str, stage_key: str) -> None:
+    if getattr(module, "quant_state", None) is not None or getattr(module, "bnb_format", None) is not None:
+        raise CompressError(f"{stage_key}: {name} is quantised already; factors would leave its grid: put lowrank before quantize")
+
+
+def to_low_rank_modules(model: nn.Module, names: list[str], params: dict[str, int]) -> None:
+    """Replace every named Linear holding Factors by a LowRankLinear with them (bias kept, on
+    `up`); params[name] gets the weights it stores."""
+    for name in names:
+        module = model.get_submodule(name)
+        factors = getattr(module, FACTORS, None)
+        if hasattr(module, FACTORS):
+            delattr(module, FACTORS)
+        if factors is None:
+            continue
+        W = get_weight(module)
+        (r, n), m = factors.down.shape, factors.up.shape[0]
+        new = LowRankLinear(n, m, r, bias=module.bias is not None, residual=factors.residual is not None,
+                            dtype=W.dtype, device=W.device)
+        with torch.no_grad():
+            new.down.weight.copy_(factors.down)
+            new.up.weight.copy_(factors.up)
+            if module.bias is not None:
+                new.up.bias.copy_(module.bias)
+            if factors.residual is not None:
+                new.residual.weight.copy_(factors.residual)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+        params[name] = weight_count(new)
 
 
 def weight_count(module: nn.Module) -> int:
@@ -346,22 +364,24 @@ def allocate_ratios(cfg: LowRankConfig, L: int, beta: float | None) -> list[floa
     return allocate.uniform(L, cfg.target).tolist()
 
 
-def choose_beta(model, ctx: StageContext, cfg: LowRankConfig, layers, notes: list[str]) -> tuple[float, list[dict]]:
-    """ATP's beta by golden-section search on validation text; leaves the model factorised with it."""
+def choose_beta(model, ctx: StageContext, cfg: LowRankConfig, layers, names) -> tuple[float, list[dict], dict]:
+    """ATP's beta by golden-section search on validation text; leaves the model factorised with
+    it (its blocks not yet finished where they stay in memory) and returns what its pass collected."""
     L, S = len(layers), cfg.target
     modules = {name: m for block in layers for name, m in block.items()}
     # the search range stops where the last block's thinnest layer would lose its last rank
     hi = min([allocate.MAX_RATIO] + [max_ratio(*get_weight(m).shape, cfg.rank_multiple, cfg.residual_sparsity) - 1e-6
                                      for m in modules.values()])
     where = f"{ctx.stage_key}.allocation.beta"
-    beta, trials, winner_notes = search_beta(
-        model, ctx, modules, allocate.atp_beta_max(L, S, hi), cfg.allocation.trials,
-        plan=lambda beta: tuple(plan_ranks(layers, allocate.atp(L, S, beta).tolist(), cfg, where).items()),
-        compress=lambda ranks, trial_notes: lowrank_model(model, ctx, cfg, layers, dict(ranks), trial_notes),
-        zeros_only=False, states=(FACTORS,),
-    )
-    notes.extend(winner_notes)
-    return beta, trials
+    passes: dict = {}  # plan -> what its pass collected
+
+    def trial(ranks, trial_notes):
+        passes[ranks] = lowrank_model(model, ctx, cfg, names, dict(ranks))
+
+    plan = lambda beta: tuple(plan_ranks(layers, allocate.atp(L, S, beta).tolist(), cfg, where).items())  # noqa: E731
+    beta, trials, _ = search_beta(model, ctx, modules, allocate.atp_beta_max(L, S, hi), cfg.allocation.trials, plan=plan,
+                                  compress=trial, zeros_only=False, states=(FACTORS,))
+    return beta, trials, passes[plan(beta)]
 
 
 # ---------------------------------------------------------------- entry point
@@ -373,33 +393,34 @@ def apply(model, ctx: StageContext, cfg: LowRankConfig) -> tuple[nn.Module, LowR
     cfg.check_layers(layers, ctx.stage_key)
     for block in layers:
         for name, module in block.items():
-            if getattr(module, "quant_state", None) is not None or getattr(module, "bnb_format", None) is not None:
-                raise CompressError(f"{ctx.stage_key}: {name} is quantised already; factors would leave its grid: put lowrank before quantize")
+            refuse_quantised(module, name, ctx.stage_key)
+    names = [list(block) for block in layers]
     before = {name: get_weight(m).numel() for block in layers for name, m in block.items()}
-    notes: list[str] = []
     beta, search = None, None
     if isinstance(cfg.allocation, AtpAllocation):
         beta = cfg.allocation.beta
         if beta == "auto":
-            beta, search = choose_beta(model, ctx, cfg, layers, notes)  # leaves the model factorised
+            beta, search, collected = choose_beta(model, ctx, cfg, layers, names)  # leaves the model factorised
             log.info("chosen beta %.5f from %d trials", beta, len(search))
     ratios = allocate_ratios(cfg, len(layers), beta)
     ranks = plan_ranks(layers, ratios, cfg, f"{ctx.stage_key}.ratio")
     if search is None:
-        lowrank_model(model, ctx, cfg, layers, ranks, notes)
-    errors = {name: getattr(m, FACTORS).error for block in layers for name, m in block.items() if ranks[name] is not None}
-    to_low_rank_modules(model, layers)
+        collected = lowrank_model(model, ctx, cfg, names, ranks)
+    store_of(model).finish(lambda i, block: to_low_rank_modules(model, names[i], collected["params"]))
+    notes = list(collected["notes"])
     dense = [name for name, r in ranks.items() if r is None]
     if dense:
         notes.append(f"{len(dense)} layers left dense (block ratio 0): {', '.join(dense[:4])}{' ...' if len(dense) > 4 else ''}")
-    return model, measure(cfg, layers, ratios, ranks, before, errors, beta, search, skipped, notes, time.perf_counter() - start)
+    after = {name: collected["params"].get(name, before[name]) for name in before}
+    return model, measure(cfg, names, ratios, ranks, before, after, collected["errors"], beta, search, skipped, notes,
+                          time.perf_counter() - start)
 
 
-def measure(cfg, layers, ratios, ranks, before, errors, beta, search, skipped, notes, seconds) -> LowRankRecord:
-    """What was achieved, counted from the modules the model now holds."""
-    layer_params = {name: (before[name], weight_count(m)) for block in layers for name, m in block.items()}
+def measure(cfg, names, ratios, ranks, before, after, errors, beta, search, skipped, notes, seconds) -> LowRankRecord:
+    """What was achieved, counted from the modules each block was finished with."""
+    layer_params = {name: (before[name], after[name]) for block in names for name in block}
     block_achieved = []
-    for block in layers:
+    for block in names:
         b, a = sum(layer_params[n][0] for n in block), sum(layer_params[n][1] for n in block)
         block_achieved.append(1 - a / b if b else 0.0)
     total_before = sum(b for b, _ in layer_params.values())

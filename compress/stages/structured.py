@@ -14,8 +14,9 @@ removed, W[:, removed] @ mean(x[removed]), is added to o_proj's / down_proj's bi
 
 Units are first zeroed in place (exactly what removal computes: a zeroed column of o or down
 contributes nothing), so that beta-search trials can restore the weights like any other stage;
-then the projections are sliced to the kept rows and columns. The new shapes differ per block;
-compress/layout.py saves and reloads them.
+then the projections are sliced to the kept rows and columns: a streamed block as it leaves
+memory, resident blocks after the pass or search (compress/blocks.py: finish). The new shapes
+differ per block; compress/layout.py saves and reloads them.
 
 Entry point: apply(model, ctx, cfg) -> (model, StructuredRecord).
 """
@@ -33,6 +34,7 @@ from torch import nn
 
 from compress import allocate
 from compress.allocate import RatioAllocation, UniformAllocation
+from compress.blocks import store_of
 from compress.calibrate import sequential
 from compress.config import Config, LayerPatterns
 from compress.context import StageContext
@@ -364,7 +366,8 @@ def _sliced(module: nn.Linear, rows, cols, keep_bias: bool) -> nn.Linear:
 
 def add_bias_slots(model, blocks: list[Block | None]) -> set[str]:
     """o_proj / down_proj get a zero bias to compensate into (adding 0 changes no output); the
-    ones still zero at the end are dropped again."""
+    ones still zero at the end are dropped again. Where they have one already, nothing changes (a
+    streamed block is given its slots again once read: its file's layout has none)."""
     added = set()
     for block in blocks:
         if block is None:
@@ -373,8 +376,9 @@ def add_bias_slots(model, blocks: list[Block | None]) -> set[str]:
             module = block.get(model, part)
             if module.bias is None:
                 new = nn.Linear(module.in_features, module.out_features, bias=True, dtype=module.weight.dtype, device=module.weight.device)
-                new.weight.data = module.weight.data
-                new.bias.data.zero_()
+                if module.weight.device.type != "meta":  # a streamed skeleton's module: no values yet
+                    new.weight.data = module.weight.data
+                    new.bias.data.zero_()
                 new.requires_grad_(False)
                 block.put(model, part, new)
                 added.add(block.names[part])
@@ -384,7 +388,8 @@ def add_bias_slots(model, blocks: list[Block | None]) -> set[str]:
 # ---------------------------------------------------------------- the model
 
 
-def zero_model(model, ctx: StageContext, cfg: StructuredConfig, blocks: list[Block | None], ratios: list[float]) -> None:
+def zero_model(model, ctx: StageContext, cfg: StructuredConfig, blocks: list[Block | None], ratios: list[float],
+               bias_slots: set[str]) -> None:
     """Block by block on the outputs of the blocks already pruned: score, zero, compensate."""
     stats: dict[str, ChannelStats] = {}
 
@@ -392,6 +397,8 @@ def zero_model(model, ctx: StageContext, cfg: StructuredConfig, blocks: list[Blo
         stats.clear()
         if blocks[i] is None or ratios[i] <= 0:
             return {}
+        if cfg.bias_compensation:
+            add_bias_slots(model, [blocks[i]])
         o, down = blocks[i].get(model, "o_proj"), blocks[i].get(model, "down_proj")
         stats.update(o_proj=ChannelStats(o.in_features), down_proj=ChannelStats(down.in_features))
         return {o: stats["o_proj"], down: stats["down_proj"]}
@@ -399,7 +406,8 @@ def zero_model(model, ctx: StageContext, cfg: StructuredConfig, blocks: list[Blo
     def compress(i, _):
         return bool(stats) and zero_block(model, blocks[i], stats, ratios[i], cfg)
 
-    sequential(model, ctx.block_inputs(model), observe, compress, "structured prune", ctx.calibration_dtype)
+    sequential(model, ctx.block_inputs(model), observe, compress, "structured prune", ctx.calibration_dtype,
+               finish=lambda i, _: slice_block(model, blocks[i], bias_slots))
 
 
 def allocate_ratios(cfg: StructuredConfig, sizes: torch.Tensor, beta: float | None) -> torch.Tensor:
@@ -434,15 +442,14 @@ def apply(model, ctx: StageContext, cfg: StructuredConfig) -> tuple[nn.Module, S
             beta, search, notes = search_beta(
                 model, ctx, modules, allocate.atp_beta_max(L, S), cfg.allocation.trials,
                 plan=lambda b: tuple(round(float(r), 6) for r in allocate.atp(L, S, b)),
-                compress=lambda ratios, _: zero_model(model, ctx, cfg, blocks, list(ratios)),
+                compress=lambda ratios, _: zero_model(model, ctx, cfg, blocks, list(ratios), bias_slots),
                 zeros_only=False,
             )
             log.info("chosen beta %.5f from %d trials", beta, len(search))
     ratios = allocate_ratios(cfg, sizes, beta)
     if search is None:
-        zero_model(model, ctx, cfg, blocks, ratios.tolist())
-    for block in live:
-        slice_block(model, block, bias_slots)
+        zero_model(model, ctx, cfg, blocks, ratios.tolist(), bias_slots)
+    store_of(model).finish(lambda i, _: blocks[i] is not None and slice_block(model, blocks[i], bias_slots))
     after = [float(b.params(model)) if b else 0.0 for b in blocks]
     achieved_blocks = [1 - a / s if s else 0.0 for a, s in zip(after, sizes.tolist())]
     if cfg.bias_compensation:
