@@ -31,13 +31,12 @@ are taken at most every CHECKPOINT_SECONDS (each holds one block's input activat
 large calibration sets is hundreds of MB), so resuming repeats at most that much work.
 
 Stages that change the blocks' layout (structured, low-rank) turn each block into its final form
-with a `finish` function once the block's outputs are propagated: a streamed store as the block
-leaves memory (sequential calls it), so the file holds the final modules and its layout; a
-resident store after the whole pass or search (store.finish), since a beta-search trial restores
-the weights of the modules it began with. A streamed skeleton takes the layout of the files it
-reads (StreamedBlocks.reshape): each block as it is loaded, and every block at the stage
-boundaries. A resident run cannot put a reshaped block back into its skeleton from a block file:
-a resumed resident run runs that stage and the ones after it again (and says so).
+with a `finish` function once the block's outputs are propagated, in the pass (sequential calls
+it), so that a block's file holds its final modules and their layout; a resident store's
+beta-search trials are the exception: a trial restores the weights of the modules it began with,
+so the blocks are finished after the search (store.finish). A block read from a file takes the
+file's layout first (reshape): a streamed skeleton's modules on meta, at each load and for every
+block at the stage boundaries; a resident model's when a resumed run reads its finished blocks.
 """
 
 from __future__ import annotations
@@ -102,10 +101,6 @@ def block_counts(block) -> dict:
     }
 
 
-def layout(block) -> list[tuple[str, tuple]]:
-    return [(name, tuple(p.shape)) for name, p in block.named_parameters()]
-
-
 LAYOUT = "block_layout"  # a states file's metadata entry: block_specs() of the block it holds
 
 
@@ -144,6 +139,7 @@ class BlockStore:
         self.passes = 0  # sequential passes begun in this stage (a checkpoint names its pass)
         self.trial: int | None = None  # a beta-search trial runs: nothing is checkpointed
         self.last_checkpoint = time.monotonic()
+        self.source_specs = [block_specs(b) for b in self.blocks]  # the layout of the source's blocks (config.json's)
         if self.root is not None:
             self.root.mkdir(parents=True, exist_ok=True)
 
@@ -209,6 +205,20 @@ class BlockStore:
 
     def names(self, i: int) -> list[str]:
         return [f"{self.prefix}.{i}.{name}" for name, _ in self.blocks[i].named_parameters()]
+
+    def reshape(self, i: int, path: Path | None) -> None:
+        """Block i's modules rebuilt (uninitialised) where they differ from the layout of the block
+        file `path` (None: the source's), so that its tensors fit them."""
+        from compress.layout import build
+
+        target = written(path, LAYOUT) or self.source_specs[i]
+        block = self.blocks[i]
+        current = block_specs(block)
+        weight = next(block.parameters())
+        for name, spec in target.items():
+            if current.get(name) != spec:
+                parent, _, child = name.rpartition(".")
+                setattr(block.get_submodule(parent), child, build(spec, weight.dtype, weight.device))
 
     # ------------------------------------------------------------ stages
 
@@ -354,29 +364,17 @@ class ResidentBlocks(BlockStore):
         self.synced: list[Path | None] = [None] * self.count  # the file each block's weights equal (None: the source)
         self.dirty: set[int] = set()  # changed by the running stage, not yet on disk
         self.written: set[int] = set()  # written by the running stage
-        self.shapes = [layout(b) for b in self.blocks]  # the blocks' layout when the running stage began
-        self.rerun_reshaped()
 
-    def rerun_reshaped(self) -> None:
-        """Stages of an interrupted run that changed the blocks' layout, and every stage after
-        them, are run again: their files do not fit the source model's blocks."""
-        if self.root is None:
-            return
-        done = sorted(int(p.name[5:-5]) for p in self.root.glob("stage*.done"))
-        first = next((k for k in done if (self.root / f"stage{k}.reshaped").is_file()), None)
-        if first is None:
-            return
-        log.info("stage %d changed the blocks' layout: it and the stages after it run again", first)
-        for entry in list(self.root.iterdir()):
-            stage = entry.name[5:].split(".")[0] if entry.name.startswith("stage") else ""
-            if stage.isdigit() and int(stage) >= first:
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    @property
+    def finishes_in_pass(self) -> bool:
+        return self.trial is None  # a trial's blocks are finished after the search: it restores the modules it began with
 
     def sync(self, before: int, blocks=None) -> None:
         """Each block's weights as the newest file of a stage before `before` holds them."""
         for i in range(self.count) if blocks is None else blocks:
             path = self.newest(i, before)
             if path is not None and path != self.synced[i]:
+                self.reshape(i, path)
                 self.read(i, path)
                 self.synced[i] = path
 
@@ -390,7 +388,6 @@ class ResidentBlocks(BlockStore):
         self.written.clear()
         if self.stage == k:  # not finished before: it starts from its input versions
             self.sync(before=k)
-        self.shapes = [layout(b) for b in self.blocks]
 
     def resumed(self, start: int) -> None:
         self.sync(before=self.stage + 1, blocks=range(start))
@@ -414,14 +411,14 @@ class ResidentBlocks(BlockStore):
         without one) is written as the stage's version before the done mark."""
         self.dirty |= set(range(self.count)) - self.written
         self.flush()
-        if [layout(b) for b in self.blocks] != self.shapes:
-            (self.root / f"stage{k}.reshaped").write_text("the blocks' layout changed\n")
         super().end_stage(k, record)
 
     def settle(self) -> None:
         self.sync(before=self.stage)
 
     def finish(self, fn) -> None:
+        """After a beta search (a plain pass finished each block already: fn leaves a finished
+        block as it is): every block is finished, and written at the stage's end."""
         for i, block in enumerate(self.blocks):
             fn(i, block)
 
@@ -442,7 +439,6 @@ class StreamedBlocks(BlockStore):
     def __init__(self, model, source, staging: Path, dtype: torch.dtype):
         super().__init__(model, staging)
         self.source, self.dtype = source, dtype
-        self.source_specs = [block_specs(b) for b in self.blocks]  # the layout of the source's blocks (config.json's)
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
         from accelerate.utils import set_module_tensor_to_device
@@ -459,19 +455,6 @@ class StreamedBlocks(BlockStore):
         else:
             for name in self.names(i):
                 self.put(name, self.source.get(name))
-
-    def reshape(self, i: int, path: Path | None) -> None:
-        """Block i's modules (on meta) rebuilt where they differ from the layout of the block file
-        `path` (None: the source's), so that its tensors fit them."""
-        from compress.layout import build
-
-        target = written(path, LAYOUT) or self.source_specs[i]
-        block = self.blocks[i]
-        current = block_specs(block)
-        for name, spec in target.items():
-            if current.get(name) != spec:
-                parent, _, child = name.rpartition(".")
-                setattr(block.get_submodule(parent), child, build(spec, self.dtype, "meta"))
 
     def reshape_all(self, final: bool) -> None:
         """Every block's modules as the newest files of the stages before the running one

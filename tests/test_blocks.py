@@ -50,20 +50,6 @@ def test_a_block_file_brings_back_weights_grids_and_block_formats(tmp_path):
     assert block.mlp.up_proj.bnb_format == "nf4"
 
 
-def test_a_resumed_run_reruns_the_stages_from_the_first_that_changed_the_layout(tmp_path):
-    root = tmp_path / ".blocks"
-    for k in range(3):
-        (root / f"stage{k}").mkdir(parents=True)
-        (root / f"stage{k}" / "block00000.safetensors").write_bytes(b"x")
-        (root / f"stage{k}.done").write_text("done\n")
-        (root / f"stage{k}.record.json").write_text("{}")
-    (root / "stage1.reshaped").write_text("the blocks' layout changed\n")
-    (root / "stage2.pass1.pt").write_bytes(b"x")
-    store = ResidentBlocks(tiny_model("llama"), tmp_path)
-    assert store.stage_done(0) and not store.stage_done(1) and not store.stage_done(2)
-    assert sorted(p.name for p in root.iterdir()) == ["stage0", "stage0.done", "stage0.record.json"]
-
-
 def test_a_store_without_a_folder_keeps_nothing_on_disk():
     """Library use (a stage applied to a bare model): passes run, nothing is written."""
     model = tiny_model("llama")

@@ -226,15 +226,16 @@ def test_streamed_structured_and_lowrank_equal_the_in_memory_run(tmp_path):
     assert all(torch.equal(t, mem[k]) for k, t in reloaded.state_dict().items() if k in mem)
 
 
-@pytest.mark.parametrize("kill", ["1:2", "2:1"])
-def test_a_streamed_run_killed_inside_a_reshaping_stage_or_after_it_resumes_to_identical_files(tmp_path, kill):
+@pytest.mark.parametrize("stream, kill", [(True, "1:2"), (True, "2:1"), (False, "1:2"), (False, "2:1")])
+def test_a_run_killed_inside_a_reshaping_stage_or_after_it_resumes_to_identical_files(tmp_path, stream, kill):
     """Killed inside the low-rank pass (blocks before the kill are low-rank files, the ones after
-    still narrowed) or inside GPTQ after it: the skeleton is rebuilt from the files' layouts."""
+    still narrowed) or inside GPTQ after both: the blocks take their files' layouts again (a
+    streamed skeleton on meta, a resident model's modules) and the run ends with the same files."""
     source = save_model(tmp_path / "model")
     stages = RESHAPED.replace("beta: auto, trials: 3", "beta: 0.02")
-    whole = write_recipe(tmp_path / "whole.yaml", source, tmp_path / "whole", stages=stages)
+    whole = write_recipe(tmp_path / "whole.yaml", source, tmp_path / "whole", stages=stages, stream=stream)
     assert run_cli(whole).returncode == 0
-    killed = write_recipe(tmp_path / "killed.yaml", source, tmp_path / "killed", stages=stages)
+    killed = write_recipe(tmp_path / "killed.yaml", source, tmp_path / "killed", stages=stages, stream=stream)
     assert run_cli(killed, env={KILL_AFTER: kill}).returncode == -9
     resumed = run_cli(killed, quiet=False)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
