@@ -16,6 +16,7 @@ streamed run holds one block at a time, so its peak memory does not depend on th
     python benchmarks/stream_recipe.py --only stream                  # the 7B, ~70 min on 2 cores
     python benchmarks/stream_recipe.py --size 3b --only stream memory  # 2.5 B, streamed and in memory: identical files?
     python benchmarks/stream_recipe.py --blocks 4                     # 4 of 32 blocks, + resume
+    python benchmarks/stream_recipe.py --size 3b --blocks 8 --stages restructured --only stream memory
 
 Writes benchmarks/results/stream_recipe-<size>.json and .md.
 """
@@ -41,17 +42,32 @@ from stream_memory import digests, make_model  # noqa: E402
 RESULTS = HERE / "results"
 
 
-def recipe(folder: Path, out: Path, stream: bool, blocks: int, dtype: str) -> dict:
+def stages(kind: str, blocks: int) -> list[dict]:
+    # ATP's legal range shrinks with depth (beta <= 1 / (L - 1) at 50%): a fixed fifth of it
+    beta = round(0.2 / (blocks - 1), 5)
+    if kind == "restructured":  # widths differ per block (no output biases: llama.cpp's llama graph reads per-block widths, not biases)
+        return [
+            {"kind": "structured", "ratio": 0.2, "allocation": {"kind": "atp", "beta": round(beta / 2, 5)}, "bias_compensation": False},
+            {"kind": "lowrank", "method": "asvd", "ratio": 0.2, "allocation": {"kind": "atp", "beta": round(beta / 2, 5)}},
+            {"kind": "quantize", "method": "gptq", "bits": 4, "group_size": 128},
+        ]
+    return [
+        {"kind": "prune", "method": "wanda", "sparsity": 0.5, "allocation": {"kind": "atp", "beta": beta}},
+        {"kind": "quantize", "method": "gptq", "bits": 4, "group_size": 128},
+    ]
+
+
+STAGES = {"sparse-gptq": "ATP Wanda 50% -> GPTQ 4-bit g128 -> HF GPTQ + GGUF q4_0",
+          "restructured": "ATP structured 20% (heads and channels) -> ATP ASVD low-rank 20% -> GPTQ 4-bit g128 -> HF layout folder + GGUF q4_0"}
+
+
+def recipe(folder: Path, out: Path, stream: bool, blocks: int, dtype: str, kind: str = "sparse-gptq") -> dict:
     return {
         "name": out.name, "seed": 0, "calibration_dtype": "bfloat16",
         "model": {"source": str(folder), "stream": stream, "dtype": dtype},
         "data": {"calibration": {"source": "python-docs", "nsamples": 16, "seqlen": 512},
                  "evaluation": {"source": "python-docs", "nsamples": 4, "seqlen": 512}},
-        "stages": [
-            # ATP's legal range shrinks with depth (beta <= 1 / (L - 1) at 50%): a fixed fifth of it
-            {"kind": "prune", "method": "wanda", "sparsity": 0.5, "allocation": {"kind": "atp", "beta": round(0.2 / (blocks - 1), 5)}},
-            {"kind": "quantize", "method": "gptq", "bits": 4, "group_size": 128},
-        ],
+        "stages": stages(kind, blocks),
         "eval": {"perplexity": True, "dense": False},
         "export": {"hf": True, "gguf": {"types": ["q4_0"]}},
         "output_dir": str(out),
@@ -98,7 +114,7 @@ def run(path: Path, env: dict | None = None) -> subprocess.CompletedProcess:
 def measure(args, folder: Path, tag: str, stream: bool, env: dict | None = None) -> tuple[dict, Path]:
     out = args.work / f"out-{tag}"
     path = args.work / f"{out.name}.yaml"
-    path.write_text(yaml.safe_dump(recipe(folder, out, stream, args.blocks, args.dtype), sort_keys=False))
+    path.write_text(yaml.safe_dump(recipe(folder, out, stream, args.blocks, args.dtype, args.stages), sort_keys=False))
     start = time.perf_counter()
     with DiskPeak(args.work, f"*{out.name}*") as disk:
         done = run(path, env)
@@ -124,7 +140,7 @@ def measure(args, folder: Path, tag: str, stream: bool, env: dict | None = None)
 
 def table(saved: dict) -> str:
     lines = [f"# The whole recipe streamed: {saved.get('size', '7b')} shapes", "",
-             "ATP Wanda 50% -> GPTQ 4-bit g128 -> HF GPTQ + GGUF q4_0 (every check on), 16 x 512 calibration tokens, "
+             f"{STAGES[saved.get('stages', 'sparse-gptq')]} (every check on), 16 x 512 calibration tokens, "
              f"random {saved.get('dtype', 'float32')} weights on disk and in the run (logits with trained-like margins: "
              "stream_memory.make_model(peaked=True)); one `compress run` process at a time on 2 cores; peak RSS = VmHWM.", ""]
     for r in saved["rows"]:
@@ -158,16 +174,18 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="the weights on disk and model.dtype (float32 needs ~85 GB of disk at 32 blocks: source, one "
                         "version of every block, the base GGUF)")
+    p.add_argument("--stages", default="sparse-gptq", choices=sorted(STAGES), help="; ".join(f"{k}: {v}" for k, v in STAGES.items()).replace("%", "%%"))
     p.add_argument("--work", type=Path, default=Path("/tmp/atp-stream-recipe"))
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     folder = args.work / f"llama-{args.size}-{args.blocks}blocks-{args.dtype}"
     make_model(args.size, folder, args.dtype, args.blocks, peaked=True)
-    target = RESULTS / f"stream_recipe-{args.size}.json"
+    name = f"stream_recipe-{args.size}" + ("" if args.stages == "sparse-gptq" else f"-{args.stages}")
+    target = RESULTS / f"{name}.json"
     saved = json.loads(target.read_text()) if target.is_file() else {"rows": []}
     if saved.get("dtype", "float32") != args.dtype or saved.get("blocks") != args.blocks:
         saved = {"rows": []}  # rows of another model are not comparable
-    saved.update(dtype=args.dtype, blocks=args.blocks, size=args.size)
+    saved.update(dtype=args.dtype, blocks=args.blocks, size=args.size, stages=args.stages)
 
     def keep(row):
         print(json.dumps(row), flush=True)
@@ -183,13 +201,14 @@ def main() -> None:
         a, b = digests(outs["stream"]), digests(outs["memory"])
         saved["identical"] = {"files": len(a), "same": a == b}
     if "resume" in args.only:
-        row, killed = measure(args, folder, "killed", True, {KILL_AFTER: f"1:{max(args.blocks // 2 - 1, 0)}"})
+        gptq = len(stages(args.stages, args.blocks)) - 1
+        row, killed = measure(args, folder, "killed", True, {KILL_AFTER: f"{gptq}:{max(args.blocks // 2 - 1, 0)}"})
         resumed, _ = measure(args, folder, "killed", True)
         whole = outs.get("stream") or measure(args, folder, "stream", True)[1]
         saved["resume"] = {"killed_after_block": max(args.blocks // 2 - 1, 0), "kill_status": row["status"], "resumed_status": resumed["status"],
                            "files_identical": resumed["status"] == 0 and digests(killed) == digests(whole)}
     target.write_text(json.dumps(saved, indent=2) + "\n")
-    (RESULTS / f"stream_recipe-{args.size}.md").write_text(table(saved))
+    (RESULTS / f"{name}.md").write_text(table(saved))
     for out in outs.values():  # the runs' files are GBs: keep the disk for the next one
         shutil.rmtree(out, ignore_errors=True)
 

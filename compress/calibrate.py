@@ -233,7 +233,8 @@ def sequential(
                     hidden = outputs
                 del work
                 if changed and finish is not None and store.finishes_in_pass:
-                    finish(i, block)
+                    with torch.inference_mode(False), torch.no_grad():  # new modules: plain tensors, as after the pass
+                        finish(i, block)
             if last:
                 break
             if changed:

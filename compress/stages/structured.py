@@ -344,6 +344,10 @@ def slice_block(model, block: Block, bias_slots: set[str]) -> None:
     q_rows = torch.cat([torch.arange(g * rep * hd, (g + 1) * rep * hd) for g in groups.tolist()])
     kv_rows = torch.cat([torch.arange(g * hd, (g + 1) * hd) for g in groups.tolist()])
     channels = _kept(gate.weight, up.weight, down.weight.t())
+    zero_slots = [p for p in ("o_proj", "down_proj") if block.names[p] in bias_slots and block.get(model, p).bias is not None
+                  and not block.get(model, p).bias.any()]
+    if len(groups) == kv and len(channels) == gate.weight.shape[0] and not zero_slots:
+        return  # finished already (a resident store finishes every block after the stage's pass: compress/blocks.py)
     for part, module, rows, cols in (("q_proj", q, q_rows, None), ("k_proj", k, kv_rows, None), ("v_proj", v, kv_rows, None),
                                      ("o_proj", o, None, q_rows), ("gate_proj", gate, channels, None),
                                      ("up_proj", up, channels, None), ("down_proj", down, None, channels)):
