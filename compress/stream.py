@@ -41,12 +41,13 @@ STREAMED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # final norm at mode
 
 
 class WeightSource:
-    """Tensor name -> file of an HF folder's safetensors; tensors read one at a time (mmap)."""
+    """Tensor name -> file of an HF folder's safetensors (or of a compress.layout folder's);
+    tensors read one at a time (mmap)."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
+        index = next((f for f in (self.folder / "model.safetensors.index.json", self.folder / layout.INDEX_FILE) if f.is_file()), None)
+        if index is not None:
             weight_map = json.loads(index.read_text())["weight_map"]
             self.files = {name: self.folder / f for name, f in weight_map.items()}
         else:
@@ -131,6 +132,8 @@ def load_streamed(source: str, dtype: torch.dtype, staging: Path):
         raise CompressError(f"model.stream: {config.model_type} is not streamed yet (streamed: {', '.join(STREAMED_FAMILIES)})")
     with init_empty_weights(include_buffers=False):  # parameters on meta; rotary buffers computed for real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if not gguf_file and layout.is_layout_folder(folder):  # a restructured model (an earlier run's export)
+        layout.rebuild(model, layout.read(folder))
     check_supported(model)
     model.eval()
     weights = GgufWeightSource(path, model) if gguf_file else WeightSource(path)

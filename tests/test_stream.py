@@ -226,6 +226,23 @@ def test_streamed_structured_and_lowrank_equal_the_in_memory_run(tmp_path):
     assert all(torch.equal(t, mem[k]) for k, t in reloaded.state_dict().items() if k in mem)
 
 
+def test_a_restructured_folder_streams_as_it_loads_in_memory(tmp_path):
+    """An earlier run's layout folder (narrowed, low-rank; sharded when it was streamed) is a
+    source a streamed run reads block by block: the same pruned tensors as in memory."""
+    source = save_model(tmp_path / "model")
+    first = write_recipe(tmp_path / "first.yaml", source, tmp_path / "first",
+                         stages="  - {kind: structured, ratio: 0.25, channel_multiple: 8}\n  - {kind: lowrank, ratio: 0.2}\n")
+    engine.run(load_recipe(first), first)
+    for stream in (False, True):
+        path = write_recipe(tmp_path / f"r{stream}.yaml", tmp_path / "first", tmp_path / f"out-{stream}",
+                            stages="  - {kind: prune, method: wanda, sparsity: 0.5}\n", stream=stream)
+        engine.run(load_recipe(path), path)
+    mem, streamed = layout_weights(tmp_path / "out-False"), layout_weights(tmp_path / "out-True")
+    assert set(mem) == set(streamed) == set(layout_weights(tmp_path / "first"))
+    assert all(torch.equal(mem[k], streamed[k]) for k in mem)
+    assert any(k.endswith("down_proj.up.weight") and (mem[k] == 0).float().mean() >= 0.45 for k in mem)
+
+
 @pytest.mark.parametrize("stream, kill", [(True, "1:2"), (True, "2:1"), (False, "1:2"), (False, "2:1")])
 def test_a_run_killed_inside_a_reshaping_stage_or_after_it_resumes_to_identical_files(tmp_path, stream, kill):
     """Killed inside the low-rank pass (blocks before the kill are low-rank files, the ones after
