@@ -149,12 +149,12 @@ def weight_files(folder: Path) -> list[Path]:
 
 def save(model, tokenizer, folder: Path, layout: dict[str, dict]) -> None:
     """Dense weights of a restructured model: model.layout.safetensors + layout.json + config."""
-    from safetensors.torch import save_file
-
+    from compress import tensor_files
     from compress.export.sparse import unique_tensors
 
     tensors, _ = unique_tensors(model)
-    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt", "atp_compress": FORMAT})
+    # safetensors' save_file orders the metadata as a hash map does: the same model gave different bytes
+    tensor_files.save({k: t.detach().cpu() for k, t in tensors.items()}, folder / WEIGHTS_FILE, {"format": "pt", "atp_compress": FORMAT})
     write(folder, layout)
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:

@@ -23,9 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from compress import layout
+from compress import layout, tensor_files
 from compress.errors import CompressError
 from compress.tokenizer_files import save_tokenizer
 
@@ -93,7 +92,8 @@ def save_sparse(model, tokenizer, folder: Path) -> dict:
             compressed.append(name)
         else:
             out[name] = tensor
-    save_file(out, str(folder / WEIGHTS_FILE), metadata={"format": "pt", "atp_compress": FORMAT})
+    # not safetensors' save_file: it orders the metadata as a hash map does (same model, different bytes)
+    tensor_files.save({k: t.detach().cpu() for k, t in out.items()}, folder / WEIGHTS_FILE, {"format": "pt", "atp_compress": FORMAT})
     shapes = layout.describe(model)
     if shapes:
         layout.write(folder, shapes)
