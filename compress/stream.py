@@ -134,6 +134,8 @@ def load_streamed(source: str, dtype: torch.dtype, staging: Path):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if not gguf_file and layout.is_layout_folder(folder):  # a restructured model (an earlier run's export)
         layout.rebuild(model, layout.read(folder))
+    if not gguf_file:
+        model.generation_config = generation_config(folder)
     check_supported(model)
     model.eval()
     weights = GgufWeightSource(path, model) if gguf_file else WeightSource(path)
@@ -149,6 +151,18 @@ def load_streamed(source: str, dtype: torch.dtype, staging: Path):
         model.tie_weights()
     model.block_store = StreamedBlocks(model, weights, staging, dtype)
     return model, AutoTokenizer.from_pretrained(folder, **gguf_file), path
+
+
+def generation_config(folder: Path):
+    """The folder's generation config as from_pretrained reads it (its file, else config.json's
+    generation fields), so that a streamed run's export writes the in-memory run's file: the one
+    from_config builds also lists output_attentions / output_hidden_states."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(folder)
+    except OSError:
+        return GenerationConfig.from_pretrained(folder, config_file_name="config.json", _from_model_config=True)
 
 
 # ---------------------------------------------------------------- evaluation and export
