@@ -133,8 +133,10 @@ def measure(args, name: str, stream: bool) -> dict:
 
 
 def digests(folder: Path) -> dict[str, str]:
+    """sha256 of every output file, gguf/ included, but the ones carrying times."""
     skip = {"results.json", "metadata.json", "report.md"}
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file() and p.name not in skip}
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in skip}
 
 
 def resume_check(args, name: str) -> dict:
