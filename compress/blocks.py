@@ -209,16 +209,11 @@ class BlockStore:
     def reshape(self, i: int, path: Path | None) -> None:
         """Block i's modules rebuilt (uninitialised) where they differ from the layout of the block
         file `path` (None: the source's), so that its tensors fit them."""
-        from compress.layout import build
+        from compress.layout import rebuild
 
         target = written(path, LAYOUT) or self.source_specs[i]
-        block = self.blocks[i]
-        current = block_specs(block)
-        weight = next(block.parameters())
-        for name, spec in target.items():
-            if current.get(name) != spec:
-                parent, _, child = name.rpartition(".")
-                setattr(block.get_submodule(parent), child, build(spec, weight.dtype, weight.device))
+        current = block_specs(self.blocks[i])
+        rebuild(self.blocks[i], {name: spec for name, spec in target.items() if current.get(name) != spec})
 
     # ------------------------------------------------------------ stages
 

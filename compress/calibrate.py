@@ -186,9 +186,9 @@ def sequential(
     collected: what compress gathers as it goes (plain values: numbers, strings, lists, dicts),
     saved with each checkpoint and put back when a killed pass resumes.
     finish(i, block): a changed block into its final form (low-rank modules, narrowed
-    projections) once its outputs are propagated, where the store finishes blocks in their pass
-    (streamed: the block is about to leave memory); a resident store's stage calls
-    store.finish(finish) after the pass instead (compress/blocks.py).
+    projections) once its outputs are propagated, before the store writes it; not during a
+    resident store's beta-search trial (it restores the modules it began with): the stage calls
+    store.finish(finish) after the search (compress/blocks.py).
     Each block is taken from the model's block store (compress/blocks.py) for its turn and handed
     back, changed or not: a streamed model holds one block in memory at a time; a pass that
     changes weights checkpoints as it goes, so that a killed run resumes inside it.

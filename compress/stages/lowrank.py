@@ -21,8 +21,9 @@ other's remainder).
 During the stage (and every beta-search trial) each Linear holds the dense equivalent in place,
 with its factors in `module.low_rank_factors`, so later blocks calibrate on compressed outputs and
 the search restores a trial like any other stage's; then each one is replaced by a
-compress.layout.LowRankLinear, so the returned model is physically smaller: a streamed block as it
-leaves memory, resident blocks after the pass or search (compress/blocks.py: finish). Layers are
+compress.layout.LowRankLinear, so the returned model is physically smaller: each block once its
+outputs are propagated, or, in a beta search over blocks held in memory, after the search
+(compress/blocks.py: finish). Layers are
 looked up by name at each use, since a streamed block's modules are rebuilt to the layout of the
 file it is read from.
 

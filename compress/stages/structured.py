@@ -14,8 +14,9 @@ removed, W[:, removed] @ mean(x[removed]), is added to o_proj's / down_proj's bi
 
 Units are first zeroed in place (exactly what removal computes: a zeroed column of o or down
 contributes nothing), so that beta-search trials can restore the weights like any other stage;
-then the projections are sliced to the kept rows and columns: a streamed block as it leaves
-memory, resident blocks after the pass or search (compress/blocks.py: finish). The new shapes
+then the projections are sliced to the kept rows and columns: each block once its outputs are
+propagated, or, in a beta search over blocks held in memory, after the search
+(compress/blocks.py: finish). The new shapes
 differ per block; compress/layout.py saves and reloads them.
 
 Entry point: apply(model, ctx, cfg) -> (model, StructuredRecord).
@@ -347,7 +348,7 @@ def slice_block(model, block: Block, bias_slots: set[str]) -> None:
     zero_slots = [p for p in ("o_proj", "down_proj") if block.names[p] in bias_slots and block.get(model, p).bias is not None
                   and not block.get(model, p).bias.any()]
     if len(groups) == kv and len(channels) == gate.weight.shape[0] and not zero_slots:
-        return  # finished already (a resident store finishes every block after the stage's pass: compress/blocks.py)
+        return  # finished in the pass already (store.finish goes over every block: compress/blocks.py)
     for part, module, rows, cols in (("q_proj", q, q_rows, None), ("k_proj", k, kv_rows, None), ("v_proj", v, kv_rows, None),
                                      ("o_proj", o, None, q_rows), ("gate_proj", gate, channels, None),
                                      ("up_proj", up, channels, None), ("down_proj", down, None, channels)):
