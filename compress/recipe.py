@@ -164,6 +164,19 @@ class Recipe(Config):
         return self
 
     @model_validator(mode="after")
+    def _grid_files_have_grids(self):
+        """A GGUF `grid` file writes the quantize stage's llama.cpp block formats; without a stage
+        that makes them it would fail after all the compression (or write nothing of its own)."""
+        if self.export.gguf is None or "grid" not in self.export.gguf.types:
+            return self
+        makers = [stage for stage in self.stages if stage.kind == "quantize" or getattr(stage, "quantize", None) is not None]
+        if not any((stage.quantize if stage.kind == "prune" else stage).writes_block_formats() for stage in makers):
+            raise ValueError("export.gguf.types: grid writes the llama.cpp block formats a quantize stage put the weights on, and no "
+                             "stage does (add a quantize stage with grid: q4_0 / q4_k / ..., or GPTQ / RTN 4 or 8 bits, "
+                             "group_size 32, sym); or name a type such as q4_0")
+        return self
+
+    @model_validator(mode="after")
     def _streamed_runs(self):
         """What a streamed run can do: prune, quantize (gptq / rtn, integer grids or llama.cpp's
         block formats), lowrank and structured stages with every allocation, perplexity and
@@ -232,12 +245,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise CompressError(f"recipe {path}: cannot read: {err.strerror or err}") from None
     if not text.strip():
         raise CompressError(f"{path}: the recipe is empty; write {{}} to run every default")
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise CompressError(f"{where}: not valid YAML: {getattr(err, 'problem', err)}") from err
+    raw = read_yaml(text, path)
     if not isinstance(raw, dict):
         raise CompressError(f"{path}: a recipe is a mapping of sections (model, data, stages, ...), got {type(raw).__name__}")
     for item in overrides:
@@ -247,6 +255,59 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     except ValidationError as err:
         first = err.errors()[0]
         raise CompressError(describe_error(first, raw, text, path, len(err.errors()))) from err
+
+
+def read_yaml(text: str, path: Path):
+    """yaml.safe_load, but a mapping that gives one key twice is an error (safe_load keeps the
+    last value silently). The text is composed once, checked, then constructed from the same
+    nodes with the SafeLoader's constructor: no code runs, and anchors are walked once each."""
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            duplicate = first_duplicate_key(node)
+            if duplicate is not None:
+                keys, line, first_line = duplicate
+                raise CompressError(f"{path}:{line}: {format_path(keys)}: the key is given twice (first on line {first_line}); "
+                                    "keep one")
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise CompressError(f"{where}: not valid YAML: {getattr(err, 'problem', err)}") from err
+
+
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def first_duplicate_key(root: yaml.Node) -> tuple[list, int, int] | None:
+    """(key path, line, line of its first occurrence) of the first key (in the text) that a mapping
+    gives twice, or None. Keys brought in by a merge (<<: *anchor) may be given again: that is how
+    YAML overrides them. A node reached twice through an alias is checked once."""
+    seen, todo, found = set(), [(root, [])], []
+    while todo:
+        node, keys = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            lines: dict = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == MERGE_TAG or not isinstance(key_node, yaml.ScalarNode):
+                    todo.append((value_node, keys))
+                    continue
+                key, line = (key_node.tag, key_node.value), key_node.start_mark.line + 1
+                if key in lines:
+                    found.append(([*keys, key_node.value], line, lines[key]))
+                lines.setdefault(key, line)
+                todo.append((value_node, [*keys, key_node.value]))
+        elif isinstance(node, yaml.SequenceNode):
+            todo.extend((item, [*keys, i]) for i, item in enumerate(node.value))
+    return min(found, key=lambda f: f[1], default=None)
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -278,10 +339,14 @@ def apply_override(raw: dict, item: str) -> None:
 
 def describe_error(error: dict, raw, text: str, path: Path, count: int) -> str:
     keys = yaml_path(error["loc"], raw)
+    message = error["msg"].removeprefix("Value error, ")
+    named = re.match(r"([A-Za-z_]\w*(?:\.\w+|\[\d+\])*): ", message) if not keys else None
+    if named:  # a check across sections (the Recipe's own validators) names the key it is about
+        keys = parse_path(named.group(1))
+        message = message[named.end():]
     dotted = format_path(keys)
     line = line_of(text, keys)
     where = f"{path}:{line}" if line else str(path)
-    message = error["msg"].removeprefix("Value error, ")
     if error["type"] not in ("missing", "extra_forbidden", "union_tag_invalid") and "input" in error:
         given = error["input"]
         if not isinstance(given, (dict, list)) and "got " not in message:  # never name the value twice
@@ -308,6 +373,11 @@ def yaml_path(loc: tuple, raw) -> list:
             keys.append(item)  # a missing key: still part of the path
             node = None
     return keys
+
+
+def parse_path(dotted: str) -> list:
+    """format_path's inverse: "stages[0].allocation" -> ["stages", 0, "allocation"]."""
+    return [int(part[1:-1]) if part.startswith("[") else part for part in re.findall(r"\[\d+\]|[^.\[\]]+", dotted)]
 
 
 def format_path(keys: list) -> str:

@@ -72,6 +72,53 @@ def test_bad_recipes_name_the_problem(tmp_path, text, expected):
         load_recipe(write(tmp_path, text))
 
 
+DUPLICATED = """\
+    stages:
+      - kind: prune
+        sparsity: 0.5
+        method: wanda
+        sparsity: 0.9
+"""
+
+
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path):
+    with pytest.raises(CompressError, match=r"^.*r\.yaml:5: stages\[0\]\.sparsity: the key is given twice \(first on line 3\); keep one$"):
+        load_recipe(write(tmp_path, DUPLICATED))
+    with pytest.raises(CompressError, match=r"r\.yaml:2: model: the key is given twice \(first on line 1\)"):
+        load_recipe(write(tmp_path, "model: {dtype: bfloat16}\nmodel: {dtype: float32}\n"))
+
+
+def test_merged_keys_may_be_given_again(tmp_path):
+    # a key brought in by a merge and given again is YAML's override, not a duplicate
+    text = """\
+        stages:
+          - &p {kind: prune, method: wanda, sparsity: 0.5}
+          - <<: *p
+            sparsity: 0.6
+    """
+    r = load_recipe(write(tmp_path, text))
+    assert [s.target for s in r.stages] == [0.5, 0.6] and r.stages[1].method == "wanda"
+
+
+@pytest.mark.parametrize("stages,ok", [
+    ("[{kind: prune, sparsity: 0.5}]", False),
+    ("[{kind: quantize, method: rtn}]", False),  # int4 g128: not a block format
+    ("[{kind: quantize, bits: 4, group_size: 32, act_order: true}]", False),  # scattered groups
+    ("[{kind: quantize, method: bnb}]", False),
+    ("[{kind: quantize, grid: q4_k}]", True),
+    ("[{kind: quantize, bits: 4, group_size: 32}]", True),  # Q4_0 as it stands
+    ("[{kind: quantize, method: rtn, bits: 8, group_size: 32}]", True),  # Q8_0
+    ("[{kind: prune, method: sparsegpt, sparsity: 0.5, quantize: {bits: 4, group_size: 32}}]", True),
+])
+def test_a_grid_gguf_file_needs_a_stage_that_makes_block_formats(tmp_path, stages, ok):
+    path = write(tmp_path, f"stages: {stages}\nexport:\n  gguf: {{types: [f16, grid]}}\n")
+    if ok:
+        assert load_recipe(path).export.gguf.types == ["f16", "grid"]
+    else:
+        with pytest.raises(CompressError, match=r"r\.yaml:3: export\.gguf\.types: grid writes the llama\.cpp block formats"):
+            load_recipe(path)
+
+
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(CompressError, match="recipe file not found"):
         load_recipe(tmp_path / "nope.yaml")

@@ -101,6 +101,10 @@ RECIPE_CASES = [
     ("export: {{gguf: {{types: [q5_9]}}}}", "export.gguf.types[0]: Input should be 'f32', 'f16'"),
     ("export: {{gguf: {{types: [f16, f16]}}}}", "export.gguf.types: each type once"),
     ("export: {{gguf: {{types: []}}}}", "export.gguf.types: List should have at least 1 item"),
+    # ambiguous recipes: a key given twice (the second used to win silently), a grid file without grids
+    ("stages: [{{kind: prune, sparsity: 0.5, sparsity: 0.9}}]", ":3: stages[0].sparsity: the key is given twice (first on line 3); keep one"),
+    ("export: {{gguf: {{types: [grid]}}}}", ":3: export.gguf.types: grid writes the llama.cpp block formats a quantize stage put"),
+    ("stages: [{{kind: quantize, bits: 4, group_size: 128}}]\nexport: {{gguf: {{types: [grid]}}}}", ":4: export.gguf.types: grid writes"),
     # a tokenizer trained here: llama.cpp's converter does not know how it splits words (or is not installed)
     ("export: {{gguf: true}}", "export.gguf: llama.cpp's converter"),
     ("export: {{onnx: {{kv_cache: perhaps}}}}", "export.onnx.kv_cache: Input should be a valid boolean"),

@@ -75,6 +75,10 @@ class JointQuant(Config):
     def grid(self) -> Grid:
         return Grid(self.bits, self.group_size, self.sym)
 
+    def writes_block_formats(self) -> bool:
+        """Q4_0 / Q8_0 as they stand (see QuantizeConfig.writes_block_formats)."""
+        return self.bits in (4, 8) and self.group_size == 32 and self.sym
+
 
 class PruneConfig(Config):
     kind: Literal["prune"] = "prune"

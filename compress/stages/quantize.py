@@ -153,6 +153,18 @@ class QuantizeConfig(Config):
             return sum(self.allocation.bits) / len(self.allocation.bits)
         return 4.0 if self.bits is None else float(self.bits)
 
+    def writes_block_formats(self) -> bool:
+        """Some layer may end on one of llama.cpp's block formats (what a GGUF `grid` file writes):
+        a `grid`, or symmetric GPTQ / RTN codes of 4 or 8 bits in groups of 32 in column order
+        (Q4_0 / Q8_0 as they stand)."""
+        if self.method == "bnb":
+            return False
+        if self.grid is not None:
+            return True
+        widths = self.allocation.bits if isinstance(self.allocation, ExplicitBits) else (
+            allocate.BIT_WIDTHS if isinstance(self.allocation, AtpAllocation) else [self.target_bits])
+        return self.group_size == 32 and self.sym and self.act_order is not True and any(b in (4, 8) for b in widths)
+
     @property
     def column_order(self) -> bool | str:
         return "group" if self.act_order is None else self.act_order
