@@ -44,12 +44,13 @@ def step_cell(entry) -> str:
 
 
 def table(measured: dict) -> str:
-    head = ["family", "real tokenizer", "llama.cpp arch", "Wanda ATP -> GPTQ", *(f"GGUF {t}" for t in TYPES),
+    head = ["family", "real tokenizer", "llama.cpp arch", "tokenizer.json only -> GGUF + ONNX", "Wanda ATP -> GPTQ", *(f"GGUF {t}" for t in TYPES),
             "structured ATP -> GGUF", "structured uniform -> GGUF", "its GGUF as model.source"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for family in [f for f in ORDER if f in measured] + sorted(set(measured) - set(ORDER)):
         row = measured[family]
-        cells = [family, VOCAB.get(row.get("tokenizer"), row.get("tokenizer", "?")), row.get("arch", "?"), step_cell(row.get("prune + gptq")),
+        cells = [family, VOCAB.get(row.get("tokenizer"), row.get("tokenizer", "?")), row.get("arch", "?"),
+                 step_cell(row.get("tokenizer.json only")), step_cell(row.get("prune + gptq")),
                  *(file_cell(row.get(t)) for t in TYPES), step_cell(row.get("structured")), step_cell(row.get("structured uniform")),
                  step_cell(row.get("gguf source"))]
         lines.append("| " + " | ".join(cells) + " |")

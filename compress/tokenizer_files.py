@@ -15,6 +15,7 @@ space is put first), so the file is rebuilt field for field.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -40,37 +41,106 @@ def is_sentencepiece(path: Path) -> bool:
 
 def model_proto(path: Path) -> bytes:
     """The serialized tokenizer.model for a GGUF file whose tokenizer is SentencePiece's."""
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
     fields = tokenizer_fields(path)
     tokens = fields["tokenizer.ggml.tokens"]
-    scores = fields.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
-    types = fields.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
-    unk = fields.get("tokenizer.ggml.unknown_token_id", 0)
+    special = {name: fields.get(f"tokenizer.ggml.{key}_token_id", -1)
+               for name, key in (("unk", "unknown"), ("bos", "bos"), ("eos", "eos"), ("pad", "padding"))}
+    return sentencepiece_proto(tokens, fields.get("tokenizer.ggml.scores") or [0.0] * len(tokens),
+                               fields.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens), special,
+                               bool(fields.get("tokenizer.ggml.add_space_prefix", True)))
+
+
+def sentencepiece_proto(pieces: list[str], scores: list[float], types: list[int], special: dict[str, int], add_prefix: bool) -> bytes:
+    """A SentencePiece BPE ModelProto (what tokenizer.model holds): pieces with their scores and
+    types, the unk / bos / eos / pad ids (-1: none), and whether a space is put before the text."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    unk = special.get("unk", -1)
     proto = pb.ModelProto()
-    for i, (piece, score, kind) in enumerate(zip(tokens, scores, types)):
+    for i, (piece, score, kind) in enumerate(zip(pieces, scores, types)):
         # SentencePiece allows one UNKNOWN piece, <unk>; some GGUF files mark <unk> CONTROL and
         # their padding pieces ([PAD32011]...) UNKNOWN
         kind = UNKNOWN if i == unk else UNUSED if kind == UNKNOWN else int(kind)
         proto.pieces.add(piece=piece, score=float(score), type=kind)
     spec = proto.trainer_spec
     spec.model_type = BPE
-    spec.vocab_size = len(tokens)
+    spec.vocab_size = len(pieces)
     spec.byte_fallback = BYTE in types
-    spec.unk_id = unk
-    spec.bos_id = fields.get("tokenizer.ggml.bos_token_id", -1)
-    spec.eos_id = fields.get("tokenizer.ggml.eos_token_id", -1)
-    spec.pad_id = fields.get("tokenizer.ggml.padding_token_id", -1)
     for name in ("unk", "bos", "eos", "pad"):
-        i = getattr(spec, f"{name}_id")
+        i = special.get(name, -1)
+        setattr(spec, f"{name}_id", i)
         if i >= 0:
-            setattr(spec, f"{name}_piece", tokens[i])
+            setattr(spec, f"{name}_piece", pieces[i])
     norm = proto.normalizer_spec
     norm.name = "identity"
-    norm.add_dummy_prefix = bool(fields.get("tokenizer.ggml.add_space_prefix", True))
+    norm.add_dummy_prefix = add_prefix
     norm.remove_extra_whitespaces = False
     norm.escape_whitespaces = True
     return proto.SerializeToString()
+
+
+def is_sentencepiece_json(tokenizer_json: dict) -> bool:
+    """tokenizer.json holds a SentencePiece BPE vocabulary (Llama 2, Mistral, Phi-3, Gemma): BPE
+    with byte fallback over pieces that spell a space as "▁" (byte-level BPE, Llama 3's or Qwen's,
+    has neither)."""
+    model = tokenizer_json.get("model") or {}
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback")) and any("▁" in piece for piece in model.get("vocab", {}))
+
+
+def proto_from_tokenizer_json(tokenizer_json: dict, special_tokens: dict[str, str | None]) -> bytes:
+    """tokenizer.model for a SentencePiece vocabulary known only from its tokenizer.json;
+    special_tokens: {"unk" | "bos" | "eos" | "pad": the token's text or None}.
+
+    A SentencePiece BPE tokenizer (and llama.cpp's, which reads the same file) merges the adjacent
+    pair whose joined piece has the highest score; tokenizer.json's BPE merges the pair listed
+    first. The merges of such a tokenizer.json are the SentencePiece merges in score order (how
+    transformers converts a tokenizer.model), so a piece's score is minus the rank of the first
+    merge that makes it, and pieces no merge makes (characters, bytes, specials) score below every
+    merge. The added tokens become CONTROL (special) or USER_DEFINED pieces at their ids."""
+    model = tokenizer_json["model"]
+    vocab: dict[str, int] = model["vocab"]
+    added = {t["id"]: t for t in tokenizer_json.get("added_tokens", [])}
+    size = max([*vocab.values(), *added]) + 1
+    pieces, scores, types = [f"[PAD{i}]" for i in range(size)], [0.0] * size, [UNUSED] * size
+    rank: dict[str, int] = {}
+    for k, merge in enumerate(model.get("merges", [])):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank.setdefault(left + right, k)
+    for piece, i in vocab.items():
+        pieces[i] = piece
+        scores[i] = -float(rank.get(piece, len(rank)))
+        types[i] = BYTE if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece) else NORMAL
+    for i, token in added.items():
+        pieces[i] = token["content"]
+        types[i] = CONTROL if token.get("special") else USER_DEFINED
+    ids = {piece: i for i, piece in enumerate(pieces)}
+    special = {name: ids.get(text, -1) if text else -1 for name, text in special_tokens.items()}
+    if special.get("unk", -1) < 0 and model.get("unk_token") in ids:
+        special["unk"] = ids[model["unk_token"]]
+    # the space SentencePiece puts before the text: Llama 2's normalizer prepends it, the Metaspace
+    # pre-tokenizer transformers writes adds it unless its scheme is "never"; Gemma does neither
+    steps = json.dumps([tokenizer_json.get("normalizer"), tokenizer_json.get("pre_tokenizer")])
+    add_prefix = '"Prepend"' in steps or ('"Metaspace"' in steps and '"prepend_scheme": "never"' not in steps)
+    return sentencepiece_proto(pieces, scores, types, special, add_prefix)
+
+
+def model_from_tokenizer_json(folder: Path) -> bool:
+    """Write folder/tokenizer.model from folder/tokenizer.json when that holds a SentencePiece
+    vocabulary and the folder has no tokenizer.model (many fine-tuned Llama 2 / Mistral / Phi-3
+    folders): llama.cpp's converter reads such vocabularies, with their scores, only from
+    tokenizer.model. True when written."""
+    model_file, json_file = folder / "tokenizer.model", folder / "tokenizer.json"
+    if model_file.is_file() or not json_file.is_file():
+        return False
+    tokenizer_json = json.loads(json_file.read_text(encoding="utf-8"))
+    if not is_sentencepiece_json(tokenizer_json):
+        return False
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    text = lambda token: token.get("content") if isinstance(token, dict) else token  # noqa: E731
+    special = {name: text(config.get(f"{name}_token")) for name in ("unk", "bos", "eos", "pad")}
+    model_file.write_bytes(proto_from_tokenizer_json(tokenizer_json, special))
+    return True
 
 
 def prefixes_space(path: Path) -> bool:

@@ -107,8 +107,10 @@ def needs_llama_cpp(cfg: GgufExport) -> list[str]:
 
 
 def save_tokenizer(tokenizer, folder: Path) -> None:
-    """The tokenizer's files with its tokenizer.model, and the USER_DEFINED pieces listed."""
+    """The tokenizer's files with its tokenizer.model (built from tokenizer.json where the model
+    came without one), and the USER_DEFINED pieces listed."""
     tokenizer_files.save_tokenizer(tokenizer, folder)
+    tokenizer_files.model_from_tokenizer_json(folder)
     tokenizer_files.list_user_defined(folder)
 
 

@@ -3,6 +3,7 @@ is freed, so that no check ever holds two models."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -22,11 +23,24 @@ SAMPLE_TEXT = (
 )
 
 
+def sample_specials(tokenizer=None) -> list[str]:
+    """The special tokens sample_text writes out: the tokenizer's EOS and BOS."""
+    return list(dict.fromkeys(t for t in (getattr(tokenizer, "eos_token", None), getattr(tokenizer, "bos_token", None)) if t))
+
+
 def sample_text(tokenizer=None) -> str:
     """SAMPLE_TEXT with the tokenizer's EOS and BOS written out on a line of their own (each
     tokenizer must parse them as its special tokens, not as text)."""
-    specials = [t for t in (getattr(tokenizer, "eos_token", None), getattr(tokenizer, "bos_token", None)) if t]
-    return SAMPLE_TEXT.format(special="".join(f"{t}\n" for t in dict.fromkeys(specials)))
+    return SAMPLE_TEXT.format(special="".join(f"{t}\n" for t in sample_specials(tokenizer)))
+
+
+def sample_pieces(tokenizer) -> list[tuple[str, list[int]]]:
+    """sample_text cut before and after each special token, each piece with the tokenizer's ids
+    of it alone: what a runtime is compared with where it treats the text after a special token
+    as a new text (llama.cpp's SentencePiece tokenizer, see export/gguf_check.py)."""
+    specials = sample_specials(tokenizer)
+    parts = re.split("(" + "|".join(map(re.escape, specials)) + ")", sample_text(tokenizer)) if specials else [sample_text(tokenizer)]
+    return [(part, tokenizer(part, add_special_tokens=False).input_ids) for part in parts if part]
 
 
 @dataclass
@@ -44,6 +58,8 @@ class Reference:
     sample_ids: list[int] | None = None  # the HF tokenizer's ids of sample_text (special tokens in it parsed, none added)
     sample_ids_added: list[int] | None = None  # ... with the BOS / EOS the tokenizer adds by itself
     greedy_margins: torch.Tensor | None = None  # (g,) the model's top-1 minus top-2 logit at each greedy step
+    # sample_text cut at its special tokens: (piece, the HF tokenizer's ids of that piece alone)
+    sample_pieces: list[tuple[str, list[int]]] | None = None
 
 
 def forward_logits(model, tokens: torch.Tensor) -> torch.Tensor:
@@ -89,7 +105,8 @@ def take_reference(model, tokens: torch.Tensor, tokenizer=None, evaluation: torc
     text = sample_text(tokenizer)
     ids = tokenizer(text, add_special_tokens=False).input_ids if tokenizer is not None else None
     added = tokenizer(text).input_ids if tokenizer is not None else None
-    return Reference(tokens, logits, param.dtype, param.device, prompt, greedy, evaluation, ppl, bos, text, ids, added, margins)
+    pieces = sample_pieces(tokenizer) if tokenizer is not None else None
+    return Reference(tokens, logits, param.dtype, param.device, prompt, greedy, evaluation, ppl, bos, text, ids, added, margins, pieces)
 
 
 def reference_for_run(model, tokenizer, segments: dict, check_windows: int) -> Reference:

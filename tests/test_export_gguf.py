@@ -151,6 +151,32 @@ def test_tokenization_check_names_the_first_token_that_differs():
         gguf_check.check_tokenization(FakeLlama([1, 2, 7, 4]), ref)
 
 
+class PieceLlama:
+    """llama.cpp's SentencePiece rule: the text after a special token starts with a space again."""
+
+    def __init__(self, metadata):
+        self.metadata = metadata
+        self.table = {b"a": [5], b"</s>": [2], b"b": [6], b"a</s>b": [5, 2, 7]}  # "▁b" after </s>, not "b"
+
+    def tokenize(self, text, add_bos, special):
+        return ([1] if add_bos else []) + self.table[text]
+
+
+def test_tokenization_after_a_special_token_is_compared_piece_by_piece_for_sentencepiece_files():
+    from compress.export.reference import Reference
+
+    ref = Reference(None, None, None, None, None, None, sample_text="a</s>b", sample_ids=[5, 2, 6], sample_ids_added=[1, 5, 2, 6],
+                    sample_pieces=[("a", [5]), ("</s>", [2]), ("b", [6])])
+    out = gguf_check.check_tokenization(PieceLlama({"tokenizer.ggml.model": "llama"}), ref)
+    assert out["tokenization_equal"] == "piece by piece" and out["first_difference_whole"] == 2
+    with pytest.raises(CompressError, match=r"differs from the HF tokenizer's at token 2"):  # a byte-level BPE file has no such rule
+        gguf_check.check_tokenization(PieceLlama({"tokenizer.ggml.model": "gpt2"}), ref)
+    with pytest.raises(CompressError, match=r"gguf adds \(\[1\], \[\]\) .* the HF tokenizer \(\[\], \[\]\)"):
+        gguf_check.check_tokenization(PieceLlama({"tokenizer.ggml.model": "llama"}), Reference(
+            None, None, None, None, None, None, sample_text="a</s>b", sample_ids=[5, 2, 6], sample_ids_added=[5, 2, 6],
+            sample_pieces=ref.sample_pieces))
+
+
 def test_greedy_check_accepts_a_different_token_only_where_the_model_nearly_tied():
     from compress.export.reference import Reference
 

@@ -98,10 +98,48 @@ def test_family_prunes_quantises_and_runs_in_llama_cpp(tmp_path, folders, family
     write_row(RESULTS, family.name, "arch", gguf["arch"])
     write_row(RESULTS, family.name, "tokenizer", family.vocab)
     write_row(RESULTS, family.name, "prune + gptq", "works")
+    if family not in SENTENCEPIECE:  # byte-level BPE: tokenizer.json is the only tokenizer file such a folder has
+        write_row(RESULTS, family.name, "tokenizer.json only", {"ok": True, "detail": "its only tokenizer file (byte-level BPE)"})
     for kind, c in checked.items():
         detail = "GPTQ blocks exact" if files[kind]["how"] == gguf_export.GRID_WRITTEN else ""
         write_row(RESULTS, family.name, kind, {"ok": True, "ppl": round(c["perplexity"] / c["reference_perplexity"], 4),
                                                "greedy_equal": c["greedy_equal"], "detail": detail})
+
+
+SENTENCEPIECE = [f for f in FAMILIES if f.vocab in ("llama-spm", "phi-3", "gemma3")]
+
+
+@pytest.mark.parametrize("family", SENTENCEPIECE, ids=family_id)
+def test_family_from_a_folder_with_tokenizer_json_alone(tmp_path, folders, family):
+    """The family's folder without tokenizer.model (as many fine-tuned Llama 2 / Mistral / Phi-3
+    folders are), tokenizer_config naming the class the family's repository names: magnitude 50%
+    -> GGUF f16 + q8_0 + ONNX, every check on. The converter gets a tokenizer.model built from
+    tokenizer.json; the byte-level BPE families (Llama 3, Qwen) never have one, so the first test
+    covers them."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(folders(family), folder, ignore=shutil.ignore_patterns("tokenizer.model", "added_tokens.json"))
+    if family.vocab == "llama-spm":
+        config = folder / "tokenizer_config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "tokenizer_class": "LlamaTokenizer"}))
+    path = write_recipe(tmp_path / "json-only.yaml", folder, ["{kind: prune, method: magnitude, sparsity: 0.5}"],
+                        "{hf: false, gguf: {types: [f16, q8_0]}, onnx: true, check_windows: 2}", tmp_path / "out")
+    status, output = run_cli("run", path, "-q")
+    assert status == 0, output
+    assert not (folder / "tokenizer.model").exists()  # built for the converter only, never beside the user's files
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    gguf = results["export"]["gguf"]
+    assert gguf["arch"] == family.arch and set(gguf["files_checked"]) == {"f16", "q8_0"}
+    for kind, c in gguf["files_checked"].items():
+        assert c["tokenization_equal"] in (True, "piece by piece") and c["sample_tokens"] > 100, (kind, c)
+        assert c["perplexity"] == pytest.approx(c["reference_perplexity"], rel=0.1), (kind, c)
+    assert gguf["files_checked"]["f16"]["relative"] < LOGIT_TOLERANCE["f16"]
+    onnx = results["export"]["onnx"]
+    assert onnx["checked"] and onnx["tokenizer"]["equal"] and onnx["parity"]["within_tolerance"] and onnx["greedy"]["equal"]
+    how = gguf["files_checked"]["f16"]["tokenization_equal"]
+    write_row(RESULTS, family.name, "tokenizer.json only", {"ok": True, "detail": "tokenization equal" if how is True else
+                                                            "tokenization equal piece by piece between special tokens"})
 
 
 DECI = [f for f in FAMILIES if f.arch in ("llama", "qwen2")]

@@ -5,8 +5,11 @@ models, and what compress.model loads a GGUF file's tokenizer as."""
 import pytest
 
 import families
+from compress.export import llama_convert
 from compress.model import gguf_tokenizer
-from compress.tokenizer_files import is_sentencepiece, list_user_defined, model_proto, prefixes_space, save_tokenizer
+from compress.tokenizer_files import (is_sentencepiece, list_user_defined, llama_tokenizer, model_from_tokenizer_json, model_proto,
+                                      prefixes_space, save_tokenizer)
+from conftest import needs_converter
 
 
 def vocab(name: str):
@@ -66,3 +69,86 @@ def test_gemma_user_defined_pieces_are_listed_for_the_converter(tmp_path, vocab_
 
     added = json.loads((tmp_path / "added_tokens.json").read_text())
     assert added["\n\n"] == 108 and len(added) > 100
+
+
+# ---------------------------------------------------------------- folders with tokenizer.json alone
+
+
+def json_only_folder(folder, name: str, made_by: str):
+    """A folder with the vocabulary's tokenizer.json and no tokenizer.model, as many fine-tuned
+    Llama 2 / Mistral / Phi-3 folders are: written as the family's repository writes it, or by
+    transformers' own conversion of the GGUF file."""
+    from transformers import AutoTokenizer
+
+    path = vocab(name)
+    tokenizer = llama_tokenizer(path) if made_by == "repository" else AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer.save_pretrained(folder)
+    assert (folder / "tokenizer.json").is_file() and not (folder / "tokenizer.model").exists()
+    return tokenizer
+
+
+def llama_cpp_vocab(folder, tokenizer, model_type: str):
+    """The converter's vocab-only GGUF of folder, opened in llama.cpp."""
+    import json
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    family = families.Family("x", model_type, "", model_type)
+    arch = {"llama": "LlamaForCausalLM", "phi3": "Phi3ForCausalLM"}[model_type]
+    (folder / "config.json").write_text(json.dumps({"architectures": [arch], "model_type": model_type, **families.family_config(family, len(tokenizer))}))
+    out = llama_convert.convert(folder, folder / "vocab.gguf", "f32", folder / "converter.log", vocab_only=True)
+    return llama_cpp.Llama(str(out), vocab_only=True, verbose=False)
+
+
+@needs_converter
+@pytest.mark.parametrize("made_by", ["repository", "transformers"])
+@pytest.mark.parametrize("name,model_type", [("llama-spm", "llama"), ("phi-3", "phi3")])
+def test_a_sentencepiece_vocabulary_known_only_from_tokenizer_json_reaches_llama_cpp_intact(tmp_path, name, model_type, made_by):
+    """tokenizer.model built from tokenizer.json (scores from the merge ranks): SentencePiece
+    itself and llama.cpp's file made from it tokenize every one of llama.cpp's reference cases as
+    expected, whichever tool wrote the tokenizer.json."""
+    import sentencepiece
+
+    tokenizer = json_only_folder(tmp_path, name, made_by)
+    assert model_from_tokenizer_json(tmp_path) and not model_from_tokenizer_json(tmp_path)  # once, never over a file
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    assert processor.vocab_size() >= 32000 and mismatches(processor.encode, name) == []
+    llm = llama_cpp_vocab(tmp_path, tokenizer, model_type)
+    try:
+        assert mismatches(lambda t: llm.tokenize(t.encode(), add_bos=False, special=False), name) == []
+    finally:
+        llm.close()
+
+
+@needs_converter
+def test_which_side_was_wrong_at_token_51(tmp_path):
+    """The evidence for the fix, on llama.cpp's 46 Llama-SPM reference cases: the converter's
+    fallback for a folder without tokenizer.model (every piece scored -1000) splits 16 of them
+    otherwise (the GGUF was wrong); transformers 5's LlamaTokenizer class, which Llama 2 and
+    Mistral repositories name, splits 15 otherwise (runs of spaces: " " -> [259]), whatever
+    tokenizer.json holds, so it is no reference for those cases either. "\\n\\n  Indented" (the
+    sample's token 51) is one of the first kind: SentencePiece gives ▁ + ▁Ind, as the HF side did."""
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    tokenizer = json_only_folder(tmp_path / "folder", "llama-spm", "repository")
+    llm = llama_cpp_vocab(tmp_path / "folder", tokenizer, "llama")
+    try:
+        fallback = mismatches(lambda t: llm.tokenize(t.encode(), add_bos=False, special=False), "llama-spm")
+    finally:
+        llm.close()
+    assert len(fallback) >= 10
+    config = tmp_path / "folder" / "tokenizer_config.json"
+    import json
+
+    config.write_text(json.dumps({**json.loads(config.read_text()), "tokenizer_class": "LlamaTokenizer"}))
+    as_repositories_name_it = AutoTokenizer.from_pretrained(tmp_path / "folder")
+    assert len(mismatches(lambda t: as_repositories_name_it(t, add_special_tokens=False).input_ids, "llama-spm")) >= 10
+    processor = sentencepiece.SentencePieceProcessor(model_proto=model_proto(vocab("llama-spm")))
+    assert processor.encode("\n\n  Indented")[-4:] == [13, 29871, 1894, 14927]  # ▁ ▁Ind ented
+
+
+def test_byte_level_bpe_folders_get_no_tokenizer_model(tmp_path, vocab_folder):
+    import shutil
+
+    shutil.copytree(vocab_folder("qwen2"), tmp_path / "qwen2")
+    assert not model_from_tokenizer_json(tmp_path / "qwen2") and not (tmp_path / "qwen2" / "tokenizer.model").exists()
