@@ -81,9 +81,11 @@ def _block_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def capture_inputs(model: nn.Module, tokens: torch.Tensor, dtype: torch.dtype | None = None) -> BlockInputs:
+def capture_inputs(model: nn.Module, tokens: torch.Tensor, dtype: torch.dtype | None = None, skip_blocks: bool = False) -> BlockInputs:
     """Block-0 inputs of every segment (kept in `dtype`, the calibration passes' dtype, when
-    given: no second copy in the model's dtype), and each block's extra arguments.
+    given: no second copy in the model's dtype), and each block's extra arguments. skip_blocks:
+    record the extras without running the blocks' arithmetic (always so for a streamed or
+    onloaded model; needed where the blocks' dtype differs from the embeddings').
 
     The extra arguments (attention mask, rotary embeddings, position ids) depend only on the
     segment length, not on its text, so one full forward of the first segment records them for
@@ -109,7 +111,7 @@ def capture_inputs(model: nn.Module, tokens: torch.Tensor, dtype: torch.dtype | 
 
     tokens = tokens.to(next(model.parameters()).device)
     # a streamed model's blocks are not in memory; an onloaded one's are in CPU RAM, too slow to run whole
-    skip_blocks = not store_of(model).resident or devices.of(model) is not None
+    skip_blocks = skip_blocks or not store_of(model).resident or devices.of(model) is not None
     with no_cache(model):
         handles = [b.register_forward_pre_hook(record_extras(i), with_kwargs=True) for i, b in enumerate(blocks)]
         with hooks(handles), passthrough(blocks, skip_blocks):

@@ -202,6 +202,7 @@ def write_shards(model, dest: Path, stem: str = "model") -> list[str]:
         name = f"{stem}-{i + 2:05d}-of-{n:05d}.safetensors"
         staged = store.final(i)
         if staged is not None:
+            (dest / name).unlink(missing_ok=True)  # a link left by an export that failed before a resume
             try:
                 os.link(staged, dest / name)
             except OSError:  # another file system

@@ -351,11 +351,13 @@ def row_order(file_rows: np.ndarray, model_rows: np.ndarray) -> np.ndarray | Non
 
 
 def matrices(model):
-    """(hf name, float32 (rows, cols) weight) of every 2-D tensor the file holds, dense products
-    for low-rank modules."""
+    """(hf name, float32 (rows, cols) weight) of every 2-D tensor the file holds, as the converter's
+    folder holds it: dense products for low-rank modules, rounded to the base type as written
+    there (the product of two bfloat16 factors is not a bfloat16 matrix)."""
+    dtype = DTYPE[base_type(model)]
     for name, tensor in dense_state(model):
         if tensor.dim() == 2:
-            yield name, tensor.detach().float().cpu()
+            yield name, tensor.detach().to(dtype).float().cpu()
 
 
 def row_orders(base: Path, model, arch: str) -> dict[str, tuple[str, np.ndarray]]:

@@ -76,9 +76,10 @@ INSTALL_HINT = "pip install 'atp-compress[onnx]'"
 # SmolLM2-135M (30 layers): 1e-4 leaves room for deeper models, while a wrong mask, position or
 # weight shows up at 1e-2 and above.
 RELATIVE_TOLERANCE = 1e-4
-# A bfloat16 / float16 model is exported in float32 (ORT's CPU kernels lack bfloat16): its logits
-# differ by its own rounding, as the quantised HF formats' do (export/hf.py).
-LOW_PRECISION_TOLERANCE = 2e-2
+# A bfloat16 / float16 model is exported in float32 (ORT's CPU kernels lack bfloat16, and float32
+# holds its weights exactly): it is held to the same bound against the reference's float32 forward
+# of those weights (export/reference.py), not against torch's 16-bit one, whose own rounding of
+# every activation was measured at 12% of the largest logit on a compressed bfloat16 SmolLM2.
 PERPLEXITY_WINDOWS = 8  # ORT perplexity is informative only; more windows cost time, not trust
 EXAMPLE_BATCH, EXAMPLE_SEQUENCE, EXAMPLE_PAST = 2, 8, 5  # > 1: torch.export specialises sizes 0 and 1
 
@@ -399,9 +400,8 @@ def check(dest: Path, info: dict, ref, cfg: OnnxExport) -> dict:
     One session at a time: each holds its own copy of the weights."""
     if importlib.util.find_spec("onnxruntime") is None:
         return {"checked": False, "reason": f"onnxruntime is not installed: {INSTALL_HINT}"}
-    strict = ref.dtype == torch.float32
     prefill = session(dest / info["graphs"]["prefill"])
-    result = {"checked": True, "runtime": runtime_version(), "parity": logit_parity(prefill, ref, strict)}
+    result = {"checked": True, "runtime": runtime_version(), "parity": logit_parity(prefill, ref)}
     parity = result["parity"]
     if not parity["within_tolerance"]:
         raise CompressError(f"export check failed: onnx prefill logits differ by {parity['max_abs_logit_diff']:g} "
@@ -416,10 +416,9 @@ def check(dest: Path, info: dict, ref, cfg: OnnxExport) -> dict:
     else:
         step = rerun_step(prefill)
     tokens = greedy(prompt, prompt_outputs, step, ref.greedy.shape[1], suppressed_tokens(dest))
-    # a bfloat16 / float16 model's own rounding may change its greedy path: recorded, not required
-    result["greedy"] = {"equal": bool(torch.equal(tokens, ref.greedy)), "required": strict, "tokens": tokens[0].tolist(),
+    result["greedy"] = {"equal": bool(torch.equal(tokens, ref.greedy)), "required": True, "tokens": tokens[0].tolist(),
                         "reference": ref.greedy[0].tolist(), "graphs": "prefill + decode" if "decode" in info["graphs"] else "prefill only"}
-    if not result["greedy"]["equal"] and strict:
+    if not result["greedy"]["equal"]:
         raise CompressError(f"export check failed: onnx greedy generation gives {tokens[0].tolist()}, "
                             f"the model {ref.greedy[0].tolist()}")
     tokenizer = tokenizer_parity(dest, ref)
@@ -460,12 +459,12 @@ def run(sess, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = Non
     return sess.run(None, feeds)
 
 
-def logit_parity(prefill, ref, strict: bool) -> dict:
+def logit_parity(prefill, ref) -> dict:
     got = torch.from_numpy(run(prefill, ref.tokens)[0])
-    expected = ref.logits.float()
+    expected = ref.runtime_logits.float()  # ONNX Runtime computes in float32 (a 16-bit model is exported in float32)
     diff = (got - expected).abs().max().item()
     scale = expected.abs().max().item()
-    tolerance = (RELATIVE_TOLERANCE if strict else LOW_PRECISION_TOLERANCE) * scale
+    tolerance = RELATIVE_TOLERANCE * scale
     return {
         "max_abs_logit_diff": diff,
         "relative": diff / scale if scale else 0.0,

@@ -4,6 +4,7 @@ continuation and perplexity against the in-memory model, GPTQ grids written as Q
 Models here are tiny Llamas with Llama 2's real tokenizer; tests/test_gguf_families.py runs every
 family."""
 
+import copy
 import importlib.util
 import json
 import textwrap
@@ -20,6 +21,7 @@ from compress.errors import CompressError
 from compress.export import gguf as gguf_export
 from compress.export import gguf_check, llama_convert
 from compress.export.gguf import GgufExport
+from compress.export.gguf_check import LOGIT_TOLERANCE
 from compress.export.gguf_index import GgufIndex
 from compress.export.reference import take_reference
 from compress.export_run import export_run
@@ -227,6 +229,43 @@ def test_a_bfloat16_model_goes_through_a_bf16_base_that_is_the_model_exactly(tmp
     model = gptq(model, spm_tokenizer, tmp_path)
     info = export_and_check(tmp_path / "gptq", model, spm_tokenizer, ["q4_0"], check=False)
     assert info["files"]["q4_0"]["how"] == gguf_export.GRID_WRITTEN and info["weights"]["q4_0"] == {"tensors": 14, "identical": True}
+
+
+@needs_converter
+@needs_llama_cpp
+def test_a_bfloat16_low_rank_model_is_checked_against_the_float32_forward_of_its_weights(tmp_path, spm_tokenizer):
+    """llama.cpp computes a BF16 file in float32; torch rounds every activation of a bfloat16 model
+    (a low-rank layer's rank-r product too), so the GGUF check compares with the reference's
+    float32 forward of the same weights: on a compressed SmolLM2 (structured -> ASVD -> GPTQ,
+    bfloat16) torch's own forward was 4.64 from it, the file 0.62 (largest logit 39.5)."""
+    from compress.layout import LowRankLinear
+
+    model = model_for(spm_tokenizer)
+    attn = model.model.layers[0].self_attn
+    low = LowRankLinear(attn.q_proj.in_features, attn.q_proj.out_features, rank=16)
+    attn.q_proj = low
+    model = model.to(torch.bfloat16)
+    ref = reference(model, spm_tokenizer)
+    upcast = copy.deepcopy(model).float()
+    with torch.no_grad():
+        exact = upcast(ref.tokens, use_cache=False).logits
+    assert torch.equal(ref.float_logits, exact) and next(model.parameters()).dtype == torch.bfloat16
+    assert not torch.equal(ref.logits, ref.float_logits)  # torch's bfloat16 forward is not what llama.cpp computes
+    info = export_and_check(tmp_path, model, spm_tokenizer, ["bf16"])
+    checked = info["files_checked"]["bf16"]
+    assert checked["relative"] < LOGIT_TOLERANCE["bf16"] and checked["max_abs_logit_diff"] == pytest.approx(
+        float((torch.from_numpy(gguf_logits(tmp_path / "g" / "model-bf16.gguf", ref)) - ref.float_logits[0]).abs().max()), rel=1e-6)
+    assert checked["perplexity"] == pytest.approx(checked["reference_perplexity"], rel=2e-2)
+
+
+def gguf_logits(path, ref):
+    from compress.export.gguf_check import open_llama, window_logits
+
+    llm = open_llama(path, ref.tokens.shape[1])
+    try:
+        return window_logits(llm, ref.tokens[0].tolist())
+    finally:
+        llm.close()
 
 
 @needs_converter

@@ -83,6 +83,23 @@ def test_save_and_check(exported, tokenizer, arch):
     assert onnx_export.verify(model, folder, info, onnx_export.OnnxExport())["weights"]["identical"]
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_a_bfloat16_model_is_held_to_the_float32_bound(tokenizer, tmp_path, arch):
+    """Exported in float32 (exactly its weights), the graph is compared with the reference's float32
+    forward of those weights at the float32 bound, greedy path required, not with torch's
+    bfloat16 forward (whose own rounding is ~1e-2 of the largest logit here)."""
+    model = tiny_model(arch, LAYERS[arch]).to(torch.bfloat16)
+    info = onnx_export.save(model, tokenizer, tmp_path, onnx_export.OnnxExport(), tmp_path / "scratch")
+    ref = take_reference(model, probe(), tokenizer, evaluation=probe(seed=2, batch=3, length=16))
+    assert next(model.parameters()).dtype == torch.bfloat16  # the float32 pass leaves the model as it was
+    assert (ref.logits - ref.float_logits).abs().max() > 1e-3 * ref.float_logits.abs().max()  # torch's bf16 rounding
+    result = onnx_export.check(tmp_path, info, ref, onnx_export.OnnxExport())
+    assert result["parity"]["relative"] < 1e-5 and result["parity"]["tolerance"] == pytest.approx(
+        onnx_export.RELATIVE_TOLERANCE * ref.float_logits.abs().max().item())
+    assert result["greedy"]["required"] and result["greedy"]["equal"]
+    assert result["perplexity"]["relative_difference"] < 1e-5
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_dynamic_batch_length_and_left_padding(exported, arch):
     """Batch 3 and length 19 (traced at 2 x 8), one row left-padded by 5: real positions match torch."""

@@ -464,3 +464,27 @@ def test_tensor_files_are_read_by_safetensors_with_their_metadata(tmp_path):
     assert set(back) == set(tensors) and all(torch.equal(back[k], tensors[k]) for k in tensors)
     assert safe_open(tmp_path / "x.safetensors", "pt").metadata() == {"format": "pt", "note": "kept"}
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_streamed_run_whose_export_check_failed_resumes_over_the_shards_it_linked(tmp_path, monkeypatch):
+    """The HF folder's block shards are hard links to the block files; a run whose export check
+    failed keeps its staging folder, and running the recipe again writes the export over those
+    links (os.link refused the existing name, and the copy fallback then found the same file)."""
+    import dataclasses
+
+    from compress import export
+
+    source = save_model(tmp_path / "model", layers=2)
+    path = write_recipe(tmp_path / "r.yaml", source, tmp_path / "out", stages="  - {kind: prune, method: magnitude, sparsity: 0.5}\n")
+    hf = export.EXPORTERS["hf"]
+
+    def failing(*args):
+        raise CompressError("export check failed: on purpose")
+
+    monkeypatch.setitem(export.EXPORTERS, "hf", dataclasses.replace(hf, check=failing))
+    with pytest.raises(CompressError, match="on purpose"):
+        engine.run(load_recipe(path), path, [])
+    assert len(list(tmp_path.glob(".out.resume-*"))) == 1
+    monkeypatch.setitem(export.EXPORTERS, "hf", hf)
+    engine.run(load_recipe(path), path, [])
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["export"]["hf"]["weights"] == {"tensors": 18, "identical": True}
