@@ -57,7 +57,7 @@ INLINE = {
 RECIPES = {"quickstart": ROOT / "recipes" / "quickstart.yaml", "deploy": ROOT / "recipes" / "deploy.yaml", **INLINE}
 
 # what differs from run to run by nature: durations, memory readings, the commit, the host
-VOLATILE_KEYS = re.compile(r"(^|_)(seconds|s|time|started|finished|wall|peak.*|rss.*|memory|git|commit|host|hostname|load_average|date)$")
+VOLATILE_KEYS = re.compile(r"(^|_)(seconds|s|time|timings|started|finished|wall|peak.*|rss.*|memory|git|commit|host|hostname|load_average|date)$")
 
 
 def strip(value):
@@ -97,6 +97,10 @@ def digest(path: Path) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def digests(out: Path) -> dict[str, str]:
+    return {str(p.relative_to(out)): digest(p) for p in sorted(out.rglob("*")) if p.is_file()}
+
+
 def run(name: str, recipe: Path | str) -> dict[str, str]:
     out = RUNS / name
     if isinstance(recipe, str):
@@ -109,7 +113,7 @@ def run(name: str, recipe: Path | str) -> dict[str, str]:
     done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{name}: compress run failed:\n{done.stdout[-3000:]}")
-    return {str(p.relative_to(out)): digest(p) for p in sorted(out.rglob("*")) if p.is_file()}
+    return digests(out)
 
 
 def compare(a: str, b: str) -> int:
@@ -130,6 +134,7 @@ def main() -> int:
     parser.add_argument("--label")
     parser.add_argument("--recipes", nargs="*", default=list(RECIPES))
     parser.add_argument("--compare", nargs=2, metavar=("A", "B"))
+    parser.add_argument("--rehash", action="store_true", help="digest the runs already in runs/no_change again, without running")
     args = parser.parse_args()
     if args.compare:
         return compare(*args.compare)
@@ -139,7 +144,7 @@ def main() -> int:
     record_file = RESULTS / f"{args.label}.json"
     record = json.loads(record_file.read_text()) if record_file.is_file() else {}
     for name in args.recipes:
-        record[name] = run(name, RECIPES[name])
+        record[name] = digests(RUNS / name) if args.rehash else run(name, RECIPES[name])
         record_file.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         print(f"{name}: {len(record[name])} files")
     return 0
