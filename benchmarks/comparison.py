@@ -96,9 +96,9 @@ def measure_speed(args, run_dir: Path) -> bool:
     its results.json. False (and nothing read or written) when every file was timed already."""
     import torch
 
-    from compress.data import read_text
-    from compress.model import read_tokenizer
-    from compress.speed import llama_rates
+    from compress.data.segments import read_text
+    from compress.model.load import read_tokenizer
+    from compress.evaluation.speed import llama_rates
 
     path = run_dir / "results.json"
     results = json.loads(path.read_text())
@@ -133,7 +133,7 @@ def previous_rows() -> list[dict]:
 def write_table(args) -> None:
     """Rows from the run folders where present, else from the kept records; rows measured before
     records were kept (and whose run folders are gone) are carried over from the last table."""
-    from compress.compare import Entry, entries_from_args, write_comparison
+    from compress.reports.compare import Entry, entries_from_args, write_comparison
 
     previous = previous_rows()
     entries, carried = [], []

@@ -98,7 +98,7 @@ def block_matrix_bits(path: Path) -> float:
     import math
 
     import gguf
-    from compress.export.gguf_index import GgufIndex
+    from compress.model.gguf_file import GgufIndex
 
     index = GgufIndex(path)
     types, bits, count = index.types(), 0.0, 0

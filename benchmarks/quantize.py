@@ -111,10 +111,10 @@ def run_gptqmodel(args) -> dict:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     from gptqmodel import GPTQModel, QuantizeConfig
 
-    from compress.data import SegmentsConfig, build_segments
-    from compress.evaluate import perplexity
-    from compress.export.gptq import read_dequantized
-    from compress.model import load_model, read_tokenizer
+    from compress.data.segments import SegmentsConfig, build_segments
+    from compress.blocks.forward import perplexity
+    from compress.export.hf.gptq import read_dequantized
+    from compress.model.load import load_model, read_tokenizer
 
     tokenizer = read_tokenizer(str(args.folder))
     section = data_section(args.data)

@@ -138,8 +138,8 @@ def measure_speed(args, row: dict) -> dict:
     """torch fp32 tokens/s of the exported folder (prefill 512, decode 128), reloaded by our loader."""
     import torch
 
-    from compress.model import load_model
-    from compress.speed import torch_rates
+    from compress.model.load import load_model
+    from compress.evaluation.speed import torch_rates
 
     torch.set_num_threads(args.threads)
     model = load_model(str(args.runs / row["name"])).model

@@ -158,8 +158,8 @@ def dump_tokens(args) -> None:
     """The exact calibration and evaluation segments our runs use, for another tool to read."""
     import torch
 
-    from compress.data import SegmentsConfig, build_segments
-    from compress.model import load_model
+    from compress.data.segments import SegmentsConfig, build_segments
+    from compress.model.load import load_model
 
     tokenizer = load_model("smollm2-135m").tokenizer
     section = data_section(args.data)

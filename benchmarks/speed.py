@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from compress import speed
-from compress.speed import DECODE_NEW, PREFILL, PROMPT
+from compress.evaluation import speed
+from compress.evaluation.speed import DECODE_NEW, PREFILL, PROMPT
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "speed"
@@ -57,7 +57,7 @@ def parse_args():
 
 
 def load(name: str):
-    from compress.model import load_model
+    from compress.model.load import load_model
 
     loaded = load_model("smollm2-135m")
     if name == "smollm2":
@@ -75,7 +75,7 @@ def load(name: str):
 
 def prune(model, sparsity: float) -> None:
     """Magnitude per output row in every decoder-block Linear."""
-    from compress.model import block_linears, decoder_blocks
+    from compress.model.load import block_linears, decoder_blocks
 
     with torch.no_grad():
         for block in decoder_blocks(model):
@@ -91,8 +91,8 @@ def int4_copy(model):
     layout MatMulNBits stores; speed depends on the format, not on how the codes were chosen."""
     import copy
 
-    from compress.model import block_linears, decoder_blocks
-    from compress.quant import Grid, rtn
+    from compress.model.load import block_linears, decoder_blocks
+    from compress.algorithms.quant import Grid, rtn
 
     quantized = copy.deepcopy(model)
     with torch.no_grad():
@@ -105,7 +105,7 @@ def int4_copy(model):
 
 
 def tokens(tokenizer, n: int) -> list[int]:
-    from compress.data import read_text
+    from compress.data.segments import read_text
 
     ids = tokenizer(read_text("python-docs", "evaluation")[:200_000], add_special_tokens=False).input_ids
     return ids[:n]
@@ -199,7 +199,7 @@ def measure(args, model_name: str, sparsity: float) -> dict:
 
 
 def machine() -> dict:
-    from compress import runinfo
+    from compress.run import runinfo
 
     return {"machine": runinfo.machine(), "versions": runinfo.versions()}
 

@@ -55,7 +55,7 @@ def make_model(name: str, folder: Path, dtype: str, blocks: int | None = None, p
 
     if (folder / "model.safetensors.index.json").is_file():
         return
-    from compress.model import read_tokenizer
+    from compress.model.load import read_tokenizer
 
     hidden, inter, full, heads, kv = SIZES[name]
     blocks = blocks or full
@@ -140,7 +140,7 @@ def digests(folder: Path) -> dict[str, str]:
 
 
 def resume_check(args, name: str) -> dict:
-    from compress.blocks import KILL_AFTER
+    from compress.blocks.store import KILL_AFTER
 
     folder = args.work / f"llama-{name}"
     make_model(name, folder, args.dtype)

@@ -70,9 +70,9 @@ def run(
 ) -> None:
     """Run a recipe: compress, evaluate, export, and write a report into output_dir."""
     setup_logging(quiet)  # before the imports below: they import tqdm
-    from compress import engine
-    from compress.recipe import load_recipe
-    from compress.report import summary_table
+    from compress.run import engine
+    from compress.run.recipe import load_recipe
+    from compress.reports.report import summary_table
 
     overrides = set_ or []
     parsed = load_recipe(recipe, overrides)
@@ -89,8 +89,8 @@ def validate(
 ) -> None:
     """Check a recipe (schema, files, values) without loading a model."""
     setup_logging(False)
-    from compress.recipe import load_recipe
-    from compress.validate import check_recipe
+    from compress.run.recipe import load_recipe
+    from compress.run.validate import check_recipe
 
     parsed = load_recipe(recipe, set_ or [])
     for line in check_recipe(parsed, recipe):
@@ -118,8 +118,8 @@ def eval_(
     """Perplexity (every full window of a text, or the first --nsamples), zero-shot accuracy and
     tokens/s of a model or an exported file in its own runtime; JSON on stdout."""
     setup_logging(quiet)
-    from compress.eval_command import evaluate_source
-    from compress.model import DTYPES
+    from compress.run.eval_command import evaluate_source
+    from compress.model.load import DTYPES
 
     if dtype not in DTYPES:
         raise CompressError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -142,7 +142,7 @@ def compare(
 ) -> None:
     """Put finished runs side by side: one table (perplexity, zero-shot accuracy, size, speed) and plots."""
     setup_logging(quiet)
-    from compress.compare import entries_from_args, write_comparison
+    from compress.reports.compare import entries_from_args, write_comparison
 
     write_comparison(entries_from_args(items, run_missing), out)
     console.print(f"wrote {out}/comparison.md (and .csv, .json, plots)", highlight=False)
@@ -163,7 +163,7 @@ def sweep(
     """Run a template recipe over a grid of values (locally in parallel or on Ray), resume what
     finished, and write one comparison table. Exit status 1 if some run failed."""
     setup_logging(quiet)
-    from compress.sweep import sweep as run_sweep
+    from compress.run.sweep import sweep as run_sweep
 
     ray = ray or ray_address is not None
     if ray and jobs is not None:
@@ -190,7 +190,7 @@ def export_(
 ) -> None:
     """Export a finished run to another format, without compressing it again."""
     setup_logging(quiet)
-    from compress.export_run import export_run
+    from compress.run.reexport import export_run
 
     info = export_run(run_dir, to, type_ or [], format_, check, overwrite)
     notes = "; ".join(info.get("notes", []))
@@ -205,7 +205,7 @@ def install_converter(
     """Keep llama.cpp's HF -> GGUF converter (and its tokenizer test vocabularies) beside this
     install: pip fetches llama-cpp-python's source distribution, which carries them."""
     setup_logging(False)
-    from compress.export import llama_convert
+    from compress.export.gguf import convert as llama_convert
 
     console.print(f"llama.cpp's converter is in {escape(str(llama_convert.install(version)))}", highlight=False)
 

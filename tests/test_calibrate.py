@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from compress.calibrate import capture_inputs, no_cache, run_block, sequential
-from compress.model import decoder_blocks
-from compress.stats import Hessian, InputNorms
+from compress.blocks.runner import capture_inputs, no_cache, run_block, sequential
+from compress.model.load import decoder_blocks
+from compress.algorithms.stats import Hessian, InputNorms
 from conftest import TINY_CONFIGS, tiny_model
 
 

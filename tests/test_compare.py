@@ -8,10 +8,11 @@ import textwrap
 
 import pytest
 
-from compress import compare, engine, identity, pareto
+from compress.reports import compare, pareto
+from compress.run import engine, identity
 from compress.cli import app
 from compress.errors import CompressError
-from compress.recipe import load_recipe
+from compress.run.recipe import load_recipe
 from typer.testing import CliRunner
 
 
@@ -59,7 +60,7 @@ def no_model_loading(monkeypatch):
         raise AssertionError("compare loaded a model")
 
     monkeypatch.setattr(engine, "load_model", refuse)
-    monkeypatch.setattr("compress.model.load_model", refuse)
+    monkeypatch.setattr("compress.model.load.load_model", refuse)
     monkeypatch.setattr(engine, "run", refuse)
 
 

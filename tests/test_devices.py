@@ -10,8 +10,8 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from compress import devices
-from compress.model import decoder_blocks
+from compress.blocks import devices
+from compress.model.load import decoder_blocks
 from test_prune_stage import context
 from compress.stages import STAGES
 from conftest import tiny_model

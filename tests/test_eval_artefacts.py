@@ -6,9 +6,9 @@ import textwrap
 
 import pytest
 
-from compress import engine
+from compress.run import engine
 from compress.errors import CompressError
-from compress.recipe import load_recipe
+from compress.run.recipe import load_recipe
 
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'atp-compress[eval]')")
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'atp-compress[gguf]')")
@@ -106,7 +106,7 @@ def test_compress_eval_scores_a_gguf_file_in_llama_cpp(tmp_path, folder):
 
     from compress.cli import app
     from compress.export import gguf as gguf_export
-    from compress.model import load_model
+    from compress.model.load import load_model
 
     loaded = load_model(str(folder))
     gguf_export.save(loaded.model, loaded.tokenizer, tmp_path / "gguf", gguf_export.GgufExport(types=["f32"]), tmp_path / "scratch")

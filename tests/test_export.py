@@ -7,9 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from compress import engine
-from compress.export import hf, sparse
-from compress.recipe import load_recipe
+from compress.run import engine
+from compress.export import hf
+from compress.export.hf import sparse
+from compress.run.recipe import load_recipe
 from conftest import build_tokenizer, model_from_config
 
 
@@ -96,13 +97,13 @@ def test_sparse_export_in_a_run_reloads_identically_and_evaluates(tmp_path, wide
     result = engine.run(load_recipe(path), path)
     out, info = result.output_dir, result.results["export"]["hf"]
     assert info["kind"] == "sparse" and info["weights"]["identical"]
-    assert info["parity"]["identical"] and info["parity"]["loader"] == "compress.export.sparse.load_sparse"
+    assert info["parity"]["identical"] and info["parity"]["loader"] == "compress.export.hf.sparse.load_sparse"
     assert not (out / "model.safetensors").exists() and (out / sparse.WEIGHTS_FILE).is_file()
     assert result.results["size"]["files_mb"]["hf"] < 0.6 * result.results["size"]["dense_mb"]
     # every command that takes a model takes the folder: same perplexity as the run measured
-    from compress.data import build_segments
-    from compress.evaluate import perplexity
-    from compress.model import load_model
+    from compress.data.segments import build_segments
+    from compress.blocks.forward import perplexity
+    from compress.model.load import load_model
 
     loaded = load_model(str(out))
     d = load_recipe(path).data

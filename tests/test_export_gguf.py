@@ -15,17 +15,17 @@ import numpy as np
 import pytest
 import torch
 
-from compress import engine
-from compress.data import SegmentsConfig, build_segments
+from compress.run import engine
+from compress.data.segments import SegmentsConfig, build_segments
 from compress.errors import CompressError
 from compress.export import gguf as gguf_export
-from compress.export import gguf_check, llama_convert
+from compress.export.gguf import check as gguf_check, convert as llama_convert
 from compress.export.gguf import GgufExport
-from compress.export.gguf_check import LOGIT_TOLERANCE
-from compress.export.gguf_index import GgufIndex
+from compress.export.gguf.check import LOGIT_TOLERANCE
+from compress.model.gguf_file import GgufIndex
 from compress.export.reference import take_reference
-from compress.export_run import export_run
-from compress.recipe import load_recipe
+from compress.run.reexport import export_run
+from compress.run.recipe import load_recipe
 from conftest import build_tokenizer, model_from_config, needs_converter, needs_default_model
 
 needs_llama_cpp = pytest.mark.skipif(
@@ -47,7 +47,7 @@ def model_for(tokenizer, arch="llama", seed=0, sparsity=0.0, hidden=256):
 
 
 def gptq(model, tokenizer, tmp_path, bits=4, group_size=32):
-    from compress.context import StageContext
+    from compress.stages.context import StageContext
     from compress.stages.quantize import QuantizeConfig, apply
 
     calibration = build_segments({"calibration": SegmentsConfig(source="python-docs", nsamples=4, seqlen=64)}, tokenizer)["calibration"]
@@ -114,7 +114,7 @@ def test_row_order_pairs_each_file_row_with_the_models():
 
 
 def test_rope_permutation_interleaves_the_halves_of_each_head():
-    from compress.export.gguf_arch import permute_rows, unpermute_rows
+    from compress.export.gguf.arch import permute_rows, unpermute_rows
 
     w = torch.arange(8).float().reshape(8, 1)  # 2 heads of 4 rows: (0 1 | 2 3), (4 5 | 6 7)
     assert permute_rows(w, 2).flatten().tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
@@ -238,7 +238,7 @@ def test_a_bfloat16_low_rank_model_is_checked_against_the_float32_forward_of_its
     (a low-rank layer's rank-r product too), so the GGUF check compares with the reference's
     float32 forward of the same weights: on a compressed SmolLM2 (structured -> ASVD -> GPTQ,
     bfloat16) torch's own forward was 4.64 from it, the file 0.62 (largest logit 39.5)."""
-    from compress.layout import LowRankLinear
+    from compress.model.layout import LowRankLinear
 
     model = model_for(spm_tokenizer)
     attn = model.model.layers[0].self_attn
@@ -259,7 +259,7 @@ def test_a_bfloat16_low_rank_model_is_checked_against_the_float32_forward_of_its
 
 
 def gguf_logits(path, ref):
-    from compress.export.gguf_check import open_llama, window_logits
+    from compress.export.gguf.check import open_llama, window_logits
 
     llm = open_llama(path, ref.tokens.shape[1])
     try:
@@ -374,7 +374,7 @@ def test_a_gptq_grid_that_is_not_q4_0_is_requantised_by_llama_cpp_and_says_so(tm
 @needs_llama_cpp
 @needs_default_model
 def test_smollm2_gguf_matches_in_llama_cpp(tmp_path):
-    from compress.model import load_model
+    from compress.model.load import load_model
 
     loaded = load_model("smollm2-135m")
     info = export_and_check(tmp_path, loaded.model, loaded.tokenizer, ["f16", "q8_0", "q4_k_m"])
@@ -430,7 +430,7 @@ def test_compress_export_checks_on_the_windows_the_run_used(tmp_path, spm_folder
 @needs_converter
 @needs_llama_cpp
 def test_compress_export_on_a_finished_run(tmp_path, spm_folder):
-    from compress.export import sparse
+    from compress.export.hf import sparse
 
     path = recipe(tmp_path, spm_folder, "[{kind: prune, method: wanda, sparsity: 0.6}]", "{hf: true}")
     out = engine.run(load_recipe(path), path).output_dir
@@ -457,7 +457,7 @@ def test_compress_export_of_a_gptq_run_keeps_the_grid(tmp_path, spm_folder):
     out = engine.run(load_recipe(path), path).output_dir
     info = export_run(out, "gguf", ["q4_0"], check=False)
     assert info["files"]["q4_0"]["how"] == gguf_export.GRID_WRITTEN
-    from compress.export.gptq import read_dequantized
+    from compress.export.hf.gptq import read_dequantized
 
     down = read_dequantized(out)["model.layers.1.mlp.down_proj"]
     assert np.array_equal(GgufIndex(out / "gguf" / "model-q4_0.gguf").values("blk.1.ffn_down.weight"), down.numpy())

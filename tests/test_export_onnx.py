@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from compress.errors import CompressError
 from compress.export import onnx as onnx_export
 from compress.export.reference import take_reference
-from compress.quant import Grid, rtn
+from compress.algorithms.quant import Grid, rtn
 from conftest import tiny_model
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'atp-compress[onnx]')")
@@ -194,8 +194,8 @@ def test_quantised_layers_run_as_matmul_nbits_exactly(tokenizer, tmp_path):
     q4_0 / q8_0 block formats become MatMulNBits, whose codes and scales decode to the model's
     weights bit for bit; 3-bit codes and K-quants stay dense, named. ORT's logits and greedy
     path are the model's, through prefill and decode; the graphs hold the codes, not floats."""
-    from compress import ggml_formats
-    from compress.export import onnx_nbits
+    from compress.algorithms import ggml_formats
+    from compress.export.onnx import nbits as onnx_nbits
 
     model = tiny_model("llama", 2)
     first, second = model.model.layers

@@ -13,13 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-from compress import layout
-from compress.data import SegmentsConfig, build_segments
+from compress.model import layout
+from compress.data.segments import SegmentsConfig, build_segments
 from compress.errors import CompressError
 from compress.export import gguf as gguf_export
-from compress.export import gguf_arch
+from compress.export.gguf import arch as gguf_arch
 from compress.export.gguf import GgufExport
-from compress.export.gguf_index import GgufIndex
+from compress.model.gguf_file import GgufIndex
 from compress.export.reference import take_reference
 from conftest import has_converter, model_from_config, tiny_model
 
@@ -220,7 +220,7 @@ def test_quantised_types_on_narrow_rows_fall_back_and_still_match(tmp_path, gguf
 
 @needs_llama_cpp
 def test_gptq_grid_on_narrow_rows_goes_in_block_for_block_except_partial_rows(tmp_path, gguf_tokenizer):
-    from compress.context import StageContext
+    from compress.stages.context import StageContext
     from compress.stages.quantize import QuantizeConfig, apply
 
     model = restructured("llama", hidden=256, channels=(512, 320, 200), lowrank=False)

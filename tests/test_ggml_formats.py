@@ -10,10 +10,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from compress import allocate
-from compress.export import gguf_pack
-from compress.ggml_formats import FORMATS, GgufState, choose, fitting, ladder_of, rtn
-from compress.obs import gptq_quantize
+from compress.algorithms import allocate
+from compress.export.gguf import pack as gguf_pack
+from compress.algorithms.ggml_formats import FORMATS, GgufState, choose, fitting, ladder_of, rtn
+from compress.algorithms.obs import gptq_quantize
 from conftest import model_from_config, needs_converter
 
 # bits per weight as stored (ggml-common.h block sizes): what a file of each format costs
@@ -108,7 +108,7 @@ def test_atp_over_formats_gives_more_bits_early_and_never_exceeds_the_budget():
 def test_atp_over_formats_counts_the_fallbacks_in_the_budget():
     """SmolLM2's blocks: six 576-column matrices (q4_k -> q5_0 at 5.5 bits, q3_k -> q4_0 at 4.5) and
     one 1536-column down projection (true K-quants). The file's real bits stay within the target."""
-    from compress.ggml_formats import stored_bits_per_weight
+    from compress.algorithms.ggml_formats import stored_bits_per_weight
 
     names = ladder_of("q4_k")
     ladder = tuple(FORMATS[n].bits_per_weight for n in names)
@@ -156,8 +156,8 @@ def test_quantize_config_with_a_grid():
 def test_the_quantize_stage_on_grids_records_formats_and_fallbacks(tmp_path, tokenizer):
     """An MLP of 320 channels: its down projection has rows of 320, not whole Q4_K blocks, and
     takes Q5_0 as llama.cpp would; the other matrices are Q4_K (hidden 256)."""
-    from compress.context import StageContext
-    from compress.data import SegmentsConfig, build_segments
+    from compress.stages.context import StageContext
+    from compress.data.segments import SegmentsConfig, build_segments
     from compress.stages.quantize import QuantizeConfig, apply
 
     model = model_from_config("llama", vocab_size=len(tokenizer), hidden_size=256, intermediate_size=320, num_hidden_layers=2,
@@ -179,10 +179,10 @@ def test_the_quantize_stage_on_grids_records_formats_and_fallbacks(tmp_path, tok
 def test_a_gptq_q4_k_model_goes_into_gguf_block_for_block(tmp_path, spm_tokenizer):
     """`types: [grid]` writes every gridded matrix as its own Q4_K blocks; `q4_k_m` is llama.cpp's
     mix, and carries ours wherever that mix chose Q4_K. Both decode to the model's weights."""
-    from compress.context import StageContext
-    from compress.data import SegmentsConfig, build_segments
+    from compress.stages.context import StageContext
+    from compress.data.segments import SegmentsConfig, build_segments
     from compress.export import gguf as gguf_export
-    from compress.export.gguf_index import GgufIndex
+    from compress.model.gguf_file import GgufIndex
     from compress.export.reference import take_reference
     from compress.stages.quantize import QuantizeConfig, apply
 
@@ -209,8 +209,8 @@ def test_a_gptq_q4_k_model_goes_into_gguf_block_for_block(tmp_path, spm_tokenize
 def test_formats_by_depth_are_searched_on_the_validation_text(tmp_path, tokenizer):
     """allocation atp with beta auto over the K-quant family: each trial's plan a list of formats,
     scored on the validation windows; the chosen plan spends at most the budget."""
-    from compress.context import StageContext
-    from compress.data import SegmentsConfig, build_segments
+    from compress.stages.context import StageContext
+    from compress.data.segments import SegmentsConfig, build_segments
     from compress.stages.quantize import QuantizeConfig, apply
 
     model = model_from_config("llama", vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=4,

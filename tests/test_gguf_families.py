@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from compress.cli import app
 from compress.export import gguf as gguf_export
-from compress.export.gguf_check import LOGIT_TOLERANCE
+from compress.export.gguf.check import LOGIT_TOLERANCE
 from conftest import ROOT, needs_converter
 from families import FAMILIES, Family, family_folder, write_row
 
@@ -209,7 +209,7 @@ ROUND_TRIP = [f for f in FAMILIES if f.name in ("Llama 2", "Qwen2")]
 def test_a_gguf_file_goes_back_in_as_model_source(tmp_path, folders, family):
     """The family's F16 GGUF (written here) as model.source: transformers reads it (with the
     tokenizer compress.model builds for it), it is pruned and written back, every check on."""
-    from compress.model import load_model
+    from compress.model.load import load_model
 
     loaded = load_model(str(folders(family)))
     gguf_export.save(loaded.model, loaded.tokenizer, tmp_path / "g", gguf_export.GgufExport(types=["f16"]), tmp_path / "scratch")

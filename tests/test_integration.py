@@ -7,8 +7,9 @@ import textwrap
 import pytest
 from transformers import AutoModelForCausalLM
 
-from compress import allocate, engine
-from compress.recipe import load_recipe
+from compress.algorithms import allocate
+from compress.run import engine
+from compress.run.recipe import load_recipe
 from conftest import needs_default_model
 
 pytestmark = needs_default_model
@@ -59,7 +60,7 @@ def test_real_model_runs_are_bit_identical(quick_run):
     byte for byte (a rerun on two threads is the weaker case of the same claim)."""
     import hashlib
 
-    from compress.recipe import load_recipe as load
+    from compress.run.recipe import load_recipe as load
 
     def digest(folder):
         return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()

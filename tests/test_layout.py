@@ -7,9 +7,10 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from compress import layout
-from compress.export import hf, sparse
-from compress.model import load_model
+from compress.model import layout
+from compress.export import hf
+from compress.export.hf import sparse
+from compress.model.load import load_model
 from tests.conftest import tiny_model
 
 

@@ -8,14 +8,15 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from compress import allocate, engine
-from compress.context import StageContext
+from compress.algorithms import allocate
+from compress.run import engine
+from compress.stages.context import StageContext
 from compress.errors import CompressError
-from compress.evaluate import perplexity
+from compress.blocks.forward import perplexity
 from compress.export import hf
-from compress.layout import LowRankLinear
-from compress.model import block_linears, decoder_blocks, get_weight, load_model
-from compress.recipe import load_recipe
+from compress.model.layout import LowRankLinear
+from compress.model.load import block_linears, decoder_blocks, get_weight, load_model
+from compress.run.recipe import load_recipe
 from compress.stages import lowrank, quantize
 from compress.stages.lowrank import LowRankConfig, low_rank, rank_for
 from compress.stages.quantize import QuantizeConfig

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError
-from compress.model import (
+from compress.model.load import (
     BLOCK_PATHS,
     block_linears,
     context_length,

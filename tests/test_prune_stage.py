@@ -5,13 +5,13 @@ import copy
 import pytest
 import torch
 
-from compress import allocate
-from compress.context import StageContext
-from compress.data import Segments
+from compress.algorithms import allocate
+from compress.stages.context import StageContext
+from compress.data.segments import Segments
 from compress.errors import CompressError
-from compress.evaluate import perplexity
-from compress.model import block_linears, decoder_blocks, get_weight
-from compress.sparsity import is_nm
+from compress.blocks.forward import perplexity
+from compress.model.load import block_linears, decoder_blocks, get_weight
+from compress.algorithms.sparsity import is_nm
 from compress.stages import prune
 from compress.stages.prune import PruneConfig
 from conftest import tiny_model

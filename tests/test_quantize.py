@@ -8,15 +8,16 @@ import textwrap
 import pytest
 import torch
 
-from compress import allocate, engine
-from compress.context import StageContext
+from compress.algorithms import allocate
+from compress.run import engine
+from compress.stages.context import StageContext
 from compress.errors import CompressError
-from compress.export.gptq import pack_layer, read_dequantized, unpack_layer
-from compress.model import block_linears, block_weight_counts, decoder_blocks, get_weight
-from compress.obs import gptq_quantize, sparsegpt_prune
-from compress.quant import Grid, grid_params, output_sqnr, quantize, rtn
-from compress.recipe import load_recipe
-from compress.sparsity import is_nm
+from compress.export.hf.gptq import pack_layer, read_dequantized, unpack_layer
+from compress.model.load import block_linears, block_weight_counts, decoder_blocks, get_weight
+from compress.algorithms.obs import gptq_quantize, sparsegpt_prune
+from compress.algorithms.quant import Grid, grid_params, output_sqnr, quantize, rtn
+from compress.run.recipe import load_recipe
+from compress.algorithms.sparsity import is_nm
 from compress.stages import prune, quantize as quantize_stage
 from compress.stages.prune import PruneConfig
 from compress.stages.quantize import QuantizeConfig

@@ -3,7 +3,7 @@ import textwrap
 import pytest
 
 from compress.errors import CompressError
-from compress.recipe import load_recipe
+from compress.run.recipe import load_recipe
 from compress.stages.prune import NM
 
 

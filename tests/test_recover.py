@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from compress import engine
-from compress.context import StageContext
-from compress.data import Segments
+from compress.run import engine
+from compress.stages.context import StageContext
+from compress.data.segments import Segments
 from compress.errors import CompressError
-from compress.evaluate import perplexity
-from compress.model import decoder_blocks, get_weight, select_linears
-from compress.recipe import load_recipe
+from compress.blocks.forward import perplexity
+from compress.model.load import decoder_blocks, get_weight, select_linears
+from compress.run.recipe import load_recipe
 from compress.stages import prune, quantize, recover
 from compress.stages.prune import PruneConfig
 from compress.stages.quantize import QuantizeConfig

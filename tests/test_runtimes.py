@@ -19,11 +19,11 @@ pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'at
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from compress import zeroshot  # noqa: E402
-from compress.data import adds_bos  # noqa: E402
+from compress.evaluation import zeroshot  # noqa: E402
+from compress.data.segments import adds_bos  # noqa: E402
 from compress.errors import CompressError  # noqa: E402
-from compress.evaluate import perplexity  # noqa: E402
-from compress.runtimes import GgufRuntime, open_runtime, runtime_perplexity  # noqa: E402
+from compress.blocks.forward import perplexity  # noqa: E402
+from compress.evaluation.runtimes import GgufRuntime, open_runtime, runtime_perplexity  # noqa: E402
 from conftest import build_tokenizer, has_converter, model_from_config  # noqa: E402
 from test_zeroshot import write_data  # noqa: E402
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from compress import engine
+from compress.run import engine
 from compress.errors import CompressError
-from compress.recipe import load_recipe
-from compress.blocks import KILL_AFTER
-from compress.stream import WeightSource
+from compress.run.recipe import load_recipe
+from compress.blocks.store import KILL_AFTER
+from compress.blocks.sources import WeightSource
 from conftest import build_tokenizer, model_from_config, needs_converter, needs_default_model
 
 
@@ -187,7 +187,7 @@ RESHAPED = """\
 
 
 def layout_weights(folder) -> dict[str, torch.Tensor]:
-    from compress import layout
+    from compress.model import layout
 
     out = {}
     for path in layout.weight_files(folder):
@@ -224,7 +224,7 @@ def test_streamed_structured_and_lowrank_equal_the_in_memory_run(tmp_path):
     assert results[True]["size"] == results[False]["size"]
     assert results[True]["export"]["hf"]["kind"] == "layout" and results[True]["export"]["hf"]["weights"]["identical"]
     # the folder loads as the in-memory one's does
-    from compress import layout
+    from compress.model import layout
     reloaded = layout.load(tmp_path / "out-True")
     assert all(torch.equal(t, mem[k]) for k, t in reloaded.state_dict().items() if k in mem)
 
@@ -291,8 +291,8 @@ def test_a_streamed_model_runs_whole_forwards_from_its_block_files(tmp_path):
     in-memory model's, bit for bit, and the blocks are back on the meta device after."""
     from transformers import AutoModelForCausalLM
 
-    from compress import devices
-    from compress.stream import load_streamed
+    from compress.blocks import devices
+    from compress.blocks.sources import load_streamed
 
     source = save_model(tmp_path / "model")
     model, _, _ = load_streamed(str(source), torch.float32, tmp_path / "staging")
@@ -341,8 +341,8 @@ def test_a_hub_id_is_not_streamed(tmp_path):
 def test_a_gguf_file_streams_the_tensors_transformers_loads():
     """Each tensor dequantised from the memory-mapped file on its own equals what transformers
     loads with the whole file (q/k rows back in Hugging Face's rope order)."""
-    from compress.model import load_model, resolve_registered
-    from compress.stream import GgufWeightSource
+    from compress.model.load import load_model, resolve_registered
+    from compress.blocks.sources import GgufWeightSource
 
     model = load_model("smollm2-135m").model
     source = GgufWeightSource(resolve_registered("smollm2-135m"), model)
@@ -455,7 +455,7 @@ def test_tensor_files_are_read_by_safetensors_with_their_metadata(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from compress import tensor_files
+    from compress.model import tensor_files
 
     tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).bfloat16(), "c": torch.arange(5, dtype=torch.int32),
                "empty": torch.zeros(0), "h": torch.ones(2, 2).half(), "view": torch.randn(4, 6).t()}

@@ -8,13 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from compress import engine, layout
-from compress.context import StageContext
-from compress.data import Segments
+from compress.run import engine
+from compress.model import layout
+from compress.stages.context import StageContext
+from compress.data.segments import Segments
 from compress.errors import CompressError
 from compress.export import hf
-from compress.model import decoder_blocks, load_model
-from compress.recipe import load_recipe
+from compress.model.load import decoder_blocks, load_model
+from compress.run.recipe import load_recipe
 from compress.stages import structured
 from compress.stages.structured import StructuredConfig
 from conftest import model_from_config, tiny_model
@@ -129,7 +130,7 @@ def test_atp_beta_search_restores_the_weights_between_trials():
     best = min(record.search, key=lambda t: (t["score"], t["beta"]))
     assert record.beta == best["beta"]
     # the model holds the chosen trial: its validation perplexity is the one the search scored
-    from compress.evaluate import perplexity
+    from compress.blocks.forward import perplexity
     assert perplexity(model, segments(2, seed=1, role="validation").tokens).ppl == pytest.approx(best["score"], rel=1e-4)
 
 

@@ -10,9 +10,9 @@ import textwrap
 import pytest
 import yaml
 
-from compress import engine, identity, sweep as sweep_mod
+from compress.run import engine, identity, sweep as sweep_mod
 from compress.errors import CompressError
-from compress.recipe import load_recipe
+from compress.run.recipe import load_recipe
 
 # magnitude pruning, no dense eval, no export check: a run is about a second once torch is imported
 TEMPLATE = """\

@@ -5,10 +5,17 @@ models, and what compress.model loads a GGUF file's tokenizer as."""
 import pytest
 
 import families
-from compress.export import llama_convert
-from compress.model import gguf_tokenizer
-from compress.tokenizer_files import (is_sentencepiece, list_user_defined, llama_tokenizer, model_from_tokenizer_json, model_proto,
-                                      prefixes_space, save_tokenizer)
+from compress.export.gguf import convert as llama_convert
+from compress.model.load import gguf_tokenizer
+from compress.model.tokenizer_files import (
+    is_sentencepiece,
+    list_user_defined,
+    llama_tokenizer,
+    model_from_tokenizer_json,
+    model_proto,
+    prefixes_space,
+    save_tokenizer,
+)
 from conftest import needs_converter
 
 

@@ -6,10 +6,10 @@ import textwrap
 
 import pytest
 
-from compress import engine
+from compress.run import engine
 from compress.cli import main
 from compress.errors import CompressError
-from compress.recipe import load_recipe
+from compress.run.recipe import load_recipe
 
 
 def run_cli(monkeypatch, capsys, *args):

@@ -15,8 +15,8 @@ import torch
 
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'atp-compress[eval]')")
 
-from compress import zeroshot  # noqa: E402
-from compress.zeroshot import TASKS, DataError, hellaswag_preprocess, load_docs, run_lm_eval, zero_shot  # noqa: E402
+from compress.evaluation import zeroshot  # noqa: E402
+from compress.evaluation.zeroshot import TASKS, DataError, hellaswag_preprocess, load_docs, run_lm_eval, zero_shot  # noqa: E402
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "zeroshot"
 

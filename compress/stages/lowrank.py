@@ -43,19 +43,20 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from compress import allocate, devices
-from compress.allocate import AtpAllocation, ExplicitAllocation, RatioAllocation, UniformAllocation
-from compress.blocks import store_of
-from compress.calibrate import sequential
+from compress.algorithms import allocate
+from compress.blocks import devices
+from compress.algorithms.allocate import AtpAllocation, ExplicitAllocation, RatioAllocation, UniformAllocation
+from compress.blocks.store import store_of
+from compress.blocks.runner import sequential
 from compress.config import Config, LayerPatterns
-from compress.context import StageContext
+from compress.stages.context import StageContext
 from compress.errors import CompressError
-from compress.layout import LowRankLinear
-from compress.model import get_weight, in_features, select_linears, set_weight
-from compress.obs import CHOLESKY_RETRIES
-from compress.search import search_beta
-from compress.sparsity import row_mask, wanda_score
-from compress.stats import Hessian
+from compress.model.layout import LowRankLinear
+from compress.model.load import get_weight, in_features, select_linears, set_weight
+from compress.algorithms.obs import CHOLESKY_RETRIES
+from compress.algorithms.search import search_beta
+from compress.algorithms.sparsity import row_mask, wanda_score
+from compress.algorithms.stats import Hessian
 
 log = logging.getLogger("compress")
 

@@ -23,18 +23,19 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from compress import allocate, devices, ggml_formats
-from compress.allocate import AtpAllocation, UniformAllocation
-from compress.blocks import store_of
-from compress.calibrate import sequential
+from compress.algorithms import allocate, ggml_formats
+from compress.blocks import devices
+from compress.algorithms.allocate import AtpAllocation, UniformAllocation
+from compress.blocks.store import store_of
+from compress.blocks.runner import sequential
 from compress.config import Config, LayerPatterns
-from compress.context import StageContext
+from compress.stages.context import StageContext
 from compress.errors import CompressError
-from compress.model import block_weight_counts, get_weight, in_features, select_linears, set_weight
-from compress.obs import gptq_quantize
-from compress.quant import BNB_BLOCKSIZE, Grid, GroupSize, rtn, stored_bits
-from compress.search import search_beta
-from compress.stats import Hessian
+from compress.model.load import block_weight_counts, get_weight, in_features, select_linears, set_weight
+from compress.algorithms.obs import gptq_quantize
+from compress.algorithms.quant import BNB_BLOCKSIZE, Grid, GroupSize, rtn, stored_bits
+from compress.algorithms.search import search_beta
+from compress.algorithms.stats import Hessian
 
 log = logging.getLogger("compress")
 

@@ -32,14 +32,14 @@ from torch import nn
 from tqdm import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from compress import devices
-from compress.allocate import UniformAllocation
+from compress.blocks import devices
+from compress.algorithms.allocate import UniformAllocation
 from compress.config import Config, LayerPatterns
-from compress.context import StageContext
+from compress.stages.context import StageContext
 from compress.errors import CompressError
-from compress.evaluate import perplexity
-from compress.model import get_weight, select_linears
-from compress.spill import ZeroMask
+from compress.blocks.forward import perplexity
+from compress.model.load import get_weight, select_linears
+from compress.blocks.spill import ZeroMask
 
 log = logging.getLogger("compress")
 

@@ -33,15 +33,15 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from compress import allocate
-from compress.allocate import RatioAllocation, UniformAllocation
-from compress.blocks import store_of
-from compress.calibrate import sequential
+from compress.algorithms import allocate
+from compress.algorithms.allocate import RatioAllocation, UniformAllocation
+from compress.blocks.store import store_of
+from compress.blocks.runner import sequential
 from compress.config import Config, LayerPatterns
-from compress.context import StageContext
+from compress.stages.context import StageContext
 from compress.errors import CompressError
-from compress.model import select_linears
-from compress.search import search_beta
+from compress.model.load import select_linears
+from compress.algorithms.search import search_beta
 
 log = logging.getLogger("compress")
 

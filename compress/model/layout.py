@@ -1,0 +1,200 @@
+"""Modules whose shape differs from what the model's config builds, and how a saved folder says so.
+
+The low-rank stage replaces a Linear by two thin ones (LowRankLinear); the structured stage makes
+projections narrower, by a different amount in every block. A Hugging Face config holds one width
+for all blocks, so neither model can be rebuilt from config.json alone. `describe` lists every
+module that differs from the config's skeleton (type, in/out features, rank, bias); exports write
+that list as layout.json beside config.json, and `rebuild` gives a freshly built model those
+modules before its weights are loaded. The attention code of the supported families reshapes with
+-1 heads, so narrower q/k/v/o projections are all a block needs to run with fewer heads.
+
+Weights of such a folder go into model.layout.safetensors, not model.safetensors: transformers
+would otherwise load the low-rank keys as "missing" and fill the projections with random numbers.
+A streamed model's folder is sharded the same way: model.layout-00001-of-N.safetensors ... with
+model.layout.safetensors.index.json (one shard per block: its block file, hard-linked).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compress.errors import CompressError
+from compress.model.tokenizer_files import save_tokenizer
+
+LAYOUT_FILE = "layout.json"
+WEIGHTS_FILE = "model.layout.safetensors"
+SHARD_STEM = "model.layout"  # shards: model.layout-00001-of-N.safetensors, index model.layout.safetensors.index.json
+INDEX_FILE = WEIGHTS_FILE + ".index.json"
+FORMAT = "atp-layout-v1"
+
+
+class LowRankLinear(nn.Module):
+    """y = up(down(x)) [+ residual(x)]: a rank-r factorisation W ~ U V of an (out, in) Linear.
+
+    `residual` (optional) is a sparse correction stored as a dense Linear whose other weights are
+    exactly zero (the sparse export stores only its nonzeros).
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False, residual: bool = False,
+                 dtype: torch.dtype | None = None, device=None):
+        super().__init__()
+        kw = {"dtype": dtype, "device": device}
+        self.down = nn.Linear(in_features, rank, bias=False, **kw)
+        self.up = nn.Linear(rank, out_features, bias=bias, **kw)
+        self.residual = nn.Linear(in_features, out_features, bias=False, **kw) if residual else None
+
+    @property
+    def in_features(self) -> int:
+        return self.down.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.up.out_features
+
+    @property
+    def rank(self) -> int:
+        return self.down.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.up(self.down(x))
+        return y if self.residual is None else y + self.residual(x)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The (out, in) matrix this module multiplies by."""
+        W = self.up.weight.float() @ self.down.weight.float()
+        return W if self.residual is None else W + self.residual.weight.float()
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def spec_of(module: nn.Module) -> dict:
+    if isinstance(module, LowRankLinear):
+        return {"type": "lowrank", "in": module.in_features, "out": module.out_features, "rank": module.rank,
+                "bias": module.up.bias is not None, "residual": module.residual is not None}
+    return {"type": "linear", "in": module.in_features, "out": module.out_features, "bias": module.bias is not None}
+
+
+def describe(model: nn.Module) -> dict[str, dict]:
+    """{module name: spec} for every module that differs from what model.config builds."""
+    from compress.model.load import skeleton
+
+    reference = dict(skeleton(model.config).named_modules())
+    layout: dict[str, dict] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LowRankLinear):
+            layout[name] = spec_of(module)
+        elif type(module) is nn.Linear and isinstance(reference.get(name), nn.Linear):
+            if spec_of(module) != spec_of(reference[name]):
+                layout[name] = spec_of(module)
+    return layout
+
+
+def build(spec: dict, dtype: torch.dtype, device) -> nn.Module:
+    if spec["type"] == "lowrank":
+        return LowRankLinear(spec["in"], spec["out"], spec["rank"], spec["bias"], spec["residual"], dtype, device)
+    return nn.Linear(spec["in"], spec["out"], bias=spec["bias"], dtype=dtype, device=device)
+
+
+def rebuild(model: nn.Module, layout: dict[str, dict]) -> None:
+    """Replace the named modules by new (uninitialised) ones of the layout's shapes."""
+    for name, spec in layout.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise CompressError(f"{LAYOUT_FILE}: the model has no module {name}") from None
+        parent, _, child = name.rpartition(".")
+        weight = next(old.parameters())
+        setattr(model.get_submodule(parent), child, build(spec, weight.dtype, weight.device))
+
+
+def write(folder: Path, layout: dict[str, dict]) -> None:
+    text = json.dumps({"format": FORMAT, "modules": layout}, indent=1) + "\n"
+    (folder / LAYOUT_FILE).write_text(text, encoding="utf-8")
+
+
+def read(folder: Path) -> dict[str, dict]:
+    """The folder's layout ({} when it has none)."""
+    path = folder / LAYOUT_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CompressError(f"{path}: not readable JSON ({err})") from None
+    if data.get("format") != FORMAT or not isinstance(data.get("modules"), dict):
+        raise CompressError(f"{path}: format {data.get('format')!r} is not {FORMAT!r}")
+    return data["modules"]
+
+
+def is_layout_folder(folder: Path) -> bool:
+    return (folder / WEIGHTS_FILE).is_file() or (folder / INDEX_FILE).is_file()
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The folder's weights files: model.layout.safetensors, or the shards its index names."""
+    index = folder / INDEX_FILE
+    if not index.is_file():
+        return [folder / WEIGHTS_FILE]
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, ValueError, KeyError) as err:
+        raise CompressError(f"{index}: not a safetensors index ({err})") from None
+    return [folder / name for name in sorted(set(weight_map.values()))]
+
+
+def save(model, tokenizer, folder: Path, layout: dict[str, dict]) -> None:
+    """Dense weights of a restructured model: model.layout.safetensors + layout.json + config."""
+    from compress.model import tensor_files
+    from compress.export.hf.sparse import unique_tensors
+
+    tensors, _ = unique_tensors(model)
+    # safetensors' save_file orders the metadata as a hash map does: the same model gave different bytes
+    tensor_files.save({k: t.detach().cpu() for k, t in tensors.items()}, folder / WEIGHTS_FILE, {"format": "pt", "atp_compress": FORMAT})
+    write(folder, layout)
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    save_tokenizer(tokenizer, folder)
+
+
+def from_config(folder: Path, dtype: torch.dtype):
+    """The folder's model built from config.json and layout.json, weights not yet loaded."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
+    rebuild(model, read(folder))
+    return model
+
+
+def load_state(model, state: dict[str, torch.Tensor], folder: Path) -> None:
+    """Load a full state dict (tied copies may be absent) and re-tie; a mismatch names the folder."""
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - {name for name, _ in model.named_parameters()}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        raise CompressError(f"{folder}: the weights do not fit the model's config and layout ({str(err).splitlines()[0]})") from None
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise CompressError(f"{folder}: the weights do not fit the model config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+
+
+def load(folder: Path, dtype: torch.dtype | None = None):
+    """The model of a folder written by `save`, bit-identical to the one saved."""
+    from safetensors import safe_open
+
+    state = {}
+    for path in weight_files(folder):
+        with safe_open(str(path), framework="pt") as f:
+            state.update({key: f.get_tensor(key) for key in f.keys()})
+    stored = next(iter(state.values())).dtype
+    model = from_config(folder, stored)
+    load_state(model, state, folder)
+    if dtype is not None and dtype != stored:
+        model = model.to(dtype)
+    return model.eval()

