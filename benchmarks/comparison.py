@@ -133,7 +133,8 @@ def previous_rows() -> list[dict]:
 def write_table(args) -> None:
     """Rows from the run folders where present, else from the kept records; rows measured before
     records were kept (and whose run folders are gone) are carried over from the last table."""
-    from compress.reports.compare import Entry, entries_from_args, write_comparison
+    from compress.reports.compare import Entry, write_comparison
+    from compress.run.compare import entries_from_args
 
     previous = previous_rows()
     entries, carried = [], []

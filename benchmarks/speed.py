@@ -75,7 +75,7 @@ def load(name: str):
 
 def prune(model, sparsity: float) -> None:
     """Magnitude per output row in every decoder-block Linear."""
-    from compress.model.load import block_linears, decoder_blocks
+    from compress.model.anatomy import block_linears, decoder_blocks
 
     with torch.no_grad():
         for block in decoder_blocks(model):
@@ -91,7 +91,7 @@ def int4_copy(model):
     layout MatMulNBits stores; speed depends on the format, not on how the codes were chosen."""
     import copy
 
-    from compress.model.load import block_linears, decoder_blocks
+    from compress.model.anatomy import block_linears, decoder_blocks
     from compress.algorithms.quant import Grid, rtn
 
     quantized = copy.deepcopy(model)

@@ -142,7 +142,8 @@ def compare(
 ) -> None:
     """Put finished runs side by side: one table (perplexity, zero-shot accuracy, size, speed) and plots."""
     setup_logging(quiet)
-    from compress.reports.compare import entries_from_args, write_comparison
+    from compress.reports.compare import write_comparison
+    from compress.run.compare import entries_from_args
 
     write_comparison(entries_from_args(items, run_missing), out)
     console.print(f"wrote {out}/comparison.md (and .csv, .json, plots)", highlight=False)

@@ -9,6 +9,7 @@ import textwrap
 import pytest
 
 from compress.reports import compare, pareto
+from compress.run.compare import entries_from_args
 from compress.run import engine, identity
 from compress.cli import app
 from compress.errors import CompressError
@@ -69,7 +70,7 @@ def test_compare_reads_three_finished_runs_without_loading_a_model(finished, no_
     out = tmp_path / "cmp"
     # two run folders and one recipe whose finished run is found by its run_id
     items = [str(tmp / "runs" / "dense"), str(tmp / "runs" / "uniform"), str(recipes["atp"])]
-    rows = compare.write_comparison(compare.entries_from_args(items), out)
+    rows = compare.write_comparison(entries_from_args(items), out)
 
     assert {p.name for p in out.iterdir()} >= {"comparison.md", "comparison.csv", "comparison.json", "allocation.png", "pareto_size.png", "beta_search.png"}
     assert [r["run"] for r in rows] == ["dense", "uniform", "atp"]
@@ -91,9 +92,9 @@ def test_compare_reads_three_finished_runs_without_loading_a_model(finished, no_
 def test_rows_carried_from_an_earlier_table_stay_in_it(finished, no_model_loading, tmp_path):
     """A committed table keeps rows whose run folders are gone (benchmarks/comparison.py)."""
     tmp, _, _ = finished
-    first = compare.write_comparison(compare.entries_from_args([str(tmp / "runs" / "dense"), str(tmp / "runs" / "uniform")]), tmp_path / "a")
+    first = compare.write_comparison(entries_from_args([str(tmp / "runs" / "dense"), str(tmp / "runs" / "uniform")]), tmp_path / "a")
     carried = [row for row in first if row["run"] == "dense"]
-    rows = compare.write_comparison(compare.entries_from_args([str(tmp / "runs" / "uniform")]), tmp_path / "b", carried)
+    rows = compare.write_comparison(entries_from_args([str(tmp / "runs" / "uniform")]), tmp_path / "b", carried)
     assert [r["run"] for r in rows] == ["dense", "uniform"] and rows[0] == first[0]
     assert json.loads((tmp_path / "b" / "comparison.json").read_text())["rows"][0]["perplexity"] == first[0]["perplexity"]
     assert "| dense | model |" in (tmp_path / "b" / "comparison.md").read_text()
@@ -105,14 +106,14 @@ def test_rows_measured_with_other_package_versions_are_named(finished, no_model_
     runs = tmp_path / "runs"
     for name in ("dense", "uniform", "atp"):
         shutil.copytree(tmp / "runs" / name, runs / name)
-    same = compare.write_comparison(compare.entries_from_args([str(runs / n) for n in ("dense", "uniform")]), tmp_path / "same")
+    same = compare.write_comparison(entries_from_args([str(runs / n) for n in ("dense", "uniform")]), tmp_path / "same")
     assert same[0]["versions"]["transformers"] == same[1]["versions"]["transformers"]
     assert "## Versions differ" not in (tmp_path / "same" / "comparison.md").read_text()
 
     meta = json.loads((runs / "uniform" / "metadata.json").read_text())
     meta["versions"]["transformers"] = "5.17.0"
     (runs / "uniform" / "metadata.json").write_text(json.dumps(meta))
-    rows = compare.write_comparison(compare.entries_from_args([str(runs / n) for n in ("dense", "uniform", "atp")]), tmp_path / "other")
+    rows = compare.write_comparison(entries_from_args([str(runs / n) for n in ("dense", "uniform", "atp")]), tmp_path / "other")
     current = rows[0]["versions"]["transformers"]
     assert compare.version_differences(rows) == {"transformers": {current: ["dense", "atp"], "5.17.0": ["uniform"]}}
     md = (tmp_path / "other" / "comparison.md").read_text()
@@ -143,7 +144,7 @@ def test_no_run_refuses_a_recipe_without_a_finished_run(finished, no_model_loadi
     tmp, folder, _ = finished
     fresh = write_recipe(tmp_path, folder, "fresh", STAGES["uniform"])
     with pytest.raises(CompressError, match="no finished run of this recipe"):
-        compare.entries_from_args([str(fresh)], run_missing=False)
+        entries_from_args([str(fresh)], run_missing=False)
 
 
 def test_compare_cli_and_bad_input(finished, no_model_loading, tmp_path):

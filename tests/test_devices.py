@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from compress.blocks import devices
-from compress.model.load import decoder_blocks
+from compress.model.anatomy import decoder_blocks
 from test_prune_stage import context
 from compress.stages import STAGES
 from conftest import tiny_model

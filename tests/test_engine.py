@@ -7,7 +7,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
 from compress.run import engine

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from compress.run import engine
 from compress.export import hf
 from compress.export.hf import sparse
+from compress.model import sparse_folder
 from compress.run.recipe import load_recipe
 from conftest import build_tokenizer, model_from_config
 
@@ -41,11 +42,11 @@ def test_sparse_file_of_a_70pct_model_is_under_half_and_reloads_bit_identical(tm
     model.save_pretrained(dense)
     info = hf.save(model, tokenizer, small, hf.HfExport(format="sparse"), tmp_path / "scratch")
     dense_bytes = (dense / "model.safetensors").stat().st_size
-    sparse_bytes = (small / sparse.WEIGHTS_FILE).stat().st_size
+    sparse_bytes = (small / sparse_folder.WEIGHTS_FILE).stat().st_size
     assert sparse_bytes < 0.5 * dense_bytes, (sparse_bytes, dense_bytes)
     assert info["compressed_tensors"] == 28 and 0.69 < info["compressed_sparsity"] < 0.71
     assert hf.verify(model, small, info, hf.HfExport(format="sparse"))["weights"]["identical"]
-    reloaded = sparse.load_sparse(small)
+    reloaded = sparse_folder.load_sparse(small)
     for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
         assert torch.equal(a, b), name
     assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr() or not model.config.tie_word_embeddings
@@ -57,7 +58,7 @@ def test_bitmask_round_trip_keeps_values_and_layout():
     assert parts[".compressed"].tolist() == [1.5, -2.0, 3.0, 4.0]
     assert parts[".row_offsets"].tolist() == [0, 3, 3] and parts[".bitmask"].shape == (3, 2)
     assert parts[".bitmask"][0, 0].item() == 0b00001010  # little-endian bits: columns 1 and 3
-    assert torch.equal(sparse.decompress(parts), t)
+    assert torch.equal(sparse_folder.decompress(parts), t)
 
 
 def test_transformers_refuses_a_sparse_folder_instead_of_loading_random_weights(tmp_path, tokenizer):
@@ -97,8 +98,8 @@ def test_sparse_export_in_a_run_reloads_identically_and_evaluates(tmp_path, wide
     result = engine.run(load_recipe(path), path)
     out, info = result.output_dir, result.results["export"]["hf"]
     assert info["kind"] == "sparse" and info["weights"]["identical"]
-    assert info["parity"]["identical"] and info["parity"]["loader"] == "compress.export.hf.sparse.load_sparse"
-    assert not (out / "model.safetensors").exists() and (out / sparse.WEIGHTS_FILE).is_file()
+    assert info["parity"]["identical"] and info["parity"]["loader"] == "compress.model.sparse_folder.load_sparse"
+    assert not (out / "model.safetensors").exists() and (out / sparse_folder.WEIGHTS_FILE).is_file()
     assert result.results["size"]["files_mb"]["hf"] < 0.6 * result.results["size"]["dense_mb"]
     # every command that takes a model takes the folder: same perplexity as the run measured
     from compress.data.segments import build_segments

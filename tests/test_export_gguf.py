@@ -114,7 +114,7 @@ def test_row_order_pairs_each_file_row_with_the_models():
 
 
 def test_rope_permutation_interleaves_the_halves_of_each_head():
-    from compress.export.gguf.arch import permute_rows, unpermute_rows
+    from compress.model.gguf_file import permute_rows, unpermute_rows
 
     w = torch.arange(8).float().reshape(8, 1)  # 2 heads of 4 rows: (0 1 | 2 3), (4 5 | 6 7)
     assert permute_rows(w, 2).flatten().tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
@@ -238,7 +238,7 @@ def test_a_bfloat16_low_rank_model_is_checked_against_the_float32_forward_of_its
     (a low-rank layer's rank-r product too), so the GGUF check compares with the reference's
     float32 forward of the same weights: on a compressed SmolLM2 (structured -> ASVD -> GPTQ,
     bfloat16) torch's own forward was 4.64 from it, the file 0.62 (largest logit 39.5)."""
-    from compress.model.layout import LowRankLinear
+    from compress.model.modules import LowRankLinear
 
     model = model_for(spm_tokenizer)
     attn = model.model.layers[0].self_attn
@@ -430,7 +430,7 @@ def test_compress_export_checks_on_the_windows_the_run_used(tmp_path, spm_folder
 @needs_converter
 @needs_llama_cpp
 def test_compress_export_on_a_finished_run(tmp_path, spm_folder):
-    from compress.export.hf import sparse
+    from compress.model import sparse_folder
 
     path = recipe(tmp_path, spm_folder, "[{kind: prune, method: wanda, sparsity: 0.6}]", "{hf: true}")
     out = engine.run(load_recipe(path), path).output_dir
@@ -441,7 +441,7 @@ def test_compress_export_on_a_finished_run(tmp_path, spm_folder):
     assert info["files"]["f32"]["zeros_kept"] == 1.0 and info["weights"]["f32"]["identical"]
     results = json.loads((out / "results.json").read_text())
     assert set(results["export"]) == {"hf", "hf-sparse", "gguf"} and results["perplexity"] == before["perplexity"]
-    assert (out / "hf-sparse" / sparse.WEIGHTS_FILE).is_file() and (out / "gguf" / "model-f32.gguf").is_file()
+    assert (out / "hf-sparse" / sparse_folder.WEIGHTS_FILE).is_file() and (out / "gguf" / "model-f32.gguf").is_file()
     assert "## Export: gguf" in (out / "report.md").read_text()
     with pytest.raises(CompressError, match="already exists; pass --overwrite"):
         export_run(out, "gguf", ["f32"])

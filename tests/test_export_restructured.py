@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch import nn
 
-from compress.model import layout
 from compress.data.segments import SegmentsConfig, build_segments
 from compress.errors import CompressError
 from compress.export import gguf as gguf_export
@@ -21,6 +20,9 @@ from compress.export.gguf import arch as gguf_arch
 from compress.export.gguf import GgufExport
 from compress.model.gguf_file import GgufIndex
 from compress.export.reference import take_reference
+from compress.model.anatomy import head_dim
+from compress.model.gguf_file import permute_rows
+from compress.model.modules import LowRankLinear
 from conftest import has_converter, model_from_config, tiny_model
 
 needs_llama_cpp = pytest.mark.skipif(
@@ -59,7 +61,7 @@ def remove_units(model, groups: list[list[int]], channels: list[int], biased: tu
     """What the structured stage leaves: block i keeps KV groups groups[i] (k/v rows, the q rows of
     their query heads, o columns) and channels[i] MLP channels (gate/up rows, down columns)."""
     c = model.config
-    size = gguf_arch.head_dim(c)
+    size = head_dim(c)
     rep = c.num_attention_heads // c.num_key_value_heads
     generator = torch.Generator().manual_seed(0)
     for i, block in enumerate(model.model.layers):
@@ -77,7 +79,7 @@ def to_lowrank(model, name: str, rank: int, residual: bool = True) -> None:
     """name as a rank-`rank` SVD (U S, V) plus, when asked, the largest 10% of what it misses."""
     old = model.get_submodule(name)
     U, S, Vh = torch.linalg.svd(old.weight.data.float(), full_matrices=False)
-    low = layout.LowRankLinear(old.in_features, old.out_features, rank, bias=old.bias is not None, residual=residual)
+    low = LowRankLinear(old.in_features, old.out_features, rank, bias=old.bias is not None, residual=residual)
     low.down.weight.data = Vh[:rank].contiguous()
     low.up.weight.data = (U[:, :rank] * S[:rank]).contiguous()
     if old.bias is not None:
@@ -251,7 +253,7 @@ def test_lowrank_modules_go_in_as_their_dense_product(tmp_path, gguf_tokenizer):
     low = model.model.layers[0].self_attn.q_proj
     info = export_gguf(tmp_path, model, gguf_tokenizer, ["f32"], check=False)
     stored = GgufIndex(tmp_path / "g" / "model-f32.gguf")
-    expected = gguf_arch.permute_rows(low.dense_weight().detach(), 4)
+    expected = permute_rows(low.dense_weight().detach(), 4)
     assert np.array_equal(stored.values("blk.0.attn_q.weight"), expected.numpy())
     assert not any(".down." in n or ".up." in n for n in stored.tensors)
     assert info["weights"]["f32"]["identical"]

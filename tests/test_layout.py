@@ -8,6 +8,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from compress.model import layout
+from compress.model.modules import LowRankLinear
 from compress.export import hf
 from compress.export.hf import sparse
 from compress.model.load import load_model
@@ -18,7 +19,7 @@ def restructure(model) -> None:
     """Block 0: q_proj as rank-4 factors with a sparse residual; block 1: half the MLP channels."""
     attn = model.model.layers[0].self_attn
     q = attn.q_proj
-    low = layout.LowRankLinear(q.in_features, q.out_features, 4, residual=True)
+    low = LowRankLinear(q.in_features, q.out_features, 4, residual=True)
     low.residual.weight.data[torch.rand_like(low.residual.weight) < 0.9] = 0
     attn.q_proj = low
     mlp = model.model.layers[1].mlp
@@ -59,7 +60,7 @@ def test_a_restructured_model_reloads_bit_identical(tmp_path, tokenizer, fmt):
     assert hf.verify(model, tmp_path, info, hf.HfExport(format=fmt))["weights"]["identical"]
     reloaded = load_model(str(tmp_path)).model  # what `compress eval FOLDER` and model.source use
     assert torch.equal(reloaded(tokens).logits, expected)
-    assert isinstance(reloaded.model.layers[0].self_attn.q_proj, layout.LowRankLinear)
+    assert isinstance(reloaded.model.layers[0].self_attn.q_proj, LowRankLinear)
     assert reloaded.model.layers[1].mlp.down_proj.bias is not None
 
 

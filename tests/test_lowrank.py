@@ -14,8 +14,9 @@ from compress.stages.context import StageContext
 from compress.errors import CompressError
 from compress.blocks.forward import perplexity
 from compress.export import hf
-from compress.model.layout import LowRankLinear
-from compress.model.load import block_linears, decoder_blocks, get_weight, load_model
+from compress.model.modules import LowRankLinear
+from compress.model.load import load_model
+from compress.model.anatomy import block_linears, decoder_blocks, get_weight
 from compress.run.recipe import load_recipe
 from compress.stages import lowrank, quantize
 from compress.stages.lowrank import LowRankConfig, low_rank, rank_for

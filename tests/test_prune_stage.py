@@ -10,7 +10,7 @@ from compress.stages.context import StageContext
 from compress.data.segments import Segments
 from compress.errors import CompressError
 from compress.blocks.forward import perplexity
-from compress.model.load import block_linears, decoder_blocks, get_weight
+from compress.model.anatomy import block_linears, decoder_blocks, get_weight
 from compress.algorithms.sparsity import is_nm
 from compress.stages import prune
 from compress.stages.prune import PruneConfig

@@ -10,10 +10,9 @@ import torch
 
 from compress.algorithms import allocate
 from compress.run import engine
-from compress.stages.context import StageContext
 from compress.errors import CompressError
 from compress.export.hf.gptq import pack_layer, read_dequantized, unpack_layer
-from compress.model.load import block_linears, block_weight_counts, decoder_blocks, get_weight
+from compress.model.anatomy import block_linears, block_weight_counts, decoder_blocks, get_weight
 from compress.algorithms.obs import gptq_quantize, sparsegpt_prune
 from compress.algorithms.quant import Grid, grid_params, output_sqnr, quantize, rtn
 from compress.run.recipe import load_recipe

@@ -14,7 +14,7 @@ from compress.stages.context import StageContext
 from compress.data.segments import Segments
 from compress.errors import CompressError
 from compress.blocks.forward import perplexity
-from compress.model.load import decoder_blocks, get_weight, select_linears
+from compress.model.anatomy import decoder_blocks, get_weight, select_linears
 from compress.run.recipe import load_recipe
 from compress.stages import prune, quantize, recover
 from compress.stages.prune import PruneConfig

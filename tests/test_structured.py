@@ -14,7 +14,8 @@ from compress.stages.context import StageContext
 from compress.data.segments import Segments
 from compress.errors import CompressError
 from compress.export import hf
-from compress.model.load import decoder_blocks, load_model
+from compress.model.load import load_model
+from compress.model.anatomy import decoder_blocks
 from compress.run.recipe import load_recipe
 from compress.stages import structured
 from compress.stages.structured import StructuredConfig

@@ -12,14 +12,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from torch import nn
 
-from compress.blocks.store import store_of
-from compress.errors import CompressError
-from compress.blocks.forward import perplexity
 
 log = logging.getLogger("compress")
 
@@ -71,55 +67,3 @@ def golden_section(f: Callable[[float], float], lo: float, hi: float, trials: in
     return best.beta, log
 
 
-def search_beta(
-    model,
-    ctx,
-    modules: dict[str, nn.Module],
-    beta_max: float,
-    trials: int,
-    plan: Callable[[float], Hashable],
-    compress: Callable[[Hashable, list[str]], None],
-    zeros_only: bool,
-    states: tuple[str, ...] = ("quant_state",),
-) -> tuple[float, list[dict], list[str]]:
-    """Golden-section search of ATP's beta for any stage: each trial compresses the whole model
-    with plan(beta) (compress(plan, notes)) and scores it on the validation windows.
-
-    Leaves the model compressed with the chosen beta, never compressing the winner twice; returns
-    beta, the trials and the winner's notes. How each trial starts from the stage's input weights
-    and how the best one is kept is the block store's business (compress/blocks.py: spilled to
-    disk for resident blocks, a trial's own block files for streamed ones): zeros_only (magnitude,
-    Wanda) lets a resident store keep the best trial as a bit mask; `states` names the module
-    attributes it keeps beside the weights.
-    """
-    if ctx.validation is None:
-        raise CompressError(f"{ctx.stage_key}.allocation.beta: 'auto' needs validation data (data.validation)")
-    scores: dict[Hashable, float] = {}  # rounding can map several betas to one plan: score it once
-    best: dict = {"score": math.inf}
-    with store_of(model).trials(modules, zeros_only, states, ctx.scratch_dir) as space:
-
-        def trial(beta: float) -> float:
-            key = plan(beta)
-            if key not in scores:
-                t, trial_notes = len(scores), []
-                space.begin(t)
-                try:
-                    compress(key, trial_notes)
-                    scores[key] = perplexity(model, ctx.validation.tokens, desc="validation").ppl
-                finally:
-                    space.end()
-                log.info("  beta=%.5f  validation ppl %.3f", beta, scores[key])
-                if scores[key] < best["score"]:
-                    space.keep(t)
-                    best.update(score=scores[key], key=key, trial=t, notes=trial_notes)
-            return scores[key]
-
-        beta, trials_done = golden_section(trial, 0.0, beta_max, trials)
-        chosen, notes = plan(beta), []
-        if best.get("key") == chosen:
-            space.adopt(best["trial"])
-            notes = best["notes"]
-        else:  # every trial scored inf (diverged): compress once more with the beta returned
-            space.adopt(None)
-            compress(chosen, notes)
-    return beta, [t.as_dict() for t in trials_done], notes

@@ -111,7 +111,7 @@ def dispatched(model: nn.Module) -> Iterator[torch.device]:
     from accelerate.hooks import remove_hook_from_module
     from accelerate.utils import get_max_memory
 
-    from compress.model.load import decoder_blocks
+    from compress.model.anatomy import decoder_blocks
 
     gpus = list(range(torch.cuda.device_count())) if name == "auto" else [block_device(name).index or 0]
     available = get_max_memory()

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from compress.blocks import devices
 from compress.blocks.store import store_of
 from compress.blocks.runner import no_cache
-from compress.model.load import block_prefix
+from compress.model.anatomy import block_prefix
 
 
 @dataclass

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from compress.blocks import devices
 from compress.blocks.store import store_of
-from compress.model.load import decoder_blocks
+from compress.model.anatomy import decoder_blocks
 
 
 class Accumulator(Protocol):

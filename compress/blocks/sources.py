@@ -32,7 +32,8 @@ from compress.model import layout, tensor_files
 from compress.blocks.store import StreamedBlocks, store_of
 from compress.errors import CompressError
 from compress.algorithms.ggml_formats import GRIDS_FILE
-from compress.model.load import outside_blocks
+from compress.model.anatomy import outside_blocks
+from compress.model.modules import rebuild
 from compress.model.tokenizer_files import save_tokenizer
 
 log = logging.getLogger("compress")
@@ -82,7 +83,7 @@ class GgufWeightSource:
     def __init__(self, path: Path, model):
         import gguf
 
-        from compress.export.gguf.arch import head_dim
+        from compress.model.anatomy import head_dim
 
         self.folder = Path(path)
         config = model.config
@@ -102,7 +103,7 @@ class GgufWeightSource:
     def get(self, name: str) -> torch.Tensor:
         import gguf
 
-        from compress.export.gguf.arch import unpermute_rows
+        from compress.model.gguf_file import unpermute_rows
 
         if name not in self.files:
             raise CompressError(f"model.source: {self.folder} has no tensor for {name}")
@@ -119,7 +120,8 @@ def load_streamed(source: str, dtype: torch.dtype, staging: Path):
     from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from compress.model.load import block_prefix, check_supported, locate
+    from compress.model.load import locate
+    from compress.model.anatomy import block_prefix, check_supported
 
     kind, path = locate(source)
     if kind == "hub":
@@ -133,7 +135,7 @@ def load_streamed(source: str, dtype: torch.dtype, staging: Path):
     with init_empty_weights(include_buffers=False):  # parameters on meta; rotary buffers computed for real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if not gguf_file and layout.is_layout_folder(folder):  # a restructured model (an earlier run's export)
-        layout.rebuild(model, layout.read(folder))
+        rebuild(model, layout.read(folder))
     if not gguf_file:
         model.generation_config = generation_config(folder)
     check_supported(model)

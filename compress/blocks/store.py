@@ -89,7 +89,7 @@ def written(path: Path | None, entry: str):
 def block_counts(block) -> dict:
     """What the run's size table counts in a block: its nonzero parameters, and its Linears'
     weights, exact zeros and stored bits (compress/quant.py: stored_bits)."""
-    from compress.model.load import block_linears
+    from compress.model.anatomy import block_linears
     from compress.algorithms.quant import stored_bits
 
     modules = list(block_linears(block).values())
@@ -109,7 +109,7 @@ def block_specs(block) -> dict[str, dict]:
     LowRankLinear as one (not the Linears inside it)."""
     from torch import nn
 
-    from compress.model.layout import LowRankLinear, spec_of
+    from compress.model.modules import LowRankLinear, spec_of
 
     specs, inside = {}, ()
     for name, module in block.named_modules():
@@ -128,7 +128,7 @@ class BlockStore:
     resident = True
 
     def __init__(self, model, staging: Path | None):
-        from compress.model.load import block_prefix, decoder_blocks
+        from compress.model.anatomy import block_prefix, decoder_blocks
 
         # weakly: the model is freed before the exports are reloaded, and the engine still holds its store
         self._model = weakref.ref(model)
@@ -149,7 +149,7 @@ class BlockStore:
 
     @property
     def blocks(self):
-        from compress.model.load import decoder_blocks
+        from compress.model.anatomy import decoder_blocks
 
         return decoder_blocks(self.model)
 
@@ -209,7 +209,7 @@ class BlockStore:
     def reshape(self, i: int, path: Path | None) -> None:
         """Block i's modules rebuilt (uninitialised) where they differ from the layout of the block
         file `path` (None: the source's), so that its tensors fit them."""
-        from compress.model.layout import rebuild
+        from compress.model.modules import rebuild
 
         target = written(path, LAYOUT) or self.source_specs[i]
         current = block_specs(self.blocks[i])

@@ -86,7 +86,7 @@ class TorchRuntime(Runtime):
     """A torch model with its HF tokenizer: the in-memory model, or an exported HF folder reloaded."""
 
     def __init__(self, model, tokenizer, label: str = "model", path: Path | None = None):
-        from compress.model.load import context_length
+        from compress.model.anatomy import context_length
 
         self.model, self.tokenizer, self.label, self.path = model, tokenizer, label, path
         self.max_length = context_length(model.config) or MAX_CONTEXT
@@ -174,7 +174,7 @@ class OnnxRuntime(Runtime):
     def __init__(self, folder: Path, label: str | None = None):
         from transformers import AutoConfig, AutoTokenizer
 
-        from compress.model.load import context_length
+        from compress.model.anatomy import context_length
 
         self.path, self.label = Path(folder), label or "onnx"
         graph = self.path / "prefill.onnx"
@@ -229,7 +229,7 @@ def open_runtime(kind: str, path: Path, label: str | None = None, n_ctx: int | N
 
 
 def runtime_perplexity(runtime: Runtime, windows: torch.Tensor) -> Perplexity:
-    """compress.blocks.store.forward.perplexity through the runtime: windows (n, T) int64, each window scores
+    """compress.blocks.forward.perplexity through the runtime: windows (n, T) int64, each window scores
     its tokens 1..T-1."""
     if isinstance(runtime, TorchRuntime):
         return perplexity(runtime.model, windows, desc=f"perplexity {runtime.label}")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import torch
 
 V = gguf.GGUFValueType
 SCALARS = {V.UINT8: "<B", V.INT8: "<b", V.UINT16: "<H", V.INT16: "<h", V.UINT32: "<I", V.INT32: "<i", V.FLOAT32: "<f",
@@ -139,3 +140,15 @@ class GgufIndex:
             return data.view(np.float32).reshape(t.shape)
         byte_shape = gguf.quant_shape_to_byte_shape(t.shape, t.type)
         return gguf.quants.dequantize(data.reshape(byte_shape), t.type).reshape(t.shape).astype(np.float32, copy=False)
+
+
+def permute_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rotate-half rope rows (per head: first half, second half) -> interleaved pairs."""
+    rows = w.shape[0]
+    return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of permute_rows: llama.cpp's interleaved pairs -> rotate-half rows."""
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError
+from compress.model.modules import LowRankLinear, rebuild, spec_of
 from compress.model.tokenizer_files import save_tokenizer
 
 LAYOUT_FILE = "layout.json"
@@ -32,56 +33,9 @@ INDEX_FILE = WEIGHTS_FILE + ".index.json"
 FORMAT = "atp-layout-v1"
 
 
-class LowRankLinear(nn.Module):
-    """y = up(down(x)) [+ residual(x)]: a rank-r factorisation W ~ U V of an (out, in) Linear.
-
-    `residual` (optional) is a sparse correction stored as a dense Linear whose other weights are
-    exactly zero (the sparse export stores only its nonzeros).
-    """
-
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False, residual: bool = False,
-                 dtype: torch.dtype | None = None, device=None):
-        super().__init__()
-        kw = {"dtype": dtype, "device": device}
-        self.down = nn.Linear(in_features, rank, bias=False, **kw)
-        self.up = nn.Linear(rank, out_features, bias=bias, **kw)
-        self.residual = nn.Linear(in_features, out_features, bias=False, **kw) if residual else None
-
-    @property
-    def in_features(self) -> int:
-        return self.down.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.up.out_features
-
-    @property
-    def rank(self) -> int:
-        return self.down.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.up(self.down(x))
-        return y if self.residual is None else y + self.residual(x)
-
-    def dense_weight(self) -> torch.Tensor:
-        """The (out, in) matrix this module multiplies by."""
-        W = self.up.weight.float() @ self.down.weight.float()
-        return W if self.residual is None else W + self.residual.weight.float()
-
-    def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-
-def spec_of(module: nn.Module) -> dict:
-    if isinstance(module, LowRankLinear):
-        return {"type": "lowrank", "in": module.in_features, "out": module.out_features, "rank": module.rank,
-                "bias": module.up.bias is not None, "residual": module.residual is not None}
-    return {"type": "linear", "in": module.in_features, "out": module.out_features, "bias": module.bias is not None}
-
-
 def describe(model: nn.Module) -> dict[str, dict]:
     """{module name: spec} for every module that differs from what model.config builds."""
-    from compress.model.load import skeleton
+    from compress.model.anatomy import skeleton
 
     reference = dict(skeleton(model.config).named_modules())
     layout: dict[str, dict] = {}
@@ -92,24 +46,6 @@ def describe(model: nn.Module) -> dict[str, dict]:
             if spec_of(module) != spec_of(reference[name]):
                 layout[name] = spec_of(module)
     return layout
-
-
-def build(spec: dict, dtype: torch.dtype, device) -> nn.Module:
-    if spec["type"] == "lowrank":
-        return LowRankLinear(spec["in"], spec["out"], spec["rank"], spec["bias"], spec["residual"], dtype, device)
-    return nn.Linear(spec["in"], spec["out"], bias=spec["bias"], dtype=dtype, device=device)
-
-
-def rebuild(model: nn.Module, layout: dict[str, dict]) -> None:
-    """Replace the named modules by new (uninitialised) ones of the layout's shapes."""
-    for name, spec in layout.items():
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise CompressError(f"{LAYOUT_FILE}: the model has no module {name}") from None
-        parent, _, child = name.rpartition(".")
-        weight = next(old.parameters())
-        setattr(model.get_submodule(parent), child, build(spec, weight.dtype, weight.device))
 
 
 def write(folder: Path, layout: dict[str, dict]) -> None:
@@ -150,7 +86,7 @@ def weight_files(folder: Path) -> list[Path]:
 def save(model, tokenizer, folder: Path, layout: dict[str, dict]) -> None:
     """Dense weights of a restructured model: model.layout.safetensors + layout.json + config."""
     from compress.model import tensor_files
-    from compress.export.hf.sparse import unique_tensors
+    from compress.model.tensor_files import unique_tensors
 
     tensors, _ = unique_tensors(model)
     # safetensors' save_file orders the metadata as a hash map does: the same model gave different bytes

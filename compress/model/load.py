@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-from transformers.pytorch_utils import Conv1D
 
 from compress.errors import CompressError
+from compress.model import layout, sparse_folder
+from compress.model.anatomy import check_supported
+from compress.model.tokenizer_files import llama_tokenizer, prefixes_space
 
 
 @dataclass(frozen=True)
@@ -50,20 +50,6 @@ REGISTERED = {
     ),
 }
 
-# model_type -> attribute path of the decoder blocks (an nn.ModuleList).
-BLOCK_PATHS = {
-    "llama": "model.layers",
-    "mistral": "model.layers",
-    "qwen2": "model.layers",
-    "qwen3": "model.layers",
-    "gemma": "model.layers",
-    "gemma2": "model.layers",
-    "gemma3_text": "model.layers",
-    "gemma3": "model.language_model.layers",
-    "phi3": "model.layers",
-    "opt": "model.decoder.layers",
-    "gpt2": "transformer.h",
-}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -166,7 +152,6 @@ def gguf_tokenizer(path: Path):
     SentencePiece vocabularies (Llama 2, Mistral, Phi-3), built as their repositories build
     tokenizer.json (compress/tokenizer_files.py says why). Remembers the file it came from:
     exports rebuild tokenizer.model from it for llama.cpp's converter."""
-    from compress.model.tokenizer_files import llama_tokenizer, prefixes_space
 
     tokenizer = llama_tokenizer(path) if prefixes_space(path) else AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     tokenizer.gguf_source = str(path)
@@ -188,13 +173,11 @@ def _load_gguf(path: Path, dtype: torch.dtype, source: str, kind: str) -> Loaded
 
 
 def _load_folder(path: Path, dtype, source, trust_remote_code: bool) -> LoadedModel:
-    from compress.model import layout
-    from compress.export.hf import sparse  # exporters import this module: import at call time
 
     has_safetensors = any(path.glob("*.safetensors"))
     try:
-        if sparse.is_sparse_folder(path):  # our bitmask format: transformers cannot read it
-            model = sparse.load_sparse(path, dtype)
+        if sparse_folder.is_sparse_folder(path):  # our bitmask format: transformers cannot read it
+            model = sparse_folder.load_sparse(path, dtype)
             return LoadedModel(_finish(model), AutoTokenizer.from_pretrained(path), source, str(path), "folder")
         if layout.is_layout_folder(path):  # low-rank or structured: shapes from layout.json
             model = layout.load(path, dtype)
@@ -230,76 +213,6 @@ def _load_hub(repo: str, dtype, allow_pickle: bool, trust_remote_code: bool, rev
 # ---------------------------------------------------------------- block discovery
 
 
-def model_type(model: PreTrainedModel) -> str:
-    return getattr(model.config, "model_type", type(model).__name__)
-
-
-def check_supported(model: PreTrainedModel) -> None:
-    if model_type(model) not in BLOCK_PATHS:
-        raise CompressError(
-            f"unsupported architecture '{model_type(model)}' ({type(model).__name__}); "
-            f"supported: {', '.join(sorted(BLOCK_PATHS))}"
-        )
-
-
-def decoder_blocks(model: PreTrainedModel) -> nn.ModuleList:
-    check_supported(model)
-    blocks = model.get_submodule(BLOCK_PATHS[model_type(model)])
-    assert isinstance(blocks, nn.ModuleList), f"{BLOCK_PATHS[model_type(model)]} is not a ModuleList"
-    return blocks
-
-
-def block_prefix(model: PreTrainedModel) -> str:
-    return BLOCK_PATHS[model_type(model)]
-
-
-def outside_blocks(model) -> dict[str, torch.Tensor]:
-    """The model's tensors outside its decoder blocks (embeddings, final norm, head); a tensor
-    held twice (a head tied to the embeddings) is kept under its first name only, as
-    save_pretrained keeps it."""
-    out, seen, prefix = {}, set(), block_prefix(model) + "."
-    for name, t in model.state_dict().items():
-        if name.startswith(prefix) or t.device.type == "meta":
-            continue
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key in seen:
-            continue
-        seen.add(key)
-        out[name] = t
-    return out
-
-
-def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, Conv1D))
-
-
-def block_linears(block: nn.Module) -> dict[str, nn.Module]:
-    """Linear-like layers of one block by name relative to the block, in registration order."""
-    return {name: m for name, m in block.named_modules() if is_linear(m)}
-
-
-def get_weight(module: nn.Module) -> torch.Tensor:
-    """The weight as an (out, in) view. GPT-2's Conv1D stores (in, out), hence the transpose."""
-    W = module.weight.data
-    return W.t() if isinstance(module, Conv1D) else W
-
-
-def block_weight_counts(layers: list[dict[str, nn.Module]]) -> torch.Tensor:
-    """Weights per block of the selected Linears (float): what size-weighted allocations weigh by."""
-    return torch.tensor([float(sum(get_weight(m).numel() for m in block.values())) for block in layers])
-
-
-def set_weight(module: nn.Module, W: torch.Tensor) -> None:
-    """Write an (out, in) matrix back in the module's own layout and dtype."""
-    target = get_weight(module)
-    assert target.shape == W.shape, f"shape {tuple(W.shape)} != {tuple(target.shape)}"
-    target.copy_(W.to(target.dtype))
-
-
-def in_features(module: nn.Module) -> int:
-    return get_weight(module).shape[1]
-
-
 def read_config(source: str, trust_remote_code: bool = False, allow_pickle: bool = False):
     """The model's config from local metadata alone (no weights); None for a hub id."""
     from transformers import AutoConfig
@@ -328,37 +241,3 @@ def read_tokenizer(source: str, trust_remote_code: bool = False, allow_pickle: b
     return None
 
 
-def skeleton(config, trust_remote_code: bool = False) -> PreTrainedModel:
-    """The model built from its config on the meta device: every name and shape, no memory."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    check_supported(model)
-    return model
-
-
-def context_length(config) -> int | None:
-    """Longest sequence the model was built for (max_position_embeddings; GPT-2's n_positions)."""
-    config = getattr(config, "text_config", None) or config  # multimodal wrappers (gemma3)
-    return getattr(config, "max_position_embeddings", None)
-
-
-def select_linears(
-    model: nn.Module, targets: list[str], ignore: list[str], stage_key: str
-) -> tuple[list[dict[str, nn.Module]], list[str]]:
-    """Per block, the Linears whose full name matches a `targets` regex and no `ignore` regex;
-    and the names left out. Selecting nothing at all is an error naming the stage."""
-    prefix = block_prefix(model)
-    chosen, skipped = [], []
-    for i, block in enumerate(decoder_blocks(model)):
-        layers = {}
-        for rel, module in block_linears(block).items():
-            name = f"{prefix}.{i}.{rel}"
-            if any(re.search(t, name) for t in targets) and not any(re.search(x, name) for x in ignore):
-                layers[name] = module
-            else:
-                skipped.append(name)
-        chosen.append(layers)
-    if not any(chosen):
-        example = skipped[0] if skipped else f"{prefix}.0.<linear>"
-        raise CompressError(f"{stage_key}.targets/ignore select no Linear layer (names look like '{example}')")
-    return chosen, skipped

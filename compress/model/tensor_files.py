@@ -46,3 +46,17 @@ def save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] 
             if t.numel():
                 f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
     os.replace(tmp, path)
+
+
+def unique_tensors(model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The model's state dict without tied copies: {name: tensor}, {alias: name it shares}."""
+    tensors, aliases, seen = {}, {}, {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype) if tensor.numel() else None
+        if key is not None and key in seen:
+            aliases[name] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = name
+        tensors[name] = tensor.detach().cpu().contiguous()
+    return tensors, aliases

@@ -2,9 +2,8 @@
 
 A row is one run measured on one artefact: the in-memory model (`model`), or an export reloaded
 in its own runtime (`hf`, `gguf q4_k_m`, `onnx`; see eval.artefacts). Every number is read from the run's
-results.json / metadata.json: nothing is loaded or recomputed here. A recipe given instead of a
-run folder is looked up by its run_id (compress/identity.py) in its output_dir and run only when
-no finished run of exactly that recipe, model file and data is there.
+results.json / metadata.json: nothing is loaded or recomputed here (compress/run/compare.py
+finds the runs, running a recipe that has none).
 
 Columns: perplexity; zero-shot accuracy per task and their mean, each with its standard error
 (binomial, sqrt(p(1-p)/(n-1))); mean sparsity and stored bits per weight of the decoder-block
@@ -38,41 +37,6 @@ class Entry:
 
 
 # ---------------------------------------------------------------- collecting runs
-
-
-def entries_from_args(items: list[str], run_missing: bool = True, overwrite: bool = False) -> list[Entry]:
-    """Run folders are read; recipes are read from their output_dir when finished, else run
-    (in this process, one after another) unless run_missing is False."""
-    entries = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            if not (path / "results.json").is_file():
-                raise CompressError(f"{path}: not a finished run (no results.json); give a run's output_dir or a recipe .yaml")
-            entries.append(Entry(path.name, path))
-        elif path.suffix in (".yaml", ".yml") or path.is_file():
-            entries.append(entry_for_recipe(path, run_missing))
-        else:
-            raise CompressError(f"{path}: no such run folder or recipe file")
-    return entries
-
-
-def entry_for_recipe(path: Path, run_missing: bool) -> Entry:
-    from compress.run import engine, identity
-    from compress.run.recipe import load_recipe
-
-    recipe = load_recipe(path)
-    out = engine.output_dir_for(recipe, path)
-    name = recipe.name or path.stem
-    command = f"compress run {shlex.quote(str(path))}"
-    if identity.finished(out, recipe):
-        log.info("%s: finished run in %s (same run_id): read, not rerun", path, out)
-        return Entry(name, out, command)
-    if not run_missing:
-        raise CompressError(f"{path}: no finished run of this recipe in {out}; run it, or drop --no-run")
-    log.info("%s: running (no finished run of this recipe in %s)", path, out)
-    engine.run(recipe, path, overwrite=True)
-    return Entry(name, out, command)
 
 
 # ---------------------------------------------------------------- rows

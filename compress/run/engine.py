@@ -31,7 +31,8 @@ from compress.errors import CompressError
 from compress.blocks.forward import perplexity
 from compress.export import EXPORTERS, preflight
 from compress.export.reference import reference_for_run
-from compress.model.load import DTYPES, LoadedModel, context_length, decoder_blocks, load_model, model_type
+from compress.model.load import DTYPES, LoadedModel, load_model
+from compress.model.anatomy import context_length, decoder_blocks, model_type
 from compress.run.recipe import Recipe
 from compress.reports.report import write_report
 from compress.stages import STAGES

@@ -19,7 +19,8 @@ from compress.run.engine import cancelled_on_error, check_context, check_output_
 from compress.errors import CompressError
 from compress.export import preflight
 from compress.export.hf.gptq import check_packable
-from compress.model.load import DTYPES, context_length, decoder_blocks, read_config, read_tokenizer, select_linears, skeleton
+from compress.model.load import DTYPES, read_config, read_tokenizer
+from compress.model.anatomy import context_length, decoder_blocks, select_linears, skeleton
 from compress.run.recipe import Recipe
 
 

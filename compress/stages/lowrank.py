@@ -21,7 +21,7 @@ other's remainder).
 During the stage (and every beta-search trial) each Linear holds the dense equivalent in place,
 with its factors in `module.low_rank_factors`, so later blocks calibrate on compressed outputs and
 the search restores a trial like any other stage's; then each one is replaced by a
-compress.layout.LowRankLinear, so the returned model is physically smaller: each block once its
+compress.model.modules.LowRankLinear, so the returned model is physically smaller: each block once its
 outputs are propagated, or, in a beta search over blocks held in memory, after the search
 (compress/blocks.py: finish). Layers are
 looked up by name at each use, since a streamed block's modules are rebuilt to the layout of the
@@ -51,10 +51,10 @@ from compress.blocks.runner import sequential
 from compress.config import Config, LayerPatterns
 from compress.stages.context import StageContext
 from compress.errors import CompressError
-from compress.model.layout import LowRankLinear
-from compress.model.load import get_weight, in_features, select_linears, set_weight
+from compress.model.modules import LowRankLinear
+from compress.model.anatomy import get_weight, in_features, select_linears, set_weight
 from compress.algorithms.obs import CHOLESKY_RETRIES
-from compress.algorithms.search import search_beta
+from compress.stages.allocation import search_beta
 from compress.algorithms.sparsity import row_mask, wanda_score
 from compress.algorithms.stats import Hessian
 

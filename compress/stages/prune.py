@@ -23,10 +23,10 @@ from compress.blocks.runner import sequential
 from compress.config import Config, LayerPatterns
 from compress.stages.context import StageContext
 from compress.errors import CompressError
-from compress.model.load import block_weight_counts, get_weight, in_features, select_linears, set_weight
+from compress.model.anatomy import block_weight_counts, get_weight, in_features, select_linears, set_weight
 from compress.algorithms.obs import sparsegpt_prune
 from compress.algorithms.quant import Grid, GroupSize
-from compress.algorithms.search import search_beta
+from compress.stages.allocation import search_beta
 from compress.algorithms.sparsity import fraction_zero, magnitude_score, matrix_mask, nm_mask, row_mask, wanda_score
 from compress.algorithms.stats import Hessian, InputNorms
 from compress.blocks.store import store_of

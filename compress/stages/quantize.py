@@ -31,10 +31,10 @@ from compress.blocks.runner import sequential
 from compress.config import Config, LayerPatterns
 from compress.stages.context import StageContext
 from compress.errors import CompressError
-from compress.model.load import block_weight_counts, get_weight, in_features, select_linears, set_weight
+from compress.model.anatomy import block_weight_counts, get_weight, in_features, select_linears, set_weight
 from compress.algorithms.obs import gptq_quantize
 from compress.algorithms.quant import BNB_BLOCKSIZE, Grid, GroupSize, rtn, stored_bits
-from compress.algorithms.search import search_beta
+from compress.stages.allocation import search_beta
 from compress.algorithms.stats import Hessian
 
 log = logging.getLogger("compress")

@@ -38,7 +38,7 @@ from compress.config import Config, LayerPatterns
 from compress.stages.context import StageContext
 from compress.errors import CompressError
 from compress.blocks.forward import perplexity
-from compress.model.load import get_weight, select_linears
+from compress.model.anatomy import get_weight, select_linears
 from compress.blocks.spill import ZeroMask
 
 log = logging.getLogger("compress")

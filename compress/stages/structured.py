@@ -40,8 +40,8 @@ from compress.blocks.runner import sequential
 from compress.config import Config, LayerPatterns
 from compress.stages.context import StageContext
 from compress.errors import CompressError
-from compress.model.load import select_linears
-from compress.algorithms.search import search_beta
+from compress.model.anatomy import select_linears
+from compress.stages.allocation import search_beta
 
 log = logging.getLogger("compress")
 

@@ -48,10 +48,11 @@ from compress.algorithms.ggml_formats import FORMATS, GgufState
 from compress.errors import CompressError
 from compress.export.gguf import arch as gguf_arch, pack as gguf_pack, rewrite as gguf_rewrite, convert as llama_convert
 from compress.model.gguf_file import GgufIndex
-from compress.export.gguf.arch import Widths, head_dim, lowrank_notes
+from compress.export.gguf.arch import Widths, lowrank_notes
+from compress.model.anatomy import head_dim
 from compress.export.gguf.check import NO_LLAMA_CPP, TOP1_AGREEMENT, check  # noqa: F401  (check: the exporter's; TOP1_AGREEMENT: its floors)
-from compress.model.layout import LowRankLinear
-from compress.model.load import block_prefix, decoder_blocks, model_type, outside_blocks
+from compress.model.modules import LowRankLinear
+from compress.model.anatomy import block_prefix, decoder_blocks, model_type, outside_blocks
 from compress.algorithms.quant import QuantState
 
 log = logging.getLogger("compress")

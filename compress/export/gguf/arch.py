@@ -24,11 +24,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-import torch
 
 from compress.errors import CompressError
-from compress.model.layout import LowRankLinear
-from compress.model.load import decoder_blocks
+from compress.model.anatomy import head_dim
+from compress.model.modules import LowRankLinear
+from compress.model.anatomy import decoder_blocks
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,6 @@ class Widths:
     heads: int
     kv_heads: int
     ff: int
-
-
-def head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def config_widths(config) -> Widths:
@@ -169,13 +165,3 @@ def lowrank_notes(model) -> list[str]:
 # ---------------------------------------------------------------- rope row orders
 
 
-def permute_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """Rotate-half rope rows (per head: first half, second half) -> interleaved pairs."""
-    rows = w.shape[0]
-    return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def unpermute_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """The inverse of permute_rows: llama.cpp's interleaved pairs -> rotate-half rows."""
-    rows = w.shape[0]
-    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

@@ -20,7 +20,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from compress.export.gguf.arch import Plan, permute_rows
+from compress.export.gguf.arch import Plan
+from compress.model.gguf_file import permute_rows
 from compress.model.gguf_file import GgufIndex, TensorEntry
 
 Q = gguf.GGMLQuantizationType

@@ -1,7 +1,7 @@
 """Hugging Face export: a folder that AutoModelForCausalLM.from_pretrained loads, in the format the
 model's layers call for (dense safetensors; GPTQ when layers sit on integer grids; bitsandbytes
 when they were quantised with it), or, with `format: sparse`, pruned tensors stored as bitmask +
-kept values (export/sparse.py: smaller, read by our loader only).
+kept values (compress/export/hf/sparse.py: smaller, read by our loader only).
 
 The checks run in two steps so that the caller can free its model in between: verify (the saved
 weights decode to exactly the in-memory ones) needs the model; check (the folder reloaded gives
@@ -30,6 +30,7 @@ from compress.config import Config
 from compress.errors import CompressError
 from compress.export.hf import bnb, gptq, sparse
 from compress.algorithms.ggml_formats import GRIDS_FILE, GgufState
+from compress.model.sparse_folder import load_sparse
 from compress.model.tokenizer_files import save_tokenizer
 
 log = logging.getLogger("compress")
@@ -220,9 +221,9 @@ def reload(folder: Path, fmt: str, dtype, device, info: dict):
         # its automatic kernel choice picks a 4-bit-only kernel for mixed widths; the torch one takes all
         return GPTQModel.load(str(folder), device="cpu", backend="torch").model, "gptqmodel.GPTQModel.load"
     if fmt == "sparse":
-        return sparse.load_sparse(folder, dtype).to(device), "compress.export.hf.sparse.load_sparse"
+        return load_sparse(folder, dtype).to(device), "compress.model.sparse_folder.load_sparse"
     if fmt == "layout":
-        return layout.load(folder, dtype).to(device), "compress.model.load.layout.load"
+        return layout.load(folder, dtype).to(device), "compress.model.layout.load"
     if fmt == "dense":
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device), "transformers"
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=str(device)), "transformers"

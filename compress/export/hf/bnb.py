@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError
-from compress.model.load import get_weight
+from compress.model.anatomy import get_weight
 from compress.model.tokenizer_files import save_tokenizer
 
 

@@ -1,19 +1,5 @@
-"""Sparse safetensors: pruned tensors stored as a bitmask plus their kept values, so that a
-70%-sparse model's file really is smaller (float32: 4 bytes per kept value + 1 bit per weight).
-
-Per compressed tensor `name` (the tensor layout of compressed-tensors' legacy "sparse-bitmask"
-format, which llm-compressor wrote; compressed-tensors 0.20 no longer decompresses it, so no
-runtime reads it but ours):
-    name.shape        int64 (2,)                    the dense shape (rows, cols)
-    name.compressed   model dtype (nonzero,)        the nonzero values, row by row
-    name.bitmask      uint8 (rows, ceil(cols / 8))  1 where a value is kept, numpy.packbits little-endian
-    name.row_offsets  int64 (rows,)                 where each row's values start in `compressed`
-Tensors that would not get smaller are stored as they are. The weights go into
-model.sparse.safetensors (not model.safetensors), so transformers refuses the folder with "no
-model file" instead of loading random weights; `load_sparse` (and so `compress eval FOLDER`, and
-every command that takes a model) restores the model bit for bit. sparsity_config.json marks the
-folder and lists what was compressed.
-"""
+"""Writing sparse safetensors folders (their format: compress/model/sparse_folder.py): each pruned
+matrix as a bitmask plus its kept values, and the check that the folder decodes to the model."""
 
 from __future__ import annotations
 
@@ -22,20 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from compress.model import layout, tensor_files
-from compress.errors import CompressError
 from compress.model.tokenizer_files import save_tokenizer
-
-WEIGHTS_FILE = "model.sparse.safetensors"
-CONFIG_FILE = "sparsity_config.json"
-FORMAT = "atp-sparse-bitmask-v1"
-SUFFIXES = (".shape", ".compressed", ".bitmask", ".row_offsets")
-
-
-def is_sparse_folder(folder: Path) -> bool:
-    return (folder / CONFIG_FILE).is_file()
+from compress.model.sparse_folder import CONFIG_FILE, FORMAT, WEIGHTS_FILE, iter_tensors
+from compress.model.tensor_files import unique_tensors
 
 
 def compressed_bytes(tensor: torch.Tensor) -> int:
@@ -56,29 +33,6 @@ def compress(tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         ".bitmask": torch.from_numpy(bitmask),
         ".row_offsets": offsets,
     }
-
-
-def decompress(parts: dict[str, torch.Tensor]) -> torch.Tensor:
-    rows, cols = (int(v) for v in parts[".shape"])
-    mask = np.unpackbits(parts[".bitmask"].numpy(), axis=-1, count=cols, bitorder="little").astype(bool)
-    mask = torch.from_numpy(mask)
-    dense = torch.zeros(rows, cols, dtype=parts[".compressed"].dtype)
-    dense[mask] = parts[".compressed"]
-    return dense
-
-
-def unique_tensors(model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The model's state dict without tied copies: {name: tensor}, {alias: name it shares}."""
-    tensors, aliases, seen = {}, {}, {}
-    for name, tensor in model.state_dict().items():
-        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype) if tensor.numel() else None
-        if key is not None and key in seen:
-            aliases[name] = seen[key]
-            continue
-        if key is not None:
-            seen[key] = name
-        tensors[name] = tensor.detach().cpu().contiguous()
-    return tensors, aliases
 
 
 def save_sparse(model, tokenizer, folder: Path) -> dict:
@@ -123,42 +77,9 @@ def save_sparse(model, tokenizer, folder: Path) -> dict:
         "notes": [
             f"{len(compressed)} tensors stored as bitmask + kept values ({config['compressed_sparsity']:.1%} of their weights are zero); "
             f"{file_mb:.1f} MB against {dense_bytes / 2**20:.1f} MB dense",
-            "transformers cannot load this folder; load it with compress (compress eval FOLDER) or compress.export.sparse.load_sparse",
+            "transformers cannot load this folder; load it with compress (compress eval FOLDER) or compress.model.sparse_folder.load_sparse",
         ],
     }
-
-
-def read_config(folder: Path) -> dict:
-    try:
-        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise CompressError(f"{folder / CONFIG_FILE}: not a readable sparsity config ({err})") from None
-    if config.get("format") != FORMAT:
-        raise CompressError(f"{folder / CONFIG_FILE}: format {config.get('format')!r} is not {FORMAT!r}")
-    return config
-
-
-def iter_tensors(folder: Path):
-    """(name, dense tensor) for every tensor of a sparse folder, one at a time."""
-    config = read_config(folder)
-    compressed = set(config["compressed"])
-    with safe_open(str(folder / config["weights_file"]), framework="pt") as f:
-        for name in compressed:
-            yield name, decompress({s: f.get_tensor(name + s) for s in SUFFIXES})
-        for key in f.keys():
-            if not key.endswith(SUFFIXES) or key.rsplit(".", 1)[0] not in compressed:
-                yield key, f.get_tensor(key)
-
-
-def load_sparse(folder: Path, dtype: torch.dtype | None = None):
-    """The model of a sparse folder, bit-identical to the one saved (in `dtype` if given)."""
-    config = read_config(folder)
-    stored = getattr(torch, config["dtype"])
-    model = layout.from_config(folder, stored)  # low-rank / narrower modules as layout.json says
-    layout.load_state(model, dict(iter_tensors(folder)), folder)
-    if dtype is not None and dtype != stored:
-        model = model.to(dtype)
-    return model.eval()
 
 
 def check_saved(model, folder: Path) -> dict:

@@ -64,7 +64,7 @@ from compress.errors import CompressError
 from compress.export.hf import bnb, gptq
 from compress.export.onnx import nbits as onnx_nbits
 from compress.export.onnx.nbits import digest
-from compress.model.layout import LowRankLinear
+from compress.model.modules import LowRankLinear
 from compress.model.tokenizer_files import save_tokenizer
 
 PREFILL = "prefill.onnx"
@@ -514,7 +514,7 @@ def greedy(prompt: torch.Tensor, prompt_outputs: list, step, new_tokens: int, su
 
 
 def runtime_perplexity(prefill, ref) -> dict:
-    """compress.blocks.store.forward.perplexity's definition (every position predicts the next token; a BOS
+    """compress.blocks.forward.perplexity's definition (every position predicts the next token; a BOS
     first is never a target) through the runtime, on at most PERPLEXITY_WINDOWS windows.
     Information, not a check: logit parity already bounds it."""
     from compress.blocks.forward import summed_nll
