@@ -23,11 +23,10 @@ import json
 import time
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 import auto_round
+import torch
 from auto_round import AutoRound
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 MODEL = "/tmp/smollm2-hf"
 BROWN = "/work/shared/data/brown.txt"

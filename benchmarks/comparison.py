@@ -97,8 +97,8 @@ def measure_speed(args, run_dir: Path) -> bool:
     import torch
 
     from compress.data.segments import read_text
-    from compress.model.load import read_tokenizer
     from compress.evaluation.speed import llama_rates
+    from compress.model.load import read_tokenizer
 
     path = run_dir / "results.json"
     results = json.loads(path.read_text())

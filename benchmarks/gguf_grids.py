@@ -98,6 +98,7 @@ def block_matrix_bits(path: Path) -> float:
     import math
 
     import gguf
+
     from compress.model.gguf_file import GgufIndex
 
     index = GgufIndex(path)

@@ -74,6 +74,7 @@ LOADAVG_START = os.getloadavg()  # 1/5/15-minute load: other jobs on the box inf
 def make_model(out_dir):
     """GGUF (Q4_1) -> float32 safetensors folder with tokenizer."""
     import importlib.util
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # find_spec locates the folder without executing the package's __init__

@@ -23,7 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from sparsity import data_section, require_inputs, run_recipe  # noqa: E402  (the same token windows as the sparsity table)

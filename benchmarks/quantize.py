@@ -27,7 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from sparsity import data_section, require_inputs, run_recipe  # noqa: E402  (the same token windows as the sparsity table)
@@ -111,8 +110,8 @@ def run_gptqmodel(args) -> dict:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     from gptqmodel import GPTQModel, QuantizeConfig
 
-    from compress.data.segments import SegmentsConfig, build_segments
     from compress.blocks.forward import perplexity
+    from compress.data.segments import SegmentsConfig, build_segments
     from compress.export.hf.gptq import read_dequantized
     from compress.model.load import load_model, read_tokenizer
 

@@ -25,7 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from sparsity import data_section, require_inputs, run_recipe  # noqa: E402  (the same token windows as the sparsity table)
@@ -138,8 +137,8 @@ def measure_speed(args, row: dict) -> dict:
     """torch fp32 tokens/s of the exported folder (prefill 512, decode 128), reloaded by our loader."""
     import torch
 
-    from compress.model.load import load_model
     from compress.evaluation.speed import torch_rates
+    from compress.model.load import load_model
 
     torch.set_num_threads(args.threads)
     model = load_model(str(args.runs / row["name"])).model

@@ -91,8 +91,8 @@ def int4_copy(model):
     layout MatMulNBits stores; speed depends on the format, not on how the codes were chosen."""
     import copy
 
-    from compress.model.anatomy import block_linears, decoder_blocks
     from compress.algorithms.quant import Grid, rtn
+    from compress.model.anatomy import block_linears, decoder_blocks
 
     quantized = copy.deepcopy(model)
     with torch.no_grad():

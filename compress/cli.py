@@ -70,9 +70,9 @@ def run(
 ) -> None:
     """Run a recipe: compress, evaluate, export, and write a report into output_dir."""
     setup_logging(quiet)  # before the imports below: they import tqdm
+    from compress.reports.report import summary_table
     from compress.run import engine
     from compress.run.recipe import load_recipe
-    from compress.reports.report import summary_table
 
     overrides = set_ or []
     parsed = load_recipe(recipe, overrides)
@@ -118,8 +118,8 @@ def eval_(
     """Perplexity (every full window of a text, or the first --nsamples), zero-shot accuracy and
     tokens/s of a model or an exported file in its own runtime; JSON on stdout."""
     setup_logging(quiet)
-    from compress.run.eval_command import evaluate_source
     from compress.model.load import DTYPES
+    from compress.run.eval_command import evaluate_source
 
     if dtype not in DTYPES:
         raise CompressError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")

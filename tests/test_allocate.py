@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from compress.algorithms import allocate
-from compress.errors import CompressError
 from compress.algorithms.search import golden_section
+from compress.errors import CompressError
 
 
 def test_atp_formula_matches_paper():

@@ -8,8 +8,9 @@ import torch
 from safetensors import safe_open
 
 from compress.algorithms import ggml_formats
-from compress.blocks.store import COUNTS, ResidentBlocks, StreamedBlocks, block_counts, states_path
 from compress.algorithms.quant import Grid, rtn
+from compress.blocks.store import COUNTS, ResidentBlocks, StreamedBlocks, block_counts, states_path
+
 from conftest import tiny_model
 
 

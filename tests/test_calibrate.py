@@ -1,9 +1,10 @@
 import pytest
 import torch
 
+from compress.algorithms.stats import Hessian, InputNorms
 from compress.blocks.runner import capture_inputs, no_cache, run_block, sequential
 from compress.model.anatomy import decoder_blocks
-from compress.algorithms.stats import Hessian, InputNorms
+
 from conftest import TINY_CONFIGS, tiny_model
 
 

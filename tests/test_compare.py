@@ -7,14 +7,14 @@ import shutil
 import textwrap
 
 import pytest
+from typer.testing import CliRunner
 
-from compress.reports import compare, pareto
-from compress.run.compare import entries_from_args
-from compress.run import engine, identity
 from compress.cli import app
 from compress.errors import CompressError
+from compress.reports import compare, pareto
+from compress.run import engine, identity
+from compress.run.compare import entries_from_args
 from compress.run.recipe import load_recipe
-from typer.testing import CliRunner
 
 
 def write_recipe(tmp_path, folder, name, stages, text=None, extra=""):

@@ -5,6 +5,7 @@ import torch
 
 from compress.data.segments import SegmentsConfig, build_segments, consecutive_windows, random_windows, read_text, role_parts
 from compress.errors import CompressError
+
 from conftest import SHARED_DATA, needs_shared_data
 
 

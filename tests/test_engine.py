@@ -9,8 +9,8 @@ import textwrap
 import pytest
 from transformers import AutoModelForCausalLM
 
-from compress.run import engine
 from compress.errors import CompressError
+from compress.run import engine
 from compress.run.recipe import load_recipe
 from compress.stages import STAGES
 

@@ -6,16 +6,17 @@ import textwrap
 
 import pytest
 
-from compress.run import engine
 from compress.errors import CompressError
+from compress.run import engine
 from compress.run.recipe import load_recipe
 
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'atp-compress[eval]')")
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'atp-compress[gguf]')")
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'atp-compress[onnx]')")
 
-from conftest import has_converter, model_from_config  # noqa: E402
 from test_zeroshot import write_data  # noqa: E402  (a few items of each local task)
+
+from conftest import has_converter, model_from_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")

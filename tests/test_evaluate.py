@@ -1,9 +1,10 @@
-import pytest
 import math
 
+import pytest
 import torch
 
 from compress.blocks.forward import perplexity
+
 from conftest import tiny_model
 
 

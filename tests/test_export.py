@@ -7,11 +7,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from compress.run import engine
 from compress.export import hf
 from compress.export.hf import sparse
 from compress.model import sparse_folder
+from compress.run import engine
 from compress.run.recipe import load_recipe
+
 from conftest import build_tokenizer, model_from_config
 
 
@@ -102,8 +103,8 @@ def test_sparse_export_in_a_run_reloads_identically_and_evaluates(tmp_path, wide
     assert not (out / "model.safetensors").exists() and (out / sparse_folder.WEIGHTS_FILE).is_file()
     assert result.results["size"]["files_mb"]["hf"] < 0.6 * result.results["size"]["dense_mb"]
     # every command that takes a model takes the folder: same perplexity as the run measured
-    from compress.data.segments import build_segments
     from compress.blocks.forward import perplexity
+    from compress.data.segments import build_segments
     from compress.model.load import load_model
 
     loaded = load_model(str(out))

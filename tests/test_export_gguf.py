@@ -15,17 +15,19 @@ import numpy as np
 import pytest
 import torch
 
-from compress.run import engine
 from compress.data.segments import SegmentsConfig, build_segments
 from compress.errors import CompressError
 from compress.export import gguf as gguf_export
-from compress.export.gguf import check as gguf_check, convert as llama_convert
 from compress.export.gguf import GgufExport
+from compress.export.gguf import check as gguf_check
+from compress.export.gguf import convert as llama_convert
 from compress.export.gguf.check import LOGIT_TOLERANCE
-from compress.model.gguf_file import GgufIndex
 from compress.export.reference import take_reference
-from compress.run.reexport import export_run
+from compress.model.gguf_file import GgufIndex
+from compress.run import engine
 from compress.run.recipe import load_recipe
+from compress.run.reexport import export_run
+
 from conftest import build_tokenizer, model_from_config, needs_converter, needs_default_model
 
 needs_llama_cpp = pytest.mark.skipif(

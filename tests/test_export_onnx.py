@@ -11,10 +11,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from compress.algorithms.quant import Grid, rtn
 from compress.errors import CompressError
 from compress.export import onnx as onnx_export
 from compress.export.reference import take_reference
-from compress.algorithms.quant import Grid, rtn
+
 from conftest import tiny_model
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'atp-compress[onnx]')")

@@ -16,13 +16,13 @@ from torch import nn
 from compress.data.segments import SegmentsConfig, build_segments
 from compress.errors import CompressError
 from compress.export import gguf as gguf_export
-from compress.export.gguf import arch as gguf_arch
 from compress.export.gguf import GgufExport
-from compress.model.gguf_file import GgufIndex
+from compress.export.gguf import arch as gguf_arch
 from compress.export.reference import take_reference
 from compress.model.anatomy import head_dim
-from compress.model.gguf_file import permute_rows
+from compress.model.gguf_file import GgufIndex, permute_rows
 from compress.model.modules import LowRankLinear
+
 from conftest import has_converter, model_from_config, tiny_model
 
 needs_llama_cpp = pytest.mark.skipif(

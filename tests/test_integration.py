@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from compress.algorithms import allocate
 from compress.run import engine
 from compress.run.recipe import load_recipe
+
 from conftest import needs_default_model
 
 pytestmark = needs_default_model

@@ -7,11 +7,12 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from compress.model import layout
-from compress.model.modules import LowRankLinear
 from compress.export import hf
 from compress.export.hf import sparse
+from compress.model import layout
 from compress.model.load import load_model
+from compress.model.modules import LowRankLinear
+
 from tests.conftest import tiny_model
 
 

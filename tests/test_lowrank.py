@@ -7,22 +7,23 @@ import textwrap
 import pytest
 import torch
 from pydantic import ValidationError
+from test_prune_stage import context, segments
 
 from compress.algorithms import allocate
-from compress.run import engine
-from compress.stages.context import StageContext
-from compress.errors import CompressError
 from compress.blocks.forward import perplexity
+from compress.errors import CompressError
 from compress.export import hf
-from compress.model.modules import LowRankLinear
-from compress.model.load import load_model
 from compress.model.anatomy import block_linears, decoder_blocks, get_weight
+from compress.model.load import load_model
+from compress.model.modules import LowRankLinear
+from compress.run import engine
 from compress.run.recipe import load_recipe
 from compress.stages import lowrank, quantize
+from compress.stages.context import StageContext
 from compress.stages.lowrank import LowRankConfig, low_rank, rank_for
 from compress.stages.quantize import QuantizeConfig
+
 from conftest import tiny_model
-from test_prune_stage import context, segments
 
 
 def run(model, **cfg):

@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from compress.errors import CompressError
-from compress.model.load import load_model, read_config
 from compress.model.anatomy import BLOCK_PATHS, block_linears, context_length, decoder_blocks, get_weight, set_weight, skeleton
+from compress.model.load import load_model, read_config
+
 from conftest import TINY_CONFIGS, needs_default_model, tiny_model
 
 EXPECTED_LINEARS = {

@@ -6,14 +6,15 @@ import pytest
 import torch
 
 from compress.algorithms import allocate
-from compress.stages.context import StageContext
+from compress.algorithms.sparsity import is_nm
+from compress.blocks.forward import perplexity
 from compress.data.segments import Segments
 from compress.errors import CompressError
-from compress.blocks.forward import perplexity
 from compress.model.anatomy import block_linears, decoder_blocks, get_weight
-from compress.algorithms.sparsity import is_nm
 from compress.stages import prune
+from compress.stages.context import StageContext
 from compress.stages.prune import PruneConfig
+
 from conftest import tiny_model
 
 

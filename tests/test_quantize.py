@@ -7,21 +7,23 @@ import textwrap
 
 import pytest
 import torch
+from test_prune_stage import context
 
 from compress.algorithms import allocate
-from compress.run import engine
+from compress.algorithms.obs import gptq_quantize, sparsegpt_prune
+from compress.algorithms.quant import Grid, grid_params, output_sqnr, quantize, rtn
+from compress.algorithms.sparsity import is_nm
 from compress.errors import CompressError
 from compress.export.hf.gptq import pack_layer, read_dequantized, unpack_layer
 from compress.model.anatomy import block_linears, block_weight_counts, decoder_blocks, get_weight
-from compress.algorithms.obs import gptq_quantize, sparsegpt_prune
-from compress.algorithms.quant import Grid, grid_params, output_sqnr, quantize, rtn
+from compress.run import engine
 from compress.run.recipe import load_recipe
-from compress.algorithms.sparsity import is_nm
-from compress.stages import prune, quantize as quantize_stage
+from compress.stages import prune
+from compress.stages import quantize as quantize_stage
 from compress.stages.prune import PruneConfig
 from compress.stages.quantize import QuantizeConfig
+
 from conftest import model_from_config, tiny_model
-from test_prune_stage import context
 
 needs_gptqmodel = pytest.mark.skipif(
     importlib.util.find_spec("gptqmodel") is None or importlib.util.find_spec("optimum") is None,

@@ -9,17 +9,18 @@ import pytest
 import torch
 from torch import nn
 
-from compress.run import engine
-from compress.stages.context import StageContext
+from compress.blocks.forward import perplexity
 from compress.data.segments import Segments
 from compress.errors import CompressError
-from compress.blocks.forward import perplexity
 from compress.model.anatomy import decoder_blocks, get_weight, select_linears
+from compress.run import engine
 from compress.run.recipe import load_recipe
 from compress.stages import prune, quantize, recover
+from compress.stages.context import StageContext
 from compress.stages.prune import PruneConfig
 from compress.stages.quantize import QuantizeConfig
 from compress.stages.recover import RecoverConfig
+
 from conftest import ATTENTION, VOCAB, model_from_config, tiny_model
 
 pytest.importorskip("peft", reason="peft is not installed (pip install 'atp-compress[recover]')")

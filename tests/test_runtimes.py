@@ -18,14 +18,15 @@ import torch
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'atp-compress[eval]')")
 
 from lm_eval.api.instance import Instance  # noqa: E402
+from test_zeroshot import write_data  # noqa: E402
 
-from compress.evaluation import zeroshot  # noqa: E402
+from compress.blocks.forward import perplexity  # noqa: E402
 from compress.data.segments import adds_bos  # noqa: E402
 from compress.errors import CompressError  # noqa: E402
-from compress.blocks.forward import perplexity  # noqa: E402
+from compress.evaluation import zeroshot  # noqa: E402
 from compress.evaluation.runtimes import GgufRuntime, open_runtime, runtime_perplexity  # noqa: E402
+
 from conftest import build_tokenizer, has_converter, model_from_config  # noqa: E402
-from test_zeroshot import write_data  # noqa: E402
 
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnxscript"))

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from compress.errors import CompressError
 from compress.algorithms.obs import sparsegpt_prune
 from compress.algorithms.sparsity import is_nm, matrix_mask, nm_mask, row_mask, wanda_score
 from compress.algorithms.stats import Hessian, InputNorms
+from compress.errors import CompressError
 
 
 def test_wanda_score_is_abs_weight_times_input_norm():

@@ -14,11 +14,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from compress.run import engine
-from compress.errors import CompressError
-from compress.run.recipe import load_recipe
-from compress.blocks.store import KILL_AFTER
 from compress.blocks.sources import WeightSource
+from compress.blocks.store import KILL_AFTER
+from compress.errors import CompressError
+from compress.run import engine
+from compress.run.recipe import load_recipe
+
 from conftest import build_tokenizer, model_from_config, needs_converter, needs_default_model
 
 
@@ -341,8 +342,8 @@ def test_a_hub_id_is_not_streamed(tmp_path):
 def test_a_gguf_file_streams_the_tensors_transformers_loads():
     """Each tensor dequantised from the memory-mapped file on its own equals what transformers
     loads with the whole file (q/k rows back in Hugging Face's rope order)."""
-    from compress.model.load import load_model, resolve_registered
     from compress.blocks.sources import GgufWeightSource
+    from compress.model.load import load_model, resolve_registered
 
     model = load_model("smollm2-135m").model
     source = GgufWeightSource(resolve_registered("smollm2-135m"), model)

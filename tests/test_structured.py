@@ -8,17 +8,18 @@ import pytest
 import torch
 from torch import nn
 
-from compress.run import engine
-from compress.model import layout
-from compress.stages.context import StageContext
 from compress.data.segments import Segments
 from compress.errors import CompressError
 from compress.export import hf
-from compress.model.load import load_model
+from compress.model import layout
 from compress.model.anatomy import decoder_blocks
+from compress.model.load import load_model
+from compress.run import engine
 from compress.run.recipe import load_recipe
 from compress.stages import structured
+from compress.stages.context import StageContext
 from compress.stages.structured import StructuredConfig
+
 from conftest import model_from_config, tiny_model
 
 

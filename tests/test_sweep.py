@@ -10,8 +10,9 @@ import textwrap
 import pytest
 import yaml
 
-from compress.run import engine, identity, sweep as sweep_mod
 from compress.errors import CompressError
+from compress.run import engine, identity
+from compress.run import sweep as sweep_mod
 from compress.run.recipe import load_recipe
 
 # magnitude pruning, no dense eval, no export check: a run is about a second once torch is imported

@@ -4,7 +4,6 @@ models, and what compress.model loads a GGUF file's tokenizer as."""
 
 import pytest
 
-import families
 from compress.export.gguf import convert as llama_convert
 from compress.model.load import gguf_tokenizer
 from compress.model.tokenizer_files import (
@@ -16,6 +15,8 @@ from compress.model.tokenizer_files import (
     prefixes_space,
     save_tokenizer,
 )
+
+import families
 from conftest import needs_converter
 
 

@@ -6,9 +6,9 @@ import textwrap
 
 import pytest
 
-from compress.run import engine
 from compress.cli import main
 from compress.errors import CompressError
+from compress.run import engine
 from compress.run.recipe import load_recipe
 
 

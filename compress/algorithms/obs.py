@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 
 from compress.algorithms import ggml_formats
-from compress.errors import CompressError
 from compress.algorithms.ggml_formats import BlockFormat, GgufState
 from compress.algorithms.quant import Grid, QuantState, dequantize, grid_params, quantize, sequential_g_idx
+from compress.errors import CompressError
 
 CHOLESKY_RETRIES = 3  # each retry multiplies the damping by 10
 

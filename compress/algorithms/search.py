@@ -15,8 +15,6 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-
-
 log = logging.getLogger("compress")
 
 INV_PHI = (math.sqrt(5) - 1) / 2  # 0.618...

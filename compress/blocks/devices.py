@@ -22,9 +22,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from accelerate import dispatch_model, infer_auto_device_map
+from accelerate.hooks import remove_hook_from_module
+from accelerate.utils import get_max_memory
 from torch import nn
 
 from compress.errors import CompressError
+from compress.model.anatomy import decoder_blocks
 
 CPU = torch.device("cpu")
 
@@ -107,11 +111,7 @@ def dispatched(model: nn.Module) -> Iterator[torch.device]:
     if name == "cpu":
         yield next(model.parameters()).device
         return
-    from accelerate import dispatch_model, infer_auto_device_map
-    from accelerate.hooks import remove_hook_from_module
-    from accelerate.utils import get_max_memory
 
-    from compress.model.anatomy import decoder_blocks
 
     gpus = list(range(torch.cuda.device_count())) if name == "auto" else [block_device(name).index or 0]
     available = get_max_memory()
@@ -132,9 +132,6 @@ def from_disk(model: nn.Module, store, device: torch.device) -> Iterator[torch.d
     """A streamed model ready for whole-model forwards (zero-shot scoring): accelerate's disk
     offload over the block store's files, so each block is read from its file when the forward
     reaches it and dropped after; the tensors outside the blocks stay in RAM."""
-    from accelerate import dispatch_model
-    from accelerate.hooks import remove_hook_from_module
-
     where = "cpu" if device.type == "cpu" else device.index or 0
     parts = store.prefix.split(".")
     ancestors = {".".join(parts[:k]) for k in range(len(parts))}  # "", "model" for "model.layers"

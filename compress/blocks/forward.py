@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from compress.blocks import devices
+from compress.blocks.runner import capture_inputs, no_cache, sequential
 from compress.blocks.store import store_of
-from compress.blocks.runner import no_cache
 from compress.model.anatomy import block_prefix
 
 
@@ -83,8 +83,6 @@ def blockwise_logits(model, tokens: torch.Tensor, dtype: torch.dtype | None = No
     that dtype from the model's own weights (float32 for a 16-bit model: what llama.cpp and ONNX
     Runtime compute with them), one block's copy at a time; the tensors outside the blocks are
     cast for the pass and back (exact: float32 holds every 16-bit value)."""
-    from compress.blocks.runner import capture_inputs, sequential
-
     device = devices.of(model)
     with cast_outside_blocks(model, dtype):
         inputs = capture_inputs(model, tokens, dtype, skip_blocks=dtype is not None)

@@ -25,14 +25,20 @@ import os
 import shutil
 from pathlib import Path
 
+import gguf
 import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from compress.model import layout, tensor_files
+from compress.algorithms.ggml_formats import GRIDS_FILE
 from compress.blocks.store import StreamedBlocks, store_of
 from compress.errors import CompressError
-from compress.algorithms.ggml_formats import GRIDS_FILE
-from compress.model.anatomy import outside_blocks
+from compress.model import layout, tensor_files
+from compress.model.anatomy import block_prefix, check_supported, head_dim, outside_blocks
+from compress.model.gguf_file import unpermute_rows
+from compress.model.load import locate
 from compress.model.modules import rebuild
 from compress.model.tokenizer_files import save_tokenizer
 
@@ -81,9 +87,6 @@ class GgufWeightSource:
     put back from llama.cpp's interleaved rope order into Hugging Face's."""
 
     def __init__(self, path: Path, model):
-        import gguf
-
-        from compress.model.anatomy import head_dim
 
         self.folder = Path(path)
         config = model.config
@@ -101,9 +104,6 @@ class GgufWeightSource:
                 self.files[hf_name] = tensors[gguf_name]
 
     def get(self, name: str) -> torch.Tensor:
-        import gguf
-
-        from compress.model.gguf_file import unpermute_rows
 
         if name not in self.files:
             raise CompressError(f"model.source: {self.folder} has no tensor for {name}")
@@ -116,12 +116,6 @@ class GgufWeightSource:
 
 def load_streamed(source: str, dtype: torch.dtype, staging: Path):
     """(model, tokenizer, folder) with blocks on meta and a BlockStore attached."""
-    from accelerate import init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from compress.model.load import locate
-    from compress.model.anatomy import block_prefix, check_supported
 
     kind, path = locate(source)
     if kind == "hub":
@@ -159,8 +153,6 @@ def generation_config(folder: Path):
     """The folder's generation config as from_pretrained reads it (its file, else config.json's
     generation fields), so that a streamed run's export writes the in-memory run's file: the one
     from_config builds also lists output_attentions / output_hidden_states."""
-    from transformers import GenerationConfig
-
     try:
         return GenerationConfig.from_pretrained(folder)
     except OSError:

@@ -52,10 +52,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
+from torch import nn
 
-from compress.model import layer_state, tensor_files
+from compress.algorithms.quant import stored_bits
 from compress.blocks.spill import WeightFile, ZeroMask, scratch_folder
+from compress.model import layer_state, tensor_files
+from compress.model.anatomy import block_linears, block_prefix, decoder_blocks
+from compress.model.modules import LowRankLinear, rebuild, spec_of
 
 log = logging.getLogger("compress")
 
@@ -89,9 +94,6 @@ def written(path: Path | None, entry: str):
 def block_counts(block) -> dict:
     """What the run's size table counts in a block: its nonzero parameters, and its Linears'
     weights, exact zeros and stored bits (compress/quant.py: stored_bits)."""
-    from compress.model.anatomy import block_linears
-    from compress.algorithms.quant import stored_bits
-
     modules = list(block_linears(block).values())
     return {
         "nonzero": sum(int(torch.count_nonzero(p)) for p in block.parameters()),  # (p != 0).sum() would copy to int64
@@ -107,9 +109,6 @@ LAYOUT = "block_layout"  # a states file's metadata entry: block_specs() of the 
 def block_specs(block) -> dict[str, dict]:
     """{module name in the block: compress.layout spec} of its projections: every Linear, or
     LowRankLinear as one (not the Linears inside it)."""
-    from torch import nn
-
-    from compress.model.modules import LowRankLinear, spec_of
 
     specs, inside = {}, ()
     for name, module in block.named_modules():
@@ -128,8 +127,6 @@ class BlockStore:
     resident = True
 
     def __init__(self, model, staging: Path | None):
-        from compress.model.anatomy import block_prefix, decoder_blocks
-
         # weakly: the model is freed before the exports are reloaded, and the engine still holds its store
         self._model = weakref.ref(model)
         self.root = None if staging is None else Path(staging) / ".blocks"  # None: nothing kept on disk (library use)
@@ -149,8 +146,6 @@ class BlockStore:
 
     @property
     def blocks(self):
-        from compress.model.anatomy import decoder_blocks
-
         return decoder_blocks(self.model)
 
     # ------------------------------------------------------------ versions
@@ -209,8 +204,6 @@ class BlockStore:
     def reshape(self, i: int, path: Path | None) -> None:
         """Block i's modules rebuilt (uninitialised) where they differ from the layout of the block
         file `path` (None: the source's), so that its tensors fit them."""
-        from compress.model.modules import rebuild
-
         target = written(path, LAYOUT) or self.source_specs[i]
         current = block_specs(self.blocks[i])
         rebuild(self.blocks[i], {name: spec for name, spec in target.items() if current.get(name) != spec})
@@ -436,8 +429,6 @@ class StreamedBlocks(BlockStore):
         self.source, self.dtype = source, dtype
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
-        from accelerate.utils import set_module_tensor_to_device
-
         set_module_tensor_to_device(self.model, name, "cpu", value=tensor.to(self.dtype))
 
     def load(self, i: int, final: bool = False) -> None:

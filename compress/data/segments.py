@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from pydoc_data.topics import topics
 from typing import Literal
 
 import torch
@@ -88,8 +89,6 @@ class Segments:
 def read_text(source: str, role: Role, text_field: str = "text", base_dir: Path | None = None) -> str:
     """All text of a source, newlines normalised (WikiText copies often carry CRLF)."""
     if source == "python-docs":
-        from pydoc_data.topics import topics
-
         text = "\n\n".join(topics[key] for key in sorted(topics))
     elif source in DATASET_SOURCES:
         text = _read_dataset(source, role)

@@ -41,9 +41,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+from transformers import AutoConfig, AutoTokenizer
 
-from compress.errors import CompressError
 from compress.blocks.forward import Perplexity, perplexity, summed_nll
+from compress.errors import CompressError
+from compress.evaluation.zeroshot import build_hflm
+from compress.export.gguf import quiet_fds
+from compress.export.onnx import run, session
+from compress.model.anatomy import context_length
+from compress.model.gguf_file import GgufIndex
+from compress.model.load import load_model
 
 KINDS = ("hf", "gguf", "onnx")
 MAX_CONTEXT = 2048  # cap on the context a runtime is opened with: llama.cpp allocates n_ctx x vocab logits
@@ -86,8 +93,6 @@ class TorchRuntime(Runtime):
     """A torch model with its HF tokenizer: the in-memory model, or an exported HF folder reloaded."""
 
     def __init__(self, model, tokenizer, label: str = "model", path: Path | None = None):
-        from compress.model.anatomy import context_length
-
         self.model, self.tokenizer, self.label, self.path = model, tokenizer, label, path
         self.max_length = context_length(model.config) or MAX_CONTEXT
 
@@ -98,8 +103,6 @@ class TorchRuntime(Runtime):
         return logits[0].float().cpu()
 
     def lm(self, batch_size: int = 16, bos: bool | None = None):
-        from compress.evaluation.zeroshot import build_hflm
-
         return build_hflm(self.model, self.tokenizer, batch_size, bos)
 
     def close(self) -> None:
@@ -111,8 +114,6 @@ class GgufRuntime(Runtime):
 
     def __init__(self, path: Path, label: str | None = None, n_ctx: int | None = None, kv_cache: str = "f16",
                  reuse_prefix: bool = True):
-        from compress.export.gguf import quiet_fds
-
         self.path, self.label = Path(path), label or f"gguf {_gguf_type(path)}"
         self.reuse_prefix = reuse_prefix  # False: every sequence from scratch (to check the reuse)
         self.evaluated = 0  # tokens llama.cpp actually ran: what the prefix reuse saves shows here
@@ -172,9 +173,6 @@ class OnnxRuntime(Runtime):
     """An exported ONNX folder: prefill.onnx in ONNX Runtime, the HF tokenizer saved beside it."""
 
     def __init__(self, folder: Path, label: str | None = None):
-        from transformers import AutoConfig, AutoTokenizer
-
-        from compress.model.anatomy import context_length
 
         self.path, self.label = Path(folder), label or "onnx"
         graph = self.path / "prefill.onnx"
@@ -184,7 +182,6 @@ class OnnxRuntime(Runtime):
             import onnxruntime  # noqa: F401
         except ImportError as err:
             raise CompressError(f"{graph}: scoring an ONNX export needs onnxruntime: pip install 'atp-compress[onnx]' ({err})") from err
-        from compress.export.onnx import session
 
         self.session = session(graph)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
@@ -198,8 +195,6 @@ class OnnxRuntime(Runtime):
         return self.tokenizer.encode(text, **({} if bos is None else {"add_special_tokens": bos}))
 
     def logits(self, tokens: list[int], last: int | None = None) -> torch.Tensor:
-        from compress.export.onnx import run
-
         return torch.from_numpy(run(self.session, torch.tensor([tokens]))[0][0, -(last or len(tokens)) :]).float()
 
     def close(self) -> None:
@@ -217,8 +212,6 @@ def open_runtime(kind: str, path: Path, label: str | None = None, n_ctx: int | N
         what = {"hf": "an exported HF folder", "gguf": "a .gguf file", "onnx": "an exported ONNX folder"}[kind]
         raise CompressError(f"{path}: not found; give {what}")
     if kind == "hf":
-        from compress.model.load import load_model
-
         loaded = load_model(str(path))
         return TorchRuntime(loaded.model, loaded.tokenizer, label or "hf", path)
     if kind == "gguf":
@@ -253,8 +246,6 @@ def common_prefix(cached, tokens: list[int]) -> int:
 
 def _gguf_metadata(path: Path) -> dict:
     """The file's scalar metadata (strings and numbers; arrays as their length), read without llama.cpp."""
-    from compress.model.gguf_file import GgufIndex
-
     if not path.is_file():
         raise CompressError(f"{path}: not found; give a .gguf file of the export")
     try:

@@ -15,6 +15,10 @@ from pathlib import Path
 
 import torch
 
+from compress.errors import CompressError
+from compress.evaluation.runtimes import GgufRuntime, OnnxRuntime
+from compress.export import onnx as onnx_export
+
 PREFILL = (128, 512)
 DECODE_NEW, PROMPT = 128, 16
 
@@ -98,8 +102,6 @@ def llama_rates(path: Path, ids: list[int], repeats: int = 3) -> dict:
 
 def ort_rates(folder: Path, info: dict, ids: list[int], repeats: int = 3) -> dict:
     """ONNX Runtime through the exporter's own runner: prefill graph, then the KV-cache decode graph."""
-    from compress.export import onnx as onnx_export
-
     prefill = onnx_export.session(folder / info["graphs"]["prefill"])  # threads: torch.get_num_threads()
     decode = onnx_export.session(folder / info["graphs"]["decode"])
     out = {}
@@ -119,15 +121,11 @@ def ort_rates(folder: Path, info: dict, ids: list[int], repeats: int = 3) -> dic
 def runtime_rates(runtime, ids: list[int], repeats: int = 3) -> dict:
     """Tokens/s of a compress.runtimes Runtime in its own engine: llama.cpp for a GGUF file, ONNX
     Runtime's prefill + decode graphs for an ONNX export, torch otherwise."""
-    from compress.errors import CompressError
-    from compress.export.onnx import DECODE, PREFILL
-    from compress.evaluation.runtimes import GgufRuntime, OnnxRuntime
-
     if isinstance(runtime, GgufRuntime):
         runtime.close()  # the measurement opens the file with a context of its own: one copy in memory
         return llama_rates(runtime.path, ids, repeats)
     if isinstance(runtime, OnnxRuntime):
-        if not (runtime.path / DECODE).is_file():
-            raise CompressError(f"speed: {runtime.path} has no {DECODE} (exported with kv_cache: false); decode speed needs it")
-        return ort_rates(runtime.path, {"graphs": {"prefill": PREFILL, "decode": DECODE}}, ids, repeats)
+        if not (runtime.path / onnx_export.DECODE).is_file():
+            raise CompressError(f"speed: {runtime.path} has no {onnx_export.DECODE} (exported with kv_cache: false); decode speed needs it")
+        return ort_rates(runtime.path, {"graphs": {"prefill": onnx_export.PREFILL, "decode": onnx_export.DECODE}}, ids, repeats)
     return torch_rates(runtime.model, ids, repeats)

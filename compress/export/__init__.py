@@ -9,8 +9,12 @@ pyproject.toml). Exporters never import stages.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Callable
+
+from compress.errors import CompressError
+from compress.export import gguf, hf, onnx
 
 
 @dataclass(frozen=True)
@@ -23,8 +27,6 @@ class Exporter:
 
 
 def _exporters() -> dict[str, Exporter]:
-    from compress.export import gguf, hf, onnx
-
     return {
         "hf": Exporter(hf.HfExport, hf.save, hf.verify, hf.check, ""),
         "gguf": Exporter(gguf.GgufExport, gguf.save, gguf.verify, gguf.check, "gguf"),
@@ -41,10 +43,6 @@ def preflight(section, model, tokenizer, quantised: bool, narrows: dict | None =
     narrows: what the recipe's stages will do (Recipe.quantises, Recipe.narrows). Quick checks
     raise here; the GGUF converter's verdict comes back in the background: the returned
     gguf.Pending's result() waits for it and raises what is wrong (cancel() if the run stops first)."""
-    import importlib.util
-
-    from compress.errors import CompressError
-    from compress.export import gguf
 
     if section.hf is not None and section.hf.format == "sparse" and quantised:
         raise CompressError("export.hf.format: sparse stores unquantised tensors, and this recipe quantises (its GPTQ/bitsandbytes checkpoint packs the weights already): use format: dense")

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
+from compress.blocks.forward import blockwise_logits, perplexity
 from compress.blocks.runner import no_cache
 from compress.blocks.store import store_of
-from compress.blocks.forward import blockwise_logits, perplexity
 
 # Tokenized by the HF tokenizer and by each runtime's own (GGUF): digits, numbers, contractions,
 # whitespace runs, tabs, accents, several scripts (Latin, CJK, Cyrillic, Arabic, Devanagari,

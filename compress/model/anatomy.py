@@ -14,7 +14,6 @@ from transformers.pytorch_utils import Conv1D
 
 from compress.errors import CompressError
 
-
 # model_type -> attribute path of the decoder blocks (an nn.ModuleList).
 BLOCK_PATHS = {
     "llama": "model.layers",

@@ -20,10 +20,15 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from compress.errors import CompressError
+from compress.model import tensor_files
+from compress.model.anatomy import skeleton
 from compress.model.modules import LowRankLinear, rebuild, spec_of
+from compress.model.tensor_files import unique_tensors
 from compress.model.tokenizer_files import save_tokenizer
 
 LAYOUT_FILE = "layout.json"
@@ -35,8 +40,6 @@ FORMAT = "atp-layout-v1"
 
 def describe(model: nn.Module) -> dict[str, dict]:
     """{module name: spec} for every module that differs from what model.config builds."""
-    from compress.model.anatomy import skeleton
-
     reference = dict(skeleton(model.config).named_modules())
     layout: dict[str, dict] = {}
     for name, module in model.named_modules():
@@ -85,9 +88,6 @@ def weight_files(folder: Path) -> list[Path]:
 
 def save(model, tokenizer, folder: Path, layout: dict[str, dict]) -> None:
     """Dense weights of a restructured model: model.layout.safetensors + layout.json + config."""
-    from compress.model import tensor_files
-    from compress.model.tensor_files import unique_tensors
-
     tensors, _ = unique_tensors(model)
     # safetensors' save_file orders the metadata as a hash map does: the same model gave different bytes
     tensor_files.save({k: t.detach().cpu() for k, t in tensors.items()}, folder / WEIGHTS_FILE, {"format": "pt", "atp_compress": FORMAT})
@@ -100,8 +100,6 @@ def save(model, tokenizer, folder: Path, layout: dict[str, dict]) -> None:
 
 def from_config(folder: Path, dtype: torch.dtype):
     """The folder's model built from config.json and layout.json, weights not yet loaded."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
     rebuild(model, read(folder))
     return model
@@ -122,8 +120,6 @@ def load_state(model, state: dict[str, torch.Tensor], folder: Path) -> None:
 
 def load(folder: Path, dtype: torch.dtype | None = None):
     """The model of a folder written by `save`, bit-identical to the one saved."""
-    from safetensors import safe_open
-
     state = {}
     for path in weight_files(folder):
         with safe_open(str(path), framework="pt") as f:

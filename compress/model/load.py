@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from compress.errors import CompressError
 from compress.model import layout, sparse_folder
@@ -215,8 +215,6 @@ def _load_hub(repo: str, dtype, allow_pickle: bool, trust_remote_code: bool, rev
 
 def read_config(source: str, trust_remote_code: bool = False, allow_pickle: bool = False):
     """The model's config from local metadata alone (no weights); None for a hub id."""
-    from transformers import AutoConfig
-
     kind, path = locate(source, allow_pickle)
     if kind == "hub":
         return None

@@ -19,6 +19,11 @@ import re
 import shutil
 from pathlib import Path
 
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+from transformers import PreTrainedTokenizerFast
+from transformers.tokenization_utils_base import generate_merges
+
+from compress.model.gguf_file import GgufIndex
 
 # SentencePiece's ModelProto.SentencePiece.Type, which GGUF's token types copy (gguf.TokenType)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -27,15 +32,11 @@ BPE = 2  # TrainerSpec.ModelType
 
 def tokenizer_fields(path: Path) -> dict:
     """The GGUF's tokenizer.* metadata, arrays decoded."""
-    from compress.model.gguf_file import GgufIndex
-
     return {key: value for key, value, _, _ in GgufIndex(path).metadata() if key.startswith("tokenizer.")}
 
 
 def is_sentencepiece(path: Path) -> bool:
     """The GGUF's tokenizer is SentencePiece's ("llama" in llama.cpp: Llama 2, Mistral, Phi-3, Gemma)."""
-    from compress.model.gguf_file import GgufIndex
-
     return GgufIndex(path).fields.get("tokenizer.ggml.model") == "llama"
 
 
@@ -145,8 +146,6 @@ def model_from_tokenizer_json(folder: Path) -> bool:
 
 def prefixes_space(path: Path) -> bool:
     """A SentencePiece vocabulary that puts a space before the text (Llama 2, Mistral, Phi-3; not Gemma)."""
-    from compress.model.gguf_file import GgufIndex
-
     fields = GgufIndex(path).fields
     return fields.get("tokenizer.ggml.model") == "llama" and bool(fields.get("tokenizer.ggml.add_space_prefix", True))
 
@@ -158,10 +157,6 @@ def llama_tokenizer(path: Path):
     transformers' own GGUF conversion of these vocabularies splits runs of spaces and the text
     after a special token differently from SentencePiece and llama.cpp (15 of the 47 test texts of
     llama.cpp's Llama-SPM vocabulary, against none here)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
-    from transformers import PreTrainedTokenizerFast
-    from transformers.tokenization_utils_base import generate_merges
-
     fields = tokenizer_fields(path)
     pieces = fields["tokenizer.ggml.tokens"]
     scores = fields.get("tokenizer.ggml.scores") or [0.0] * len(pieces)

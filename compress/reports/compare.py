@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compress.errors import CompressError
+from compress.reports import pareto
 
 log = logging.getLogger("compress")
 
@@ -158,8 +159,6 @@ def write_comparison(entries: list[Entry], out: Path, carried: list[dict] = ()) 
     """out/comparison.md, .csv, .json and the plots; returns the rows. `carried` are rows of an
     earlier comparison.json whose run folders are gone: kept in the table and the Pareto plots
     as they were (the per-block plots need the run's results and leave them out)."""
-    from compress.reports import pareto
-
     out.mkdir(parents=True, exist_ok=True)
     rows = [*carried, *(row for entry in entries for row in rows_for(entry))]
     runs = {e.name: read_run(e.run_dir)[0] for e in entries if e.error is None and e.run_dir is not None}

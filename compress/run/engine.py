@@ -20,23 +20,25 @@ from pathlib import Path
 
 import torch
 
-from compress.blocks import devices, sources as stream
-from compress.run import identity, runinfo
-from compress.evaluation import speed
-from compress.blocks.store import ResidentBlocks, store_of
+from compress.blocks import devices
+from compress.blocks import sources as stream
+from compress.blocks.forward import perplexity
 from compress.blocks.runner import buffer_bytes
-from compress.stages.context import StageContext
+from compress.blocks.store import ResidentBlocks, store_of
 from compress.data.segments import build_segments
 from compress.errors import CompressError
-from compress.blocks.forward import perplexity
+from compress.evaluation import speed
+from compress.evaluation.runtimes import open_runtime, runtime_perplexity
+from compress.evaluation.zeroshot import check_task_names, zero_shot
 from compress.export import EXPORTERS, preflight
 from compress.export.reference import reference_for_run
-from compress.model.load import DTYPES, LoadedModel, load_model
 from compress.model.anatomy import context_length, decoder_blocks, model_type
-from compress.run.recipe import Recipe
+from compress.model.load import DTYPES, LoadedModel, load_model
 from compress.reports.report import write_report
+from compress.run import identity, runinfo
+from compress.run.recipe import Recipe
 from compress.stages import STAGES
-from compress.evaluation.zeroshot import check_task_names, zero_shot
+from compress.stages.context import StageContext
 
 log = logging.getLogger("compress")
 
@@ -243,8 +245,6 @@ def artefacts(recipe: Recipe, folder: Path, exports: dict) -> list[tuple[str, st
 def evaluate_artefact(recipe: Recipe, label: str, kind: str, path: Path, folder: Path, segments: dict, bos) -> dict:
     """Perplexity, zero-shot accuracy and speed of one exported file, in its own runtime (the
     numbers a user of that file gets)."""
-    from compress.evaluation.runtimes import open_runtime, runtime_perplexity
-
     e = recipe.eval
     entry: dict = {"artefact": kind, "path": str(path.relative_to(folder)) or "."}
     runtime = open_runtime(kind, path, label)

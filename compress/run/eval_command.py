@@ -9,16 +9,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from transformers import AutoConfig
+
+from compress.data.segments import SegmentsConfig, build_segments
 from compress.errors import CompressError
+from compress.evaluation import runtimes
+from compress.evaluation import speed as speed_mod
+from compress.evaluation.runtimes import runtime_perplexity
+from compress.evaluation.zeroshot import zero_shot
+from compress.model.load import load_model, read_config, read_tokenizer
+from compress.run.engine import check_context
 
 RUNTIMES = {"torch": "hf", "llama.cpp": "gguf", "onnx": "onnx"}
 
 
 def open_source(source: str, runtime: str, dtype: str, allow_pickle: bool):
     """(Runtime, HF tokenizer, model config) of `source` in `runtime`."""
-    from compress.evaluation import runtimes
-    from compress.model.load import load_model, read_config, read_tokenizer
-
     if runtime not in RUNTIMES:
         raise CompressError(f"--runtime: expected one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if runtime == "torch":
@@ -33,7 +39,6 @@ def open_source(source: str, runtime: str, dtype: str, allow_pickle: bool):
         rt = runtimes.open_runtime("gguf", path)
         return rt, read_tokenizer(str(path)), read_config(str(path))
     rt = runtimes.open_runtime("onnx", path)
-    from transformers import AutoConfig
 
     return rt, rt.tokenizer, AutoConfig.from_pretrained(path)
 
@@ -41,12 +46,6 @@ def open_source(source: str, runtime: str, dtype: str, allow_pickle: bool):
 def evaluate_source(source: str, runtime: str = "torch", data: str | None = "python-docs", seqlen: int = 512, nsamples: int | None = None,
                     dtype: str = "float32", bos="auto", allow_pickle: bool = False, tasks: list[str] = (), tasks_dir: Path | None = None,
                     limit: int | None = None, speed: bool = False) -> dict:
-    from compress.evaluation import speed as speed_mod
-    from compress.data.segments import SegmentsConfig, build_segments
-    from compress.run.engine import check_context
-    from compress.evaluation.runtimes import runtime_perplexity
-    from compress.evaluation.zeroshot import zero_shot
-
     rt, tokenizer, config = open_source(source, runtime, dtype, allow_pickle)
     out: dict = {"model": source, "runtime": runtime, "artefact": rt.label}
     try:

@@ -25,9 +25,9 @@ from pathlib import Path
 
 from compress.data.segments import BUILTIN_SOURCES, DATASET_SOURCES
 from compress.errors import CompressError
+from compress.evaluation.zeroshot import DATA_FILES
 from compress.model.load import locate
 from compress.run.recipe import Recipe
-from compress.evaluation.zeroshot import DATA_FILES
 
 # Fields of the recipe that say where and how fast, not what: excluded from the hash.
 NOT_IDENTITY = ("output_dir", "name", "threads")

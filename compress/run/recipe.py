@@ -18,6 +18,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from compress.config import Config
 from compress.data.segments import SegmentsConfig
 from compress.errors import CompressError
+from compress.evaluation.zeroshot import DATA_FILES
 from compress.export import EXPORTERS
 from compress.export.gguf import GgufExport
 from compress.export.hf import HfExport
@@ -91,8 +92,6 @@ class EvalSection(Config):
 
     @model_validator(mode="after")
     def _tasks_need_files(self):
-        from compress.evaluation.zeroshot import DATA_FILES
-
         local = [t for t in self.tasks if t in DATA_FILES]
         if local and self.tasks_dir is None:
             raise ValueError(f"tasks_dir is required with the local tasks {local} (the folder holding the task files)")

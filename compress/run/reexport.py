@@ -23,12 +23,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from compress.data.segments import build_segments
 from compress.errors import CompressError
 from compress.export import EXPORTERS
-from compress.export.hf import gptq
 from compress.export import hf as hf_export
+from compress.export.hf import gptq
 from compress.export.reference import reference_for_run
 from compress.model.load import DTYPES, LoadedModel, load_model
-from compress.run.recipe import Recipe
 from compress.reports.report import write_report
+from compress.run.recipe import Recipe
 
 
 def read_run(run_dir: Path) -> tuple[dict, Recipe]:

@@ -21,6 +21,7 @@ import hashlib
 import itertools
 import json
 import logging
+import multiprocessing
 import os
 import re
 import shlex
@@ -30,13 +31,19 @@ import sys
 import tempfile
 import time
 import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
 from compress.errors import CompressError
+from compress.reports.compare import Entry, write_comparison
+from compress.run import engine
+from compress.run.identity import finished
+from compress.run.recipe import Recipe, apply_override, describe_error, load_recipe, yaml_path
 
 log = logging.getLogger("compress")
 
@@ -172,9 +179,6 @@ def point_names(grid: list[tuple[str, list[str]]], combos: list[tuple[str, ...]]
 def expand(template: Path, grid_items: list[str], sets: list[str], out: Path) -> list[Point]:
     """Every grid point's recipe, validated; nothing is written. The first bad point raises one
     CompressError naming its --grid item (or the whole point, when no single item is to blame)."""
-    from pydantic import ValidationError
-
-    from compress.run.recipe import Recipe, apply_override, describe_error, load_recipe, yaml_path
 
     load_recipe(template, sets)  # the template and the fixed --set values alone: their own errors
     text = template.read_text(encoding="utf-8")
@@ -265,9 +269,6 @@ def run_point(name: str, recipe_file: str, text: str, threads: int | None, cwd: 
     outcome = Outcome(name, host=socket.gethostname())
     try:
         with working_dir(cwd):
-            from compress.run import engine
-            from compress.run.recipe import Recipe
-
             raw = yaml.safe_load(text)
             overrides = []
             if raw.get("threads") is None and threads:
@@ -303,9 +304,6 @@ def run_in_process(points: list[Point], threads: int, cwd: str):
 def run_local(points: list[Point], jobs: int, cwd: str):
     """Spawned processes (fork would copy torch's thread pools); one fresh process per run, so
     its metadata's peak memory is its own and nothing leaks from one run into the next."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
     threads = max(1, (os.cpu_count() or 1) // jobs)
     fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=quiet_worker, **fresh) as pool:
@@ -391,10 +389,6 @@ def sweep(template: Path, grid: list[str], sets: list[str] = (), out: Path | Non
           ray: bool = False, address: str | None = None) -> SweepResult:
     """Expand, validate and write every point's recipe, run the unfinished points, and write the
     comparison of all points (finished, failed) into `out`."""
-    from compress.reports.compare import Entry, write_comparison
-    from compress.run.identity import finished
-    from compress.run.recipe import load_recipe
-
     out = Path(out) if out is not None else Path("runs") / f"sweep-{template.stem}"
     if jobs < 1:
         raise CompressError(f"--jobs: expected 1 or more, got {jobs}")

@@ -15,12 +15,13 @@ from pathlib import Path
 
 from compress.blocks import devices
 from compress.data.segments import BUILTIN_SOURCES, DATASET_SOURCES, build_segments, check_file_source, resolve_path
-from compress.run.engine import cancelled_on_error, check_context, check_output_dir, output_dir_for
 from compress.errors import CompressError
+from compress.evaluation.zeroshot import DATA_FILES, check_task_names
 from compress.export import preflight
 from compress.export.hf.gptq import check_packable
-from compress.model.load import DTYPES, read_config, read_tokenizer
 from compress.model.anatomy import context_length, decoder_blocks, select_linears, skeleton
+from compress.model.load import DTYPES, read_config, read_tokenizer
+from compress.run.engine import cancelled_on_error, check_context, check_output_dir, output_dir_for
 from compress.run.recipe import Recipe
 
 
@@ -39,8 +40,6 @@ def check_recipe(recipe: Recipe, recipe_path: Path) -> list[str]:
         elif data.source not in BUILTIN_SOURCES:
             check_file_source(resolve_path(data.source, None), role)
     if recipe.eval.tasks:
-        from compress.evaluation.zeroshot import DATA_FILES, check_task_names
-
         local = [task for task in recipe.eval.tasks if task in DATA_FILES]
         folder = resolve_path(recipe.eval.tasks_dir, None) if local else None
         if folder is not None and not folder.is_dir():

@@ -44,19 +44,19 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from compress.algorithms import allocate
-from compress.blocks import devices
 from compress.algorithms.allocate import AtpAllocation, ExplicitAllocation, RatioAllocation, UniformAllocation
-from compress.blocks.store import store_of
-from compress.blocks.runner import sequential
-from compress.config import Config, LayerPatterns
-from compress.stages.context import StageContext
-from compress.errors import CompressError
-from compress.model.modules import LowRankLinear
-from compress.model.anatomy import get_weight, in_features, select_linears, set_weight
 from compress.algorithms.obs import CHOLESKY_RETRIES
-from compress.stages.allocation import search_beta
 from compress.algorithms.sparsity import row_mask, wanda_score
 from compress.algorithms.stats import Hessian
+from compress.blocks import devices
+from compress.blocks.runner import sequential
+from compress.blocks.store import store_of
+from compress.config import Config, LayerPatterns
+from compress.errors import CompressError
+from compress.model.anatomy import get_weight, in_features, select_linears, set_weight
+from compress.model.modules import LowRankLinear
+from compress.stages.allocation import search_beta
+from compress.stages.context import StageContext
 
 log = logging.getLogger("compress")
 

@@ -17,19 +17,19 @@ from pydantic import BeforeValidator, Field, PlainSerializer, model_validator
 from torch import nn
 
 from compress.algorithms import allocate
-from compress.blocks import devices
 from compress.algorithms.allocate import Allocation, UniformAllocation
-from compress.blocks.runner import sequential
-from compress.config import Config, LayerPatterns
-from compress.stages.context import StageContext
-from compress.errors import CompressError
-from compress.model.anatomy import block_weight_counts, get_weight, in_features, select_linears, set_weight
 from compress.algorithms.obs import sparsegpt_prune
 from compress.algorithms.quant import Grid, GroupSize
-from compress.stages.allocation import search_beta
 from compress.algorithms.sparsity import fraction_zero, magnitude_score, matrix_mask, nm_mask, row_mask, wanda_score
 from compress.algorithms.stats import Hessian, InputNorms
+from compress.blocks import devices
+from compress.blocks.runner import sequential
 from compress.blocks.store import store_of
+from compress.config import Config, LayerPatterns
+from compress.errors import CompressError
+from compress.model.anatomy import block_weight_counts, get_weight, in_features, select_linears, set_weight
+from compress.stages.allocation import search_beta
+from compress.stages.context import StageContext
 
 log = logging.getLogger("compress")
 

@@ -24,18 +24,18 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from compress.algorithms import allocate, ggml_formats
-from compress.blocks import devices
 from compress.algorithms.allocate import AtpAllocation, UniformAllocation
-from compress.blocks.store import store_of
-from compress.blocks.runner import sequential
-from compress.config import Config, LayerPatterns
-from compress.stages.context import StageContext
-from compress.errors import CompressError
-from compress.model.anatomy import block_weight_counts, get_weight, in_features, select_linears, set_weight
 from compress.algorithms.obs import gptq_quantize
 from compress.algorithms.quant import BNB_BLOCKSIZE, Grid, GroupSize, rtn, stored_bits
-from compress.stages.allocation import search_beta
 from compress.algorithms.stats import Hessian
+from compress.blocks import devices
+from compress.blocks.runner import sequential
+from compress.blocks.store import store_of
+from compress.config import Config, LayerPatterns
+from compress.errors import CompressError
+from compress.model.anatomy import block_weight_counts, get_weight, in_features, select_linears, set_weight
+from compress.stages.allocation import search_beta
+from compress.stages.context import StageContext
 
 log = logging.getLogger("compress")
 

@@ -32,14 +32,14 @@ from torch import nn
 from tqdm import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from compress.blocks import devices
 from compress.algorithms.allocate import UniformAllocation
-from compress.config import Config, LayerPatterns
-from compress.stages.context import StageContext
-from compress.errors import CompressError
+from compress.blocks import devices
 from compress.blocks.forward import perplexity
-from compress.model.anatomy import get_weight, select_linears
 from compress.blocks.spill import ZeroMask
+from compress.config import Config, LayerPatterns
+from compress.errors import CompressError
+from compress.model.anatomy import get_weight, select_linears
+from compress.stages.context import StageContext
 
 log = logging.getLogger("compress")
 

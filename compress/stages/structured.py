@@ -35,13 +35,13 @@ from torch import nn
 
 from compress.algorithms import allocate
 from compress.algorithms.allocate import RatioAllocation, UniformAllocation
-from compress.blocks.store import store_of
 from compress.blocks.runner import sequential
+from compress.blocks.store import store_of
 from compress.config import Config, LayerPatterns
-from compress.stages.context import StageContext
 from compress.errors import CompressError
 from compress.model.anatomy import select_linears
 from compress.stages.allocation import search_beta
+from compress.stages.context import StageContext
 
 log = logging.getLogger("compress")
 

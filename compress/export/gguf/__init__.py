@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import importlib.util
 import json
 import logging
 import os
 import shutil
+import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Literal
@@ -41,19 +43,22 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
-from compress.model import layout, tensor_files, tokenizer_files
+from compress.algorithms.ggml_formats import FORMATS, GgufState
+from compress.algorithms.quant import QuantState
+from compress.blocks import sources as stream
 from compress.blocks.store import store_of
 from compress.config import Config
-from compress.algorithms.ggml_formats import FORMATS, GgufState
 from compress.errors import CompressError
-from compress.export.gguf import arch as gguf_arch, pack as gguf_pack, rewrite as gguf_rewrite, convert as llama_convert
-from compress.model.gguf_file import GgufIndex
+from compress.export.gguf import arch as gguf_arch
+from compress.export.gguf import convert as llama_convert
+from compress.export.gguf import pack as gguf_pack
+from compress.export.gguf import rewrite as gguf_rewrite
 from compress.export.gguf.arch import Widths, lowrank_notes
-from compress.model.anatomy import head_dim
 from compress.export.gguf.check import NO_LLAMA_CPP, TOP1_AGREEMENT, check  # noqa: F401  (check: the exporter's; TOP1_AGREEMENT: its floors)
+from compress.model import layout, tensor_files, tokenizer_files
+from compress.model.anatomy import block_prefix, decoder_blocks, head_dim, model_type, outside_blocks
+from compress.model.gguf_file import GgufIndex
 from compress.model.modules import LowRankLinear
-from compress.model.anatomy import block_prefix, decoder_blocks, model_type, outside_blocks
-from compress.algorithms.quant import QuantState
 
 log = logging.getLogger("compress")
 
@@ -204,8 +209,6 @@ def write_convert_folder(model, tokenizer, folder: Path) -> Path:
     zero-padded), one safetensors shard per block so that memory holds one block's copies. A
     streamed model's block files are such shards already where its blocks have the config's
     layout (no narrowed or low-rank blocks): they are hard-linked, not copied."""
-    from compress.blocks import sources as stream
-
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(converter_config(model), indent=2))
     save_tokenizer(tokenizer, folder)
@@ -252,8 +255,6 @@ def family_of(model, tokenizer, scratch: Path) -> Pending:
     """llama.cpp's architecture for the model, from a vocab-only conversion of its config and
     tokenizer, started in the background: it fails, with the converter's reason, on an
     architecture or tokenizer the converter does not know (an unrecognised BPE pre-tokenizer, say)."""
-    import hashlib
-
     folder = scratch / "vocab-only"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(converter_config(model), indent=2))
@@ -279,8 +280,6 @@ def preflight(model, tokenizer, cfg: GgufExport, scratch: Path | None = None, re
     on the architecture and tokenizer, which comes back in the background: Pending.result() waits
     for it, raises what is wrong, and returns llama.cpp's architecture. restructured: {"per_block":
     bool, "out_biases": bool} when a structured stage will narrow the blocks."""
-    import tempfile
-
     if needs_llama_cpp(cfg) and not llama_cpp_available():
         raise CompressError(f"export.gguf: types {needs_llama_cpp(cfg)} need llama.cpp's quantizer; {NO_LLAMA_CPP}")
     llama_convert.converter_dir()

@@ -24,11 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-
 from compress.errors import CompressError
-from compress.model.anatomy import head_dim
+from compress.model.anatomy import decoder_blocks, head_dim
 from compress.model.modules import LowRankLinear
-from compress.model.anatomy import decoder_blocks
 
 
 @dataclass(frozen=True)

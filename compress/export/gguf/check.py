@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import math
 from pathlib import Path
@@ -40,8 +41,6 @@ NO_LLAMA_CPP = "llama-cpp-python is not installed: pip install 'atp-compress[ggu
 
 
 def check(dest: Path, info: dict, ref, cfg) -> dict:
-    import importlib.util
-
     if importlib.util.find_spec("llama_cpp") is None:
         log.warning("export check: gguf files not loaded in llama.cpp: %s", NO_LLAMA_CPP)
         return {"checked": False, "reason": NO_LLAMA_CPP}

@@ -21,8 +21,7 @@ import gguf
 import numpy as np
 
 from compress.export.gguf.arch import Plan
-from compress.model.gguf_file import permute_rows
-from compress.model.gguf_file import GgufIndex, TensorEntry
+from compress.model.gguf_file import GgufIndex, TensorEntry, permute_rows
 
 Q = gguf.GGMLQuantizationType
 # (raw bytes (rows, bytes per row) or float32 array, type) of a tensor to write in place of the source's

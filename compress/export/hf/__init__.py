@@ -15,21 +15,22 @@ import json
 import logging
 import os
 from pathlib import Path
-
 from typing import Literal
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from compress.algorithms import ggml_formats
-from compress.model import layout
+from compress.algorithms.ggml_formats import GRIDS_FILE, GgufState
 from compress.blocks import sources as stream
-from compress.blocks.store import store_of
 from compress.blocks.runner import no_cache
+from compress.blocks.store import store_of
 from compress.config import Config
 from compress.errors import CompressError
 from compress.export.hf import bnb, gptq, sparse
-from compress.algorithms.ggml_formats import GRIDS_FILE, GgufState
+from compress.model import layout
 from compress.model.sparse_folder import load_sparse
 from compress.model.tokenizer_files import save_tokenizer
 
@@ -95,8 +96,6 @@ def save(model, tokenizer, folder: Path, cfg: HfExport, scratch: Path) -> dict:
 def save_block_grids(model, folder: Path) -> int:
     """The block parameters of every layer on a llama.cpp format (compress/ggml_formats.py), so
     that a later `compress export --to gguf` writes the same blocks; returns how many layers."""
-    from safetensors.torch import save_file
-
     store = store_of(model)
     tensors, formats = {}, {}
     for i, block in store.each():  # the states are small: a streamed model's are gathered block by block
@@ -114,8 +113,6 @@ def save_block_grids(model, folder: Path) -> int:
 def load_block_grids(model, folder: Path) -> int:
     """Give each layer listed in the folder's ggml_grids.safetensors its block format back; its
     weights (read from the folder) must lie on it exactly. Returns how many layers."""
-    from safetensors import safe_open
-
     path = folder / GRIDS_FILE
     if not path.is_file():
         return 0

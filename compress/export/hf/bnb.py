@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from compress.errors import CompressError
 from compress.model.anatomy import get_weight
@@ -26,8 +27,6 @@ def bnb_layers(model) -> dict[str, nn.Module]:
 
 
 def bnb_config(model, layers: dict[str, nn.Module]):
-    from transformers import BitsAndBytesConfig
-
     formats = {m.bnb_format for m in layers.values()}
     if len(formats) > 1:
         raise CompressError(f"export.hf: one bitsandbytes format per checkpoint, the model has {sorted(formats)}")
@@ -42,8 +41,6 @@ def bnb_config(model, layers: dict[str, nn.Module]):
 
 
 def save_bnb(model, tokenizer, folder: Path, scratch: Path) -> dict:
-    from transformers import AutoModelForCausalLM
-
     layers = bnb_layers(model)
     fmt, config = bnb_config(model, layers)
     dense = scratch / "bnb-dense"
@@ -79,8 +76,6 @@ def weight_diff(model, quantized, layers: dict[str, nn.Module]) -> float:
 
 def check_dequantized(model, folder: Path) -> dict:
     """Reload the saved checkpoint through transformers and compare the weights it computes with."""
-    from transformers import AutoModelForCausalLM
-
     layers = bnb_layers(model)
     reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=next(model.parameters()).dtype, device_map="cpu")
     diff = weight_diff(model, reloaded, layers)

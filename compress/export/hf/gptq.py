@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from compress.algorithms.quant import Grid, QuantState
 from compress.blocks.store import store_of
 from compress.errors import CompressError
 from compress.export.hf.shards import ShardWriter
 from compress.model.anatomy import block_linears, block_prefix, get_weight, outside_blocks
-from compress.algorithms.quant import Grid, QuantState
 from compress.model.tokenizer_files import save_tokenizer
 
 PACK_MULTIPLE = 32  # in and out features must be multiples of this (3-bit words hold 32 codes)

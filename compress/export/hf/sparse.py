@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from compress.model import layout, tensor_files
-from compress.model.tokenizer_files import save_tokenizer
 from compress.model.sparse_folder import CONFIG_FILE, FORMAT, WEIGHTS_FILE, iter_tensors
 from compress.model.tensor_files import unique_tensors
+from compress.model.tokenizer_files import save_tokenizer
 
 
 def compressed_bytes(tensor: torch.Tensor) -> int:

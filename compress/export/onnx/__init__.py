@@ -58,7 +58,9 @@ import numpy as np
 import torch
 from pydantic import Field
 from torch import nn
+from transformers import AutoTokenizer, DynamicCache
 
+from compress.blocks.forward import summed_nll
 from compress.config import Config
 from compress.errors import CompressError
 from compress.export.hf import bnb, gptq
@@ -125,8 +127,6 @@ class PrefillGraph(nn.Module):
         self.cache_keyword = cache_keyword(lm)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        from transformers import DynamicCache
-
         cache = {self.cache_keyword: DynamicCache()} if self.kv_cache else {}
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask, input_ids.shape[1]),
                       use_cache=self.kv_cache, **cache)
@@ -142,8 +142,6 @@ class DecodeGraph(nn.Module):
         self.cache_keyword = cache_keyword(lm)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor):
-        from transformers import DynamicCache
-
         # the mask covers past and new tokens: saying so lets torch.export name its length past + new
         torch._check(attention_mask.shape[1] == past[0].shape[2] + input_ids.shape[1])
         # no config: every layer a plain DynamicLayer keeping the whole past (the mask slides)
@@ -517,8 +515,6 @@ def runtime_perplexity(prefill, ref) -> dict:
     """compress.blocks.forward.perplexity's definition (every position predicts the next token; a BOS
     first is never a target) through the runtime, on at most PERPLEXITY_WINDOWS windows.
     Information, not a check: logit parity already bounds it."""
-    from compress.blocks.forward import summed_nll
-
     windows = ref.evaluation[:PERPLEXITY_WINDOWS].to(torch.int64)
     total, count = 0.0, 0
     for window in windows.split(1):  # one at a time: a window's logits are seqlen x vocab floats
@@ -547,7 +543,6 @@ def tokenizer_parity(dest: Path, ref) -> dict | None:
     expected = getattr(ref, "sample_ids", None)
     if expected is None:
         return None
-    from transformers import AutoTokenizer
 
     ids = AutoTokenizer.from_pretrained(dest)(ref.sample_text, add_special_tokens=False).input_ids
     if ids != expected:
