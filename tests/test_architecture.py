@@ -35,6 +35,9 @@ LAZY = {
     "datasets": "datasets extra", "matplotlib": "plots only (report.md and compare), 1 s to import",
     "psutil": "optional: memory readings where it is installed",
 }
+# the command line imports each command's module when that command runs: `compress --help` and a
+# usage error answer before torch and transformers are loaded
+LAZY_FILES = {"cli.py"}
 
 
 def modules() -> list[Path]:
@@ -87,7 +90,7 @@ def test_imports_inside_functions_are_optional_dependencies_only():
     wrong = []
     for path in modules():
         for line, name, inside in compress_imports(ast.parse(path.read_text())):
-            if inside and name.split(".")[0] not in LAZY:
+            if inside and name.split(".")[0] not in LAZY and path.relative_to(PACKAGE).as_posix() not in LAZY_FILES:
                 wrong.append(f"{path.relative_to(ROOT)}:{line} imports {name} inside a function")
     assert not wrong, "move these to the top of their module (or name the optional dependency in LAZY):\n" + "\n".join(wrong)
 

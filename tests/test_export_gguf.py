@@ -19,9 +19,9 @@ from compress.data.segments import SegmentsConfig, build_segments
 from compress.errors import CompressError
 from compress.export import gguf as gguf_export
 from compress.export.gguf import GgufExport
-from compress.export.gguf import check as gguf_check
+from compress.export.gguf import llama_check as gguf_check
 from compress.export.gguf import convert as llama_convert
-from compress.export.gguf.check import LOGIT_TOLERANCE
+from compress.export.gguf.llama_check import LOGIT_TOLERANCE
 from compress.export.reference import take_reference
 from compress.model.gguf_file import GgufIndex
 from compress.run import engine
@@ -261,7 +261,7 @@ def test_a_bfloat16_low_rank_model_is_checked_against_the_float32_forward_of_its
 
 
 def gguf_logits(path, ref):
-    from compress.export.gguf.check import open_llama, window_logits
+    from compress.export.gguf.llama_check import open_llama, window_logits
 
     llm = open_llama(path, ref.tokens.shape[1])
     try:

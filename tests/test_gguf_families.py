@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from compress.cli import app
 from compress.export import gguf as gguf_export
-from compress.export.gguf.check import LOGIT_TOLERANCE
+from compress.export.gguf.llama_check import LOGIT_TOLERANCE
 
 from conftest import ROOT, needs_converter
 from families import FAMILIES, Family, family_folder, write_row

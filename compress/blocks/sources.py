@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import gguf
@@ -33,14 +31,13 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from compress.algorithms.ggml_formats import GRIDS_FILE
-from compress.blocks.store import StreamedBlocks, store_of
+from compress.blocks.store import StreamedBlocks
 from compress.errors import CompressError
-from compress.model import layout, tensor_files
-from compress.model.anatomy import block_prefix, check_supported, head_dim, outside_blocks
+from compress.model import layout
+from compress.model.anatomy import block_prefix, check_supported, head_dim
 from compress.model.gguf_file import unpermute_rows
 from compress.model.load import locate
 from compress.model.modules import rebuild
-from compress.model.tokenizer_files import save_tokenizer
 
 log = logging.getLogger("compress")
 
@@ -157,71 +154,3 @@ def generation_config(folder: Path):
         return GenerationConfig.from_pretrained(folder)
     except OSError:
         return GenerationConfig.from_pretrained(folder, config_file_name="config.json", _from_model_config=True)
-
-
-# ---------------------------------------------------------------- evaluation and export
-
-
-def save_hf(model, tokenizer, dest: Path) -> dict:
-    """The model as sharded safetensors, one shard per block (each block's newest file, hard-linked
-    where it can be) plus one for the rest: the model is never whole in memory. Blocks of low-rank
-    or narrowed modules make a compress.layout folder: layout.json, model.layout-*.safetensors."""
-    shapes = layout.describe(model)
-    files = write_shards(model, dest, layout.SHARD_STEM if shapes else "model")
-    if shapes:
-        layout.write(dest, shapes)
-    model.config.save_pretrained(dest)
-    if model.generation_config is not None:
-        model.generation_config.save_pretrained(dest)
-    save_tokenizer(tokenizer, dest)
-    return {"format": "layout" if shapes else "dense", "files": files, "streamed": True}
-
-
-def write_shards(model, dest: Path, stem: str = "model") -> list[str]:
-    """The model's weights in `dest` as an HF checkpoint with its index: the tensors outside the
-    blocks in one shard, then each block's final file as its shard, hard-linked (the staged copy
-    is deleted after the exports: no second copy on disk), or written from memory when the block
-    is still the source's. stem: the files' names, <stem>-00001-of-N.safetensors and
-    <stem>.safetensors.index.json (compress/layout.py names a restructured model's differently)."""
-    store = store_of(model)
-    dest.mkdir(parents=True, exist_ok=True)
-    n = len(store.blocks) + 1
-    weight_map, files = {}, []
-    rest = outside_blocks(model)
-    first = f"{stem}-00001-of-{n:05d}.safetensors"
-    tensor_files.save(rest, dest / first, {"format": "pt"})
-    weight_map.update({name: first for name in rest})
-    files.append(first)
-    for i in range(len(store.blocks)):
-        name = f"{stem}-{i + 2:05d}-of-{n:05d}.safetensors"
-        staged = store.final(i)
-        if staged is not None:
-            (dest / name).unlink(missing_ok=True)  # a link left by an export that failed before a resume
-            try:
-                os.link(staged, dest / name)
-            except OSError:  # another file system
-                shutil.copyfile(staged, dest / name)
-        else:
-            with store.loaded(i):
-                tensor_files.save({f"{store.prefix}.{i}.{k}": p for k, p in store.blocks[i].named_parameters()}, dest / name, {"format": "pt"})
-        with safe_open(dest / name, "pt") as handle:
-            weight_map.update({key: name for key in handle.keys()})
-        files.append(name)
-    total = sum((dest / f).stat().st_size for f in files)
-    (dest / f"{stem}.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    return files
-
-
-def check_hf(model, dest: Path) -> dict:
-    """Every block tensor in the export equals the block's final version bit for bit (read one
-    block at a time); the model is too big to reload whole in transformers here."""
-    store = store_of(model)
-    exported = WeightSource(dest)
-    checked = 0
-    for i, block in store.each(final=True):
-        for name, p in block.named_parameters():
-            full = f"{store.prefix}.{i}.{name}"
-            if not torch.equal(exported.get(full).to(p.dtype), p.detach()):
-                raise CompressError(f"export check failed: {full} in {dest} differs from the compressed block")
-            checked += 1
-    return {"tensors": checked, "identical": True}

@@ -45,7 +45,7 @@ from pydantic import Field, field_validator
 
 from compress.algorithms.ggml_formats import FORMATS, GgufState
 from compress.algorithms.quant import QuantState
-from compress.blocks import sources as stream
+from compress.blocks.shards import ShardWriter, write_block_shards
 from compress.blocks.store import store_of
 from compress.config import Config
 from compress.errors import CompressError
@@ -54,8 +54,8 @@ from compress.export.gguf import convert as llama_convert
 from compress.export.gguf import pack as gguf_pack
 from compress.export.gguf import rewrite as gguf_rewrite
 from compress.export.gguf.arch import Widths, lowrank_notes
-from compress.export.gguf.check import NO_LLAMA_CPP, TOP1_AGREEMENT, check  # noqa: F401  (check: the exporter's; TOP1_AGREEMENT: its floors)
-from compress.model import layout, tensor_files, tokenizer_files
+from compress.export.gguf.llama_check import NO_LLAMA_CPP, TOP1_AGREEMENT, check  # noqa: F401  (check: the exporter's; TOP1_AGREEMENT: its floors)
+from compress.model import layout, tokenizer_files
 from compress.model.anatomy import block_prefix, decoder_blocks, head_dim, model_type, outside_blocks
 from compress.model.gguf_file import GgufIndex
 from compress.model.modules import LowRankLinear
@@ -213,28 +213,18 @@ def write_convert_folder(model, tokenizer, folder: Path) -> Path:
     (folder / "config.json").write_text(json.dumps(converter_config(model), indent=2))
     save_tokenizer(tokenizer, folder)
     if not store_of(model).resident and not layout.describe(model):
-        stream.write_shards(model, folder)
+        write_block_shards(model, folder)
         return folder
     dtype = DTYPE[base_type(model)]
     full, size, prefix = gguf_arch.config_widths(model.config), head_dim(model.config), block_prefix(model) + "."
-    count = len(decoder_blocks(model)) + 1
-    index, shard, current = {}, {}, "rest"
-
-    def write(tensors: dict) -> None:
-        file = f"model-{len(set(index.values())) + 1:05d}-of-{count:05d}.safetensors"
-        tensor_files.save(tensors, folder / file, {"format": "pt"})
-        index.update({n: file for n in tensors})
-
+    writer, current = ShardWriter(folder, max_bytes=float("inf")), "rest"
     for name, tensor in dense_state(model):  # written block by block, as the store hands them over
         block = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else "rest"
-        if block != current and shard:
-            write(shard)
-            shard = {}
+        if block != current:
+            writer.end_shard()
         current = block
-        shard[name] = at_config_widths(name, tensor.detach().to(dtype).cpu(), full, size).contiguous()
-    if shard:
-        write(shard)
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+        writer.add({name: at_config_widths(name, tensor.detach().to(dtype).cpu(), full, size)})
+    writer.close()
     return folder
 
 

@@ -24,12 +24,11 @@ from transformers import AutoModelForCausalLM
 
 from compress.algorithms import ggml_formats
 from compress.algorithms.ggml_formats import GRIDS_FILE, GgufState
-from compress.blocks import sources as stream
 from compress.blocks.runner import no_cache
 from compress.blocks.store import store_of
 from compress.config import Config
 from compress.errors import CompressError
-from compress.export.hf import bnb, gptq, sparse
+from compress.export.hf import bnb, gptq, sparse, streamed
 from compress.model import layout
 from compress.model.sparse_folder import load_sparse
 from compress.model.tokenizer_files import save_tokenizer
@@ -74,7 +73,7 @@ def save(model, tokenizer, folder: Path, cfg: HfExport, scratch: Path) -> dict:
     elif fmt == "bnb":
         info = bnb.save_bnb(model, tokenizer, folder, scratch)
     elif not store_of(model).resident:  # a streamed model: block by block, never whole in memory (dense or layout)
-        info = stream.save_hf(model, tokenizer, folder)
+        info = streamed.save_hf(model, tokenizer, folder)
         info["notes"] = layout_notes(model, quantised) if fmt == "layout" else []
     elif fmt == "layout":
         info = save_layout(model, tokenizer, folder, quantised)
@@ -179,7 +178,7 @@ def check(folder: Path, info: dict, ref, cfg: HfExport) -> dict:
 def check_weights(model, folder: Path, fmt: str) -> dict | None:
     """Quantised and sparse formats: the saved weights, decoded, equal the in-memory model's."""
     if fmt in ("dense", "layout") and not store_of(model).resident:
-        return stream.check_hf(model, folder)
+        return streamed.check_hf(model, folder)
     if fmt == "sparse":
         return sparse.check_saved(model, folder)
     if fmt == "layout":
