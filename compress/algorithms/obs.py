@@ -104,6 +104,123 @@ class BlockCursor:
         return GgufState.stack(self.fmt, [self.spans[k] for k in sorted(self.spans)])
 
 
+class Pruned:
+    """No grid: a pruned weight's error is the weight itself, a kept one stays as updated."""
+
+    on_grid = False
+
+    def column(self, W1, W, drop, i1, i2, i):
+        return None
+
+    def state(self, perm):
+        return None
+
+
+class GroupRounding:
+    """GPTQ onto an integer grid: each group's scale and zero point are chosen when the pass
+    reaches the group, from its weights as updated so far (pruned ones as zero)."""
+
+    on_grid = True
+
+    def __init__(self, grid: Grid, rows: int, cols: int, act_order: bool | str, device):
+        self.grid, self.cols, self.act_order = grid, cols, act_order
+        self.width = grid.width(cols)
+        self.scales = torch.zeros(grid.groups(cols), rows, device=device)
+        self.zeros = torch.zeros_like(self.scales)
+        self.scale = self.zero = None  # the current group's grid, (rows,) each
+
+    def column(self, W1, W, drop, i1, i2, i):
+        width = self.width
+        if (i1 + i) % width == 0:  # a new group: its grid from the weights as they are now
+            g = (i1 + i) // width
+            current = torch.cat([(W1[i : i + width] * ~drop[i : i + width]).t(), W[:, i2 : i1 + i + width]], dim=1)
+            self.scale, self.zero = grid_params(current, self.grid)
+            self.scales[g], self.zeros[g] = self.scale, self.zero
+        return dequantize(quantize(W1[i], self.scale, self.zero, self.grid.maxq), self.scale, self.zero).masked_fill_(drop[i], 0)
+
+    def state(self, perm) -> QuantState:
+        grid, scales, zeros = self.grid, self.scales, self.zeros
+        if self.act_order == "group" and perm is not None:
+            # groups were visited in another order but each is still one block of stored columns:
+            # put their scales back in stored order; g_idx stays sequential
+            order = perm[:: self.width] // self.width  # stored group of each visited group
+            scales[order], zeros[order] = scales.clone(), zeros.clone()
+            return QuantState(grid, scales, zeros, sequential_g_idx(self.cols, grid))
+        return QuantState(grid, scales, zeros, sequential_g_idx(self.cols, grid, perm))
+
+
+class BlockRounding:
+    """GPTQ onto one of llama.cpp's block formats (BlockCursor): a span's parameters are chosen
+    when the pass reaches the span; zeros are exact only where the format holds one."""
+
+    on_grid = True
+
+    def __init__(self, fmt: BlockFormat, perm: torch.Tensor | None, cols: int, importance: torch.Tensor):
+        self.fmt, self.cursor = fmt, BlockCursor(fmt, perm, cols, importance)
+
+    def column(self, W1, W, drop, i1, i2, i):
+        span, k = self.fmt.span, (i1 + i) % self.fmt.span
+        if k == 0:  # a new span: its parameters from the weights as they are now
+            self.cursor.start(i1 + i, torch.cat([(W1[i : i + span] * ~drop[i : i + span]).t(), W[:, i2 : i1 + i + span]], dim=1))
+        q = self.cursor.column(W1[i], k)
+        if self.fmt.holds_zero:
+            q.masked_fill_(drop[i], 0)
+        return q
+
+    def state(self, perm) -> GgufState:
+        return self.cursor.state()
+
+
+def prepared(W: torch.Tensor, H: torch.Tensor, nm, grid, blocksize: int, act_order: bool | str):
+    """(W, H) as float32 working copies with dead inputs zeroed, the lazy-update block size, the
+    visiting order (None: as stored) and the importance of each stored column (diag H)."""
+    W = W.float().clone()  # (rows, cols) working copy; the caller writes it back once
+    H = H.float().clone()  # (cols, cols)
+    cols = W.shape[1]
+    if nm is not None and cols % nm[1]:
+        raise CompressError(f"pattern {nm[0]}:{nm[1]} needs in_features divisible by {nm[1]}, got {cols}")
+    dead = torch.diag(H) == 0  # inputs that were always zero carry no information
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    if isinstance(grid, BlockFormat):
+        if act_order is True:
+            raise CompressError(f"act_order true scatters columns over blocks; {grid.name} blocks are runs of stored columns: use group or false")
+        if cols % grid.span:
+            raise CompressError(f"{grid.name} needs rows of whole {grid.span}-column blocks, got {cols} columns")
+        # lazy-update chunks start where spans start, so a span's weights are current when it begins
+        blocksize = grid.span if blocksize < grid.span else blocksize // grid.span * grid.span
+    width = cols if grid is None else grid.span if isinstance(grid, BlockFormat) else grid.width(cols)
+    return W, H, blocksize, visiting_order(torch.diag(H), act_order, width), torch.diag(H).clone()
+
+
+def rounding_for(grid, perm, act_order, rows: int, cols: int, importance: torch.Tensor, device):
+    if grid is None:
+        return Pruned()
+    if isinstance(grid, BlockFormat):
+        return BlockRounding(grid, perm, cols, importance)
+    return GroupRounding(grid, rows, cols, act_order, device)
+
+
+def block_mask(W1: torch.Tensor, d: torch.Tensor, frozen: torch.Tensor | None, i1: int, i2: int, sparsity: float) -> torch.Tensor:
+    """(count, rows) bool: the frozen zeros of a block of columns, plus the `sparsity` share of its
+    weights with the lowest saliency w^2 / [H^-1]_jj^2 (eq. 3) chosen for the whole block at once."""
+    drop = torch.zeros_like(W1, dtype=torch.bool) if frozen is None else frozen[:, i1:i2].t().contiguous()
+    if sparsity > 0:
+        saliency = W1**2 / d**2
+        k = round(saliency.numel() * sparsity)
+        if k > 0:
+            drop.view(-1)[torch.topk(saliency.flatten(), k, largest=False).indices] = True
+    return drop
+
+
+def nm_group_mask(W1, d, drop, drop_scale, i: int, nm: tuple[int, int]) -> None:
+    """N:M: the m - n lowest-saliency weights of columns i..i+m (as updated so far) are dropped."""
+    n, m = nm
+    group = W1[i : i + m] ** 2 / d[i : i + m] ** 2  # (m, rows)
+    drop[i : i + m].scatter_(0, torch.topk(group, m - n, dim=0, largest=False).indices, True)
+    drop_scale[i : i + m] = drop[i : i + m] / d[i : i + m]
+
+
 def obs_compress(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -127,35 +244,13 @@ def obs_compress(
     stored), True (descending diag(H), GPTQ's desc_act; not for block formats, whose blocks are
     runs of stored columns) or "group" (group-aware reordering).
     """
-    W = W.float().clone()  # (rows, cols) working copy; the caller writes it back once
-    H = H.float().clone()  # (cols, cols)
+    W, H, blocksize, perm, importance = prepared(W, H, nm, grid, blocksize, act_order)
     rows, cols = W.shape
-    if nm is not None and cols % nm[1]:
-        raise CompressError(f"pattern {nm[0]}:{nm[1]} needs in_features divisible by {nm[1]}, got {cols}")
-    dead = torch.diag(H) == 0  # inputs that were always zero carry no information
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    blocks = isinstance(grid, BlockFormat)
-    if blocks:
-        if act_order is True:
-            raise CompressError(f"act_order true scatters columns over blocks; {grid.name} blocks are runs of stored columns: use group or false")
-        if cols % grid.span:
-            raise CompressError(f"{grid.name} needs rows of whole {grid.span}-column blocks, got {cols} columns")
-        # lazy-update chunks start where spans start, so a span's weights are current when it begins
-        blocksize = grid.span if blocksize < grid.span else blocksize // grid.span * grid.span
-        importance = torch.diag(H).clone()
-    perm = visiting_order(torch.diag(H), act_order, (grid.span if blocks else grid.width(cols)) if grid is not None else cols)
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
         frozen = None if frozen is None else frozen[:, perm]
     Hinv, damp_used = inverse_hessian_factor(H, dampening)
-    if blocks:
-        cursor = BlockCursor(grid, perm, cols, importance)
-    elif grid is not None:
-        width = grid.width(cols)
-        scales = torch.zeros(grid.groups(cols), rows, device=W.device)
-        zeros = torch.zeros_like(scales)
-        scale = zero = None  # the current group's grid, (rows,) each
+    rounding = rounding_for(grid, perm, act_order, rows, cols, importance, W.device)
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -164,58 +259,25 @@ def obs_compress(
         W1 = W[:, i1:i2].t().contiguous()
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = torch.diag(Hinv1).unsqueeze(1)  # (count, 1)
-        drop = torch.zeros_like(W1, dtype=torch.bool) if frozen is None else frozen[:, i1:i2].t().contiguous()
-        if nm is None and sparsity > 0:
-            saliency = W1**2 / d**2  # eq. 3, for the whole block of columns
-            k = round(saliency.numel() * sparsity)
-            if k > 0:
-                drop.view(-1)[torch.topk(saliency.flatten(), k, largest=False).indices] = True
+        drop = block_mask(W1, d, frozen, i1, i2, sparsity if nm is None else 0.0)
         Err1 = torch.empty_like(W1)
         drop_scale = drop / d  # err = w * drop_scale: w / [H^-1]_ii where pruned, 0 where kept
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:  # choose the group's mask on the updated weights
-                n, m = nm
-                group = W1[i : i + m] ** 2 / d[i : i + m] ** 2  # (m, rows)
-                drop[i : i + m].scatter_(0, torch.topk(group, m - n, dim=0, largest=False).indices, True)
-                drop_scale[i : i + m] = drop[i : i + m] / d[i : i + m]
-            if grid is None:
+                nm_group_mask(W1, d, drop, drop_scale, i, nm)
+            q = rounding.column(W1, W, drop, i1, i2, i)
+            if q is None:
                 torch.mul(W1[i], drop_scale[i], out=Err1[i])  # two tensor ops per column
-            elif blocks:
-                k = (i1 + i) % grid.span
-                if k == 0:  # a new span: its parameters from the weights as they are now
-                    span = grid.span
-                    cursor.start(i1 + i, torch.cat([(W1[i : i + span] * ~drop[i : i + span]).t(), W[:, i2 : i1 + i + span]], dim=1))
-                q = cursor.column(W1[i], k)
-                if grid.holds_zero:
-                    q.masked_fill_(drop[i], 0)
-                torch.sub(W1[i], q, out=Err1[i]).div_(d[i])
-                W1[i] = q
             else:
-                if (i1 + i) % width == 0:  # a new group: its grid from the weights as they are now
-                    g = (i1 + i) // width
-                    current = torch.cat([(W1[i : i + width] * ~drop[i : i + width]).t(), W[:, i2 : i1 + i + width]], dim=1)
-                    scale, zero = grid_params(current, grid)
-                    scales[g], zeros[g] = scale, zero
-                q = dequantize(quantize(W1[i], scale, zero, grid.maxq), scale, zero).masked_fill_(drop[i], 0)
                 torch.sub(W1[i], q, out=Err1[i]).div_(d[i])
                 W1[i] = q
             W1[i + 1 :].addr_(Hinv1[i, i + 1 :], Err1[i], alpha=-1)  # spread the error over later columns
 
         # pruned weights exactly zero, kept ones as updated (or on their grid)
-        W[:, i1:i2] = (W1 if grid is not None else W1 * ~drop).t()
+        W[:, i1:i2] = (W1 if rounding.on_grid else W1 * ~drop).t()
         W[:, i2:].addmm_(Err1.t(), Hinv[i1:i2, i2:], alpha=-1)  # lazy update of the columns still to come
 
-    state = None
-    if blocks:
-        state = cursor.state()
-    elif grid is not None and act_order == "group" and perm is not None:
-        # groups were visited in another order but each is still one block of stored columns:
-        # put their scales back in stored order; g_idx stays sequential
-        order = perm[::width] // width  # stored group of each visited group
-        scales[order], zeros[order] = scales.clone(), zeros.clone()
-        state = QuantState(grid, scales, zeros, sequential_g_idx(cols, grid))
-    elif grid is not None:
-        state = QuantState(grid, scales, zeros, sequential_g_idx(cols, grid, perm))
+    state = rounding.state(perm)
     if perm is not None:
         W = W[:, torch.argsort(perm)]
     return W, damp_used, state

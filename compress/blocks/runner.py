@@ -180,22 +180,19 @@ def sequential(
     compress(i, block) changes the block in place and returns whether it changed anything: an
     unchanged block reuses the outputs of the observation pass instead of running again.
 
-    dtype: run the forward passes in this dtype (bfloat16 matmuls are ~3x faster on CPUs with
-    native support) on a copy of each block; statistics still accumulate in float32 and the
-    weights change in the model's own dtype.
+    dtype: the forward passes in this dtype (bf16 matmuls: ~3x faster where native) on a copy of
+    each block; statistics accumulate in float32, weights change in the model's own dtype.
 
     keep_last: also run the last block and return its outputs (a block-wise forward pass).
     collected: what compress gathers as it goes (plain values: numbers, strings, lists, dicts),
     saved with each checkpoint and put back when a killed pass resumes.
-    finish(i, block): a changed block into its final form (low-rank modules, narrowed
-    projections) once its outputs are propagated, before the store writes it; not during a
-    resident store's beta-search trial (it restores the modules it began with): the stage calls
-    store.finish(finish) after the search (compress/blocks.py).
-    Each block is taken from the model's block store (compress/blocks.py) for its turn and handed
-    back, changed or not: a streamed model holds one block in memory at a time; a pass that
-    changes weights checkpoints as it goes, so that a killed run resumes inside it.
-    With `model.device: cuda` (compress/devices.py) each block is moved to the GPU for its turn
-    and back; the activations stay on the GPU (keep_last returns them there).
+    finish(i, block): each block into its final form (low-rank modules, narrowed projections)
+    once its outputs are propagated; the store decides when (store.finish: now, or when a
+    resident beta search adopts its kept trial).
+    Each block comes from the model's block store (compress/blocks/store.py) for its turn: a
+    streamed model holds one in memory at a time; a pass that changes weights checkpoints as it
+    goes. With `model.device: cuda` each block visits the GPU (compress/blocks/devices.py); the
+    activations stay there (keep_last returns them there).
     """
     blocks = decoder_blocks(model)
     store = store_of(model)
@@ -207,41 +204,51 @@ def sequential(
         for i, block in enumerate(tqdm(blocks, desc=desc, leave=False)):
             if i < start:
                 continue  # done before the run was killed: its weights are on disk
+            last = i == len(blocks) - 1 and not keep_last  # nothing reads the last block's outputs
             with store.loaded(i) as state, devices.onloaded(block, device):
                 extra = devices.move(_cast(inputs.extras[i], dtype), device)
                 work = _working_copy(block, dtype)
-                outputs = None
-                watched = observe(i, block)
-                if watched:
-                    names = {module: name for name, module in block.named_modules()}
-                    acc = {work.get_submodule(names[m]): a for m, a in watched.items()}  # keyed by the copy that runs
-                    leader = _same_input_leaders(work, acc, hidden[0], extra)
-                    fed = [m for m in acc if leader[m] is m]
-                    with hooks([m.register_forward_hook(_feed(acc[m])) for m in fed]):
-                        outputs = run_block(work, hidden, extra)
-                    for m in acc:
-                        if leader[m] is not m:
-                            acc[m].share(acc[leader[m]])
-                changed = compress(i, block)
-                state["changed"] = changed
-                last = i == len(blocks) - 1 and not keep_last  # nothing reads the last block's outputs
+                outputs = observed(work, block, observe(i, block), hidden, extra)
+                state["changed"] = changed = compress(i, block)
                 if not last:
-                    if changed and work is not block:
-                        work = _working_copy(block, dtype)
-                    if outputs is None:
-                        outputs = run_block(work, hidden, extra)
-                    elif changed:
-                        run_block(work, hidden, extra, out=outputs)
-                    hidden = outputs
+                    hidden = propagated(work, block, changed, dtype, hidden, extra, outputs)
                 del work
-                if changed and finish is not None and store.finishes_in_pass:
-                    with torch.inference_mode(False), torch.no_grad():  # new modules: plain tensors, as after the pass
-                        finish(i, block)
+                if finish is not None:  # an unchanged block too: fn drops what the stage added for the pass
+                    store.finish(i, block, finish)
             if last:
                 break
             if changed:
                 store.checkpoint(i + 1, hidden, collected)
     return hidden if keep_last else None
+
+
+def observed(work: nn.Module, block: nn.Module, watched: dict, hidden: list, extra) -> list | None:
+    """The block's outputs of the observation pass (None when nothing is watched), each watched
+    module's accumulator fed its inputs: layers that read the very same tensor share one feed."""
+    if not watched:
+        return None
+    names = {module: name for name, module in block.named_modules()}
+    acc = {work.get_submodule(names[m]): a for m, a in watched.items()}  # keyed by the copy that runs
+    leader = _same_input_leaders(work, acc, hidden[0], extra)
+    fed = [m for m in acc if leader[m] is m]
+    with hooks([m.register_forward_hook(_feed(acc[m])) for m in fed]):
+        outputs = run_block(work, hidden, extra)
+    for m in acc:
+        if leader[m] is not m:
+            acc[m].share(acc[leader[m]])
+    return outputs
+
+
+def propagated(work: nn.Module, block: nn.Module, changed: bool, dtype, hidden: list, extra, outputs: list | None) -> list:
+    """The inputs of the next block: the compressed block's outputs (the observation pass's where
+    the block did not change)."""
+    if changed and work is not block:
+        work = _working_copy(block, dtype)
+    if outputs is None:
+        return run_block(work, hidden, extra)
+    if changed:
+        run_block(work, hidden, extra, out=outputs)
+    return outputs
 
 
 def _same_input_leaders(block: nn.Module, accumulators: dict, x: torch.Tensor, extra) -> dict:

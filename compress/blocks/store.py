@@ -330,11 +330,11 @@ class BlockStore:
 
     def put(self, name: str, tensor: torch.Tensor) -> None: ...
 
-    finishes_in_pass = False  # sequential calls a stage's finish(i, block) as each block leaves memory
-
-    def finish(self, fn) -> None:
-        """After a stage's pass or beta search: every block in its final form (fn(i, block) turns
-        a block into it: low-rank modules, narrowed projections)."""
+    def finish(self, i: int, block, fn) -> None:
+        """Block i (changed by the running pass, its outputs propagated) into its final form:
+        fn(i, block) makes it (low-rank modules, narrowed projections), before the block is written."""
+        with torch.inference_mode(False), torch.no_grad():  # new modules: plain tensors, as after the pass
+            fn(i, block)
 
     def trials(self, modules: dict, zeros_only: bool, states: tuple[str, ...], scratch: Path | None):
         """A context manager giving the beta search's trial space (SpilledTrials or FileTrials),
@@ -352,10 +352,22 @@ class ResidentBlocks(BlockStore):
         self.synced: list[Path | None] = [None] * self.count  # the file each block's weights equal (None: the source)
         self.dirty: set[int] = set()  # changed by the running stage, not yet on disk
         self.written: set[int] = set()  # written by the running stage
+        self.deferred: dict[int, object] = {}  # trial -> its finish fn, run on every block if the trial is kept
 
-    @property
-    def finishes_in_pass(self) -> bool:
-        return self.trial is None  # a trial's blocks are finished after the search: it restores the modules it began with
+    def finish(self, i: int, block, fn) -> None:
+        """During a beta-search trial, later: the trial's spill restores the modules it began with,
+        so the kept trial's blocks are finished when it is adopted (SpilledTrials.adopt)."""
+        if self.trial is not None:
+            self.deferred[self.trial] = fn
+        else:
+            super().finish(i, block, fn)
+
+    def finish_deferred(self, trial: int | None) -> None:
+        fn = self.deferred.pop(trial, None)
+        self.deferred.clear()
+        if fn is not None:  # fn leaves a block the pass did not change as it is
+            for i, block in enumerate(self.blocks):
+                super().finish(i, block, fn)
 
     def sync(self, before: int, blocks=None) -> None:
         """Each block's weights as the newest file of a stage before `before` holds them."""
@@ -404,12 +416,6 @@ class ResidentBlocks(BlockStore):
     def settle(self) -> None:
         self.sync(before=self.stage)
 
-    def finish(self, fn) -> None:
-        """After a beta search (a plain pass finished each block already: fn leaves a finished
-        block as it is): every block is finished, and written at the stage's end."""
-        for i, block in enumerate(self.blocks):
-            fn(i, block)
-
     @contextmanager
     def trials(self, modules, zeros_only, states, scratch):
         with scratch_folder(scratch) as folder:
@@ -421,8 +427,6 @@ class StreamedBlocks(BlockStore):
     source (compress/stream.py's WeightSource / GgufWeightSource)."""
 
     resident = False
-
-    finishes_in_pass = True
 
     def __init__(self, model, source, staging: Path, dtype: torch.dtype):
         super().__init__(model, staging)
@@ -451,9 +455,6 @@ class StreamedBlocks(BlockStore):
     def begin_stage(self, k: int) -> None:
         super().begin_stage(k)
         self.reshape_all(final=False)  # what the stage selects its layers from: its input's layout
-
-    def finish(self, fn) -> None:
-        self.reshape_all(final=True)  # each block was finished in its pass: the skeleton takes the files' layout
 
     def settle(self) -> None:
         self.reshape_all(final=True)
@@ -534,6 +535,7 @@ class SpilledTrials:
             for name, kept in self.best["states"].items():
                 for attr, state in kept.items():
                     setattr(self.modules[name], attr, state)
+        self.store.finish_deferred(t)  # the kept trial's blocks, written at the stage's end
 
 
 class FileTrials:
@@ -564,6 +566,7 @@ class FileTrials:
                 os.replace(f, folder / f.name)
         for trial in folder.glob("trial*"):
             shutil.rmtree(trial, ignore_errors=True)
+        self.store.reshape_all(final=True)  # every trial's blocks were finished in its pass: the skeleton takes the kept files' layout
 
 
 def store_of(model) -> BlockStore:

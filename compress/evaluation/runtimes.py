@@ -307,36 +307,45 @@ def _runtime_lm_class():
             return self.runtime.encode(string, self.bos if add_special_tokens is None else add_special_tokens)
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-            # HFLM's input: context + continuation, left-truncated to max_length + 1, last token dropped
-            inputs = [(context + continuation)[-(self.max_length + 1):][:-1] for _, context, continuation in requests]
-            # lexicographic order: requests sharing a context follow one another (KV prefix reuse)
-            order = sorted(range(len(requests)), key=lambda i: inputs[i])
-            out: list[tuple[float, bool] | None] = [None] * len(requests)
-            for i in tqdm(order, desc=f"loglikelihood {self.runtime.label}", disable=disable_tqdm, leave=False):
-                text, _, continuation = requests[i]
-                target = torch.tensor(continuation)
-                logits = self.runtime.logits(inputs[i], last=len(continuation))  # (len(continuation), vocab)
-                logp = F.log_softmax(logits.double(), dim=-1)
-                answer = (float(logp.gather(1, target[:, None]).sum()), bool((logits.argmax(-1) == target).all()))
-                out[i] = answer
-                if text is not None:  # rolling windows come without one
-                    self.cache_hook.add_partial("loglikelihood", text, answer)
-            return out
+            return loglikelihood_tokens(self, requests, disable_tqdm)
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-            """Sum of log p over all of each text's tokens, in disjoint windows of max_length
-            tokens, the first one after prefix_token_id (as HFLM)."""
-            results = []
-            for (text,) in tqdm([r.args for r in requests], desc=f"rolling {self.runtime.label}", disable=disable_tqdm, leave=False):
-                windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1)]
-                total = sum(ll for ll, _ in self._loglikelihood_tokens([(None, c, x) for c, x in windows], disable_tqdm=True))
-                self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
-                results.append(total)
-            return results
+            return loglikelihood_rolling(self, requests, disable_tqdm, get_rolling_token_windows, make_disjoint_window)
 
         def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
             raise CompressError(f"zero-shot: generation tasks are not supported on {self.runtime.label} here; "
                                 "choose log-likelihood (multiple-choice or perplexity) tasks")
 
     return _RuntimeLM
+
+
+def loglikelihood_tokens(lm, requests, disable_tqdm: bool) -> list[tuple[float, bool]]:
+    """lm-eval's (sum of log p, greedy?) of each request's continuation, through the runtime."""
+    # HFLM's input: context + continuation, left-truncated to max_length + 1, last token dropped
+    inputs = [(context + continuation)[-(lm.max_length + 1):][:-1] for _, context, continuation in requests]
+    # lexicographic order: requests sharing a context follow one another (KV prefix reuse)
+    order = sorted(range(len(requests)), key=lambda i: inputs[i])
+    out: list[tuple[float, bool] | None] = [None] * len(requests)
+    for i in tqdm(order, desc=f"loglikelihood {lm.runtime.label}", disable=disable_tqdm, leave=False):
+        text, _, continuation = requests[i]
+        target = torch.tensor(continuation)
+        logits = lm.runtime.logits(inputs[i], last=len(continuation))  # (len(continuation), vocab)
+        logp = F.log_softmax(logits.double(), dim=-1)
+        answer = (float(logp.gather(1, target[:, None]).sum()), bool((logits.argmax(-1) == target).all()))
+        out[i] = answer
+        if text is not None:  # rolling windows come without one
+            lm.cache_hook.add_partial("loglikelihood", text, answer)
+    return out
+
+
+def loglikelihood_rolling(lm, requests, disable_tqdm: bool, rolling_windows, disjoint) -> list[float]:
+    """Sum of log p over all of each text's tokens, in disjoint windows of max_length tokens, the
+    first one after prefix_token_id (as HFLM). rolling_windows / disjoint: lm-eval's own helpers."""
+    results = []
+    for (text,) in tqdm([r.args for r in requests], desc=f"rolling {lm.runtime.label}", disable=disable_tqdm, leave=False):
+        windows = [disjoint(w) for w in rolling_windows(
+            token_list=lm.tok_encode(text), prefix_token=lm.prefix_token_id, max_seq_len=lm.max_length, context_len=1)]
+        total = sum(ll for ll, _ in loglikelihood_tokens(lm, [(None, c, x) for c, x in windows], disable_tqdm=True))
+        lm.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
+        results.append(total)
+    return results

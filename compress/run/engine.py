@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from compress.blocks import devices
-from compress.blocks import sources as stream
+from compress.blocks import sources
 from compress.blocks.forward import perplexity
 from compress.blocks.runner import buffer_bytes
 from compress.blocks.store import ResidentBlocks, store_of
-from compress.data.segments import build_segments
+from compress.data.windows import build_segments
 from compress.errors import CompressError
 from compress.evaluation import speed
 from compress.evaluation.runtimes import open_runtime, runtime_perplexity
@@ -302,106 +302,158 @@ def torch_threads(threads: int | None):
         torch.set_num_threads(before)
 
 
+class Measures:
+    """Perplexity and zero-shot accuracy of the in-memory model, dense and compressed, as a run
+    measures them (eval.perplexity, eval.tasks), and the phases that took them."""
+
+    def __init__(self, recipe: Recipe, tokenizer, segments: dict, phases: Phases):
+        self.e, self.tokenizer, self.segments, self.phases = recipe.eval, tokenizer, segments, phases
+        self.ppl: dict[str, dict | None] = {"dense": None, "compressed": None}
+        self.tasks: dict[str, dict | None] = {"dense": None, "compressed": None}
+        self.bos = segments["evaluation"].bos if self.e.perplexity else None
+
+    def measure(self, model, which: str) -> None:
+        e = self.e
+        if e.perplexity:
+            with self.phases(f"eval_{which}"):
+                self.ppl[which] = perplexity(model, self.segments["evaluation"].tokens, e.batch_size, f"{which} ppl").as_dict()
+            log.info("%s perplexity %.3f", which, self.ppl[which]["ppl"])
+        if e.tasks:
+            with self.phases(f"tasks_{which}"), devices.dispatched(model):
+                self.tasks[which] = zero_shot(model, self.tokenizer, e.tasks, tasks_dir(e), e.limit, e.tasks_batch_size, self.bos)
+            log.info("%s zero-shot mean accuracy %.4f", which, self.tasks[which]["mean_acc"])
+
+
+def load_for_run(recipe: Recipe, tmp: Path, phases: Phases) -> LoadedModel:
+    """The recipe's model, streamed or in memory, with its devices and a block store that keeps
+    what a resumed run needs in the staging folder."""
+    m = recipe.model
+    with phases("load_model"):
+        if m.stream:  # blocks stay on disk (compress/blocks/sources.py)
+            model, tokenizer, path = sources.load_streamed(m.source, DTYPES[m.dtype], tmp)
+            loaded = LoadedModel(model, tokenizer, m.source, str(path), "folder")
+        else:
+            loaded = load_model(m.source, m.dtype, m.allow_pickle, m.trust_remote_code, m.revision)
+    devices.attach(loaded.model, m.device)  # the weights stay in CPU RAM; blocks visit the GPU (compress/blocks/devices.py)
+    if getattr(loaded.model, "block_store", None) is None:  # in memory: the store keeps what a resumed run needs
+        loaded.model.block_store = ResidentBlocks(loaded.model, tmp)
+    log.info("loaded %s (%s, %d blocks)", loaded.resolved, model_type(loaded.model), len(decoder_blocks(loaded.model)))
+    return loaded
+
+
+def prepare_data(recipe: Recipe, loaded: LoadedModel, phases: Phases) -> tuple[dict, Measures]:
+    """The windows of every role, and the dense measurement, while the GGUF converter's verdict
+    runs beside them (waited for before the first stage)."""
+    e, model = recipe.eval, loaded.model
+    pending = preflight(recipe.export, model, loaded.tokenizer, recipe.quantises(), recipe.narrows())
+    with cancelled_on_error(pending):
+        with phases("data"):
+            configs = recipe.data_roles()
+            check_context(configs, model.config, DTYPES[recipe.calibration_dtype])
+            segments = build_segments(configs, loaded.tokenizer)
+        measures = Measures(recipe, loaded.tokenizer, segments, phases)
+        # With no stages the dense model is the result: it is measured once, as dense.
+        # (a run without stages measures the in-memory model only when eval.artefacts names it)
+        if (e.dense if recipe.stages else "model" in e.artefacts):
+            measures.measure(model, "dense")
+    if pending is not None:
+        with phases("export_preflight"):
+            pending.result()
+    return segments, measures
+
+
+def run_stages(recipe: Recipe, model, segments: dict, scratch: Path, phases: Phases):
+    """Every stage in order, each skipped when an earlier run of this recipe finished it; returns
+    the model and the stages' records."""
+    store = store_of(model)
+    ctx = StageContext(segments["calibration"], segments.get("validation"), DTYPES[recipe.calibration_dtype], scratch_dir=scratch)
+    records = []
+    for k, stage in enumerate(recipe.stages):
+        ctx.stage_key = f"stages[{k}]"
+        _, apply = STAGES[stage.kind]
+        store.begin_stage(k)
+        if store.stage_done(k):  # finished before the run was killed
+            records.append(store.record(k))
+            log.info("stage %d (%s) finished in an earlier run: resumed after it", k, stage.kind)
+            continue
+        with phases(f"stage{k}_{stage.kind}"):
+            model, record = apply(model, ctx, stage)
+        records.append(record.as_dict())
+        store.end_stage(k, records[-1])
+        log.info("stage %d (%s) done: %s in %.1f s", k, stage.kind, record.summary(), record.seconds)
+    store.settle()  # a resumed run's blocks as its finished stages left them
+    return model, records
+
+
+def model_evaluation(recipe: Recipe, model, measures: Measures, segments: dict, phases: Phases) -> dict:
+    """results.json's evaluations["model"] (the compressed model in memory, or the dense one of a
+    run without stages) when eval.artefacts names it."""
+    e = recipe.eval
+    if "model" not in e.artefacts:
+        return {}
+    if recipe.stages:
+        measures.measure(model, "compressed")
+    which = "compressed" if recipe.stages else "dense"
+    entry = {"artefact": "model", "path": None, "perplexity": measures.ppl[which], "zero_shot": measures.tasks[which]}
+    if e.speed:
+        with phases("speed_model"), devices.dispatched(model):
+            entry["speed"] = speed.torch_rates(model, speed_tokens(segments), e.speed_repeats)
+    return {"model": entry}
+
+
+def model_counts(model) -> dict:
+    """What results.json's size table counts in the compressed model, taken before it is freed."""
+    nonzero, linears = weight_counts(model)
+    return {"params": sum(p.numel() for p in model.parameters()), "nonzero": nonzero, "linears": linears,
+            "dense_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20}  # the model as plain tensors
+
+
+def model_size(counts: dict, params_dense: int, tmp: Path, export: dict) -> dict:
+    return {"params": counts["params"], "params_dense": params_dense, "nonzero": counts["nonzero"],
+            "safetensors_mb": round(sum(f.stat().st_size for f in tmp.glob("*.safetensors")) / 2**20, 2),
+            "files_mb": export_sizes(tmp, export), "dense_mb": round(counts["dense_mb"], 2), **counts["linears"]}
+
+
+def run_metadata(recipe: Recipe, recipe_path: Path, overrides: list[str], run_id: str, records: list, phases: Phases,
+                 name: str, started: str) -> dict:
+    return {
+        "name": name,
+        "recipe_file": str(recipe_path),
+        "overrides": list(overrides),
+        "recipe": recipe.model_dump(mode="json"),
+        "recipe_sha256": recipe.sha256(),
+        "run_id": run_id,
+        "seed": recipe.seed,
+        "versions": runinfo.versions(),
+        "git": runinfo.git_commit(),
+        "machine": runinfo.machine(),
+        "layer_achieved": {k: r["layer_achieved"] for k, r in enumerate(records) if "layer_achieved" in r},
+        "layer_bits": {k: r["layer_bits"] for k, r in enumerate(records) if "layer_bits" in r},
+        "timings": phases.seconds,
+        "peak_rss_mb": round(runinfo.peak_rss_mb(), 1),
+        "started": started,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
 def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str], restart: bool = False) -> RunResult:
     torch.manual_seed(recipe.seed)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    phases = Phases()
-    name = recipe.name or recipe_path.stem
-    e = recipe.eval
-
+    phases, name = Phases(), recipe.name or recipe_path.stem
     run_id = identity.run_id(recipe)  # before anything is read: the files as they were when the run began
-    m = recipe.model
-    devices.check(m.device)  # one line, before minutes of loading
-    check_task_names(e.tasks)  # an unknown lm-eval task fails here, not after compressing
+    devices.check(recipe.model.device)  # one line, before minutes of loading
+    check_task_names(recipe.eval.tasks)  # an unknown lm-eval task fails here, not after compressing
     with staging_dir(final, run_id, restart) as tmp:
-        with phases("load_model"):
-            if m.stream:  # blocks stay on disk (compress/stream.py)
-                model, tokenizer, path = stream.load_streamed(m.source, DTYPES[m.dtype], tmp)
-                loaded = LoadedModel(model, tokenizer, m.source, str(path), "folder")
-            else:
-                loaded = load_model(m.source, m.dtype, m.allow_pickle, m.trust_remote_code, m.revision)
-        model = loaded.model
-        devices.attach(model, m.device)  # the weights stay in CPU RAM; blocks visit the GPU (compress/devices.py)
-        if getattr(model, "block_store", None) is None:  # in memory: the store keeps what a resumed run needs
-            model.block_store = ResidentBlocks(model, tmp)
-        store = store_of(model)
-        blocks = len(decoder_blocks(model))
+        loaded = load_for_run(recipe, tmp, phases)
+        model, store = loaded.model, store_of(loaded.model)
         params_dense = sum(p.numel() for p in model.parameters())  # structured / low-rank stages change it
-        log.info("loaded %s (%s, %d blocks)", loaded.resolved, model_type(model), blocks)
-        # the GGUF converter's verdict runs beside the data cutting and dense evaluation, and is
-        # waited for before the first stage
-        pending = preflight(recipe.export, model, loaded.tokenizer, recipe.quantises(), recipe.narrows())
-
-        with cancelled_on_error(pending):
-            with phases("data"):
-                configs = recipe.data_roles()
-                check_context(configs, model.config, DTYPES[recipe.calibration_dtype])
-                segments = build_segments(configs, loaded.tokenizer)
-
-            # With no stages the dense model is the result: it is measured once, as dense.
-            # (a run without stages measures the in-memory model only when eval.artefacts names it)
-            measure_dense = e.dense if recipe.stages else "model" in e.artefacts
-            measure_final = bool(recipe.stages)
-            ppl: dict[str, dict | None] = {"dense": None, "compressed": None}
-            tasks: dict[str, dict | None] = {"dense": None, "compressed": None}
-            eval_bos = segments["evaluation"].bos if e.perplexity else None
-
-            def evaluate(which: str) -> None:
-                if e.perplexity:
-                    with phases(f"eval_{which}"):
-                        ppl[which] = perplexity(model, segments["evaluation"].tokens, e.batch_size, f"{which} ppl").as_dict()
-                    log.info("%s perplexity %.3f", which, ppl[which]["ppl"])
-                if e.tasks:
-                    with phases(f"tasks_{which}"), devices.dispatched(model):
-                        tasks[which] = zero_shot(model, loaded.tokenizer, e.tasks, tasks_dir(e), e.limit, e.tasks_batch_size, eval_bos)
-                    log.info("%s zero-shot mean accuracy %.4f", which, tasks[which]["mean_acc"])
-
-            if measure_dense:
-                evaluate("dense")
-        if pending is not None:
-            with phases("export_preflight"):
-                pending.result()
-
+        model_info = {"source": loaded.source, "resolved": loaded.resolved, "kind": loaded.kind, "model_type": model_type(model),
+                      "blocks": len(decoder_blocks(model)), "params": params_dense}
+        segments, measures = prepare_data(recipe, loaded, phases)
         scratch = tmp / ".scratch"  # spilled snapshots (beta search); never published
-        ctx = StageContext(segments["calibration"], segments.get("validation"), DTYPES[recipe.calibration_dtype], scratch_dir=scratch)
-        records = []
-        for k, stage in enumerate(recipe.stages):
-            ctx.stage_key = f"stages[{k}]"
-            _, apply = STAGES[stage.kind]
-            store.begin_stage(k)
-            if store.stage_done(k):  # finished before the run was killed
-                records.append(store.record(k))
-                log.info("stage %d (%s) finished in an earlier run: resumed after it", k, stage.kind)
-                continue
-            with phases(f"stage{k}_{stage.kind}"):
-                model, record = apply(model, ctx, stage)
-            records.append(record.as_dict())
-            store.end_stage(k, records[-1])
-            log.info("stage %d (%s) done: %s in %.1f s", k, stage.kind, record.summary(), record.seconds)
-        del ctx
-        store.settle()  # a resumed run's blocks as its finished stages left them
-
-        if measure_final and "model" in e.artefacts:
-            evaluate("compressed")
-        evaluations = {}
-        if "model" in e.artefacts:  # the in-memory model: the compressed one, or the dense one of a run without stages
-            which = "compressed" if measure_final else "dense"
-            evaluations["model"] = {"artefact": "model", "path": None, "perplexity": ppl[which], "zero_shot": tasks[which]}
-            if e.speed:
-                with phases("speed_model"), devices.dispatched(model):
-                    evaluations["model"]["speed"] = speed.torch_rates(model, speed_tokens(segments), e.speed_repeats)
-
-        params = sum(p.numel() for p in model.parameters())
-        dense_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20  # the model as plain tensors
-        nonzero, linears = weight_counts(model)
-        model_info = {
-            "source": loaded.source,
-            "resolved": loaded.resolved,
-            "kind": loaded.kind,
-            "model_type": model_type(model),
-            "blocks": blocks,
-            "params": params_dense,
-        }
+        model, records = run_stages(recipe, model, segments, scratch, phases)
+        evaluations = model_evaluation(recipe, model, measures, segments, phases)
+        counts = model_counts(model)
         loaded.model, model = model, None  # export_all frees it before reloading the exports
         export = export_all(recipe, loaded, tmp, scratch, segments, phases)
         shutil.rmtree(scratch, ignore_errors=True)
@@ -410,49 +462,13 @@ def _run(recipe: Recipe, recipe_path: Path, final: Path, overrides: list[str], r
         gc.collect()
         for label, kind, path in artefacts(recipe, tmp, export):
             with phases(f"eval_{label.replace(' ', '_')}"):
-                evaluations[label] = evaluate_artefact(recipe, label, kind, path, tmp, segments, eval_bos)
-
-        results = {
-            "name": name,
-            "model": model_info,
-            "data": {role: seg.describe() for role, seg in segments.items()},
-            "perplexity": ppl,
-            "zero_shot": tasks,
-            "zero_shot_limit": e.limit,
-            "evaluations": evaluations,
-            "stages": records,
-            "size": {
-                "params": params,
-                "params_dense": params_dense,
-                "nonzero": nonzero,
-                "safetensors_mb": round(sum(f.stat().st_size for f in tmp.glob("*.safetensors")) / 2**20, 2),
-                "files_mb": export_sizes(tmp, export),
-                "dense_mb": round(dense_mb, 2),
-                **linears,
-            },
-            "export": export,
-            "seconds": phases.seconds,
-            "memory": phases.memory(),
-        }
+                evaluations[label] = evaluate_artefact(recipe, label, kind, path, tmp, segments, measures.bos)
+        results = {"name": name, "model": model_info, "data": {role: seg.describe() for role, seg in segments.items()},
+                   "perplexity": measures.ppl, "zero_shot": measures.tasks, "zero_shot_limit": recipe.eval.limit,
+                   "evaluations": evaluations, "stages": records, "size": model_size(counts, params_dense, tmp, export), "export": export,
+                   "seconds": phases.seconds, "memory": phases.memory()}
         write_report(tmp, results)
-        metadata = {
-            "name": name,
-            "recipe_file": str(recipe_path),
-            "overrides": list(overrides),
-            "recipe": recipe.model_dump(mode="json"),
-            "recipe_sha256": recipe.sha256(),
-            "run_id": run_id,
-            "seed": recipe.seed,
-            "versions": runinfo.versions(),
-            "git": runinfo.git_commit(),
-            "machine": runinfo.machine(),
-            "layer_achieved": {k: r["layer_achieved"] for k, r in enumerate(records) if "layer_achieved" in r},
-            "layer_bits": {k: r["layer_bits"] for k, r in enumerate(records) if "layer_bits" in r},
-            "timings": phases.seconds,
-            "peak_rss_mb": round(runinfo.peak_rss_mb(), 1),
-            "started": started,
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
+        metadata = run_metadata(recipe, recipe_path, overrides, run_id, records, phases, name, started)
         for filename, content in (("results.json", results), ("metadata.json", metadata)):
             (tmp / filename).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
         publish(tmp, final)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
-from compress.data.segments import SegmentsConfig, build_segments
+from compress.data.windows import SegmentsConfig, build_segments
 from compress.errors import CompressError
 from compress.evaluation import runtimes
 from compress.evaluation import speed as speed_mod

@@ -23,7 +23,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from compress.data.segments import BUILTIN_SOURCES, DATASET_SOURCES
+from compress.data.text import BUILTIN_SOURCES, DATASET_SOURCES
 from compress.errors import CompressError
 from compress.evaluation.zeroshot import DATA_FILES
 from compress.model.load import locate

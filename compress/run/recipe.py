@@ -16,7 +16,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from compress.config import Config
-from compress.data.segments import SegmentsConfig
+from compress.data.windows import SegmentsConfig
 from compress.errors import CompressError
 from compress.evaluation.zeroshot import DATA_FILES
 from compress.export import EXPORTERS

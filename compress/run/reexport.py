@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from compress.data.segments import build_segments
+from compress.data.windows import build_segments
 from compress.errors import CompressError
 from compress.export import EXPORTERS
 from compress.export import hf as hf_export

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from compress.blocks.runner import BlockInputs, capture_inputs
-from compress.data.segments import Segments
+from compress.data.windows import Segments
 from compress.errors import CompressError
 
 

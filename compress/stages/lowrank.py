@@ -50,7 +50,6 @@ from compress.algorithms.sparsity import row_mask, wanda_score
 from compress.algorithms.stats import Hessian
 from compress.blocks import devices
 from compress.blocks.runner import sequential
-from compress.blocks.store import store_of
 from compress.config import Config, LayerPatterns
 from compress.errors import CompressError
 from compress.model.anatomy import get_weight, in_features, select_linears, set_weight
@@ -408,7 +407,6 @@ def apply(model, ctx: StageContext, cfg: LowRankConfig) -> tuple[nn.Module, LowR
     ranks = plan_ranks(layers, ratios, cfg, f"{ctx.stage_key}.ratio")
     if search is None:
         collected = lowrank_model(model, ctx, cfg, names, ranks)
-    store_of(model).finish(lambda i, block: to_low_rank_modules(model, names[i], collected["params"]))
     notes = list(collected["notes"])
     dense = [name for name, r in ranks.items() if r is None]
     if dense:

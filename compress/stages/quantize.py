@@ -261,69 +261,80 @@ def layer_grid(cfg: QuantizeConfig, plan, module):
     return ggml_formats.fitting(plan, in_features(module))
 
 
-def quantize_model(model, ctx: StageContext, cfg: QuantizeConfig, layers, block_bits: list, results: dict) -> None:
-    """Quantise every selected layer of every block to its block's width (or format), in place,
-    each block taken from the model's block store in turn (compress/blocks.py: a streamed model's
-    are read from disk and written back). results gets, per layer as it is quantised (no second
-    pass over the weights; kept with the pass's checkpoints): zeros before / kept / after, the
-    bits stored, the llama.cpp format it got (grid) and the output SQNR (gptq); plus "_notes"."""
+def finish_layer(cfg: QuantizeConfig, module, was_zero: torch.Tensor, W_new, state, sqnr=None) -> dict:
+    """The layer on its grid (W_new None: it stays as it is, float), and what the record counts of it."""
+    if W_new is not None:
+        set_weight(module, W_new)
+    if state is not None:
+        module.quant_state = devices.on_cpu(state)
+    if cfg.method == "bnb":
+        module.bnb_format = cfg.bnb_format
+    now_zero = get_weight(module) == 0
+    return {"zeros_before": int(was_zero.sum()), "zeros_kept": int((was_zero & now_zero).sum()), "zeros_after": int(now_zero.sum()),
+            "stored_bits": float(stored_bits(module)), "sqnr_db": sqnr,
+            "grid": state.fmt.name if isinstance(state, ggml_formats.GgufState) else None}
 
-    def finish(name, module, was_zero, W_new, state, sqnr=None):
-        """W_new None: the layer stays as it is (float)."""
-        if W_new is not None:
-            set_weight(module, W_new)
-        if state is not None:
-            module.quant_state = devices.on_cpu(state)
-        if cfg.method == "bnb":
-            module.bnb_format = cfg.bnb_format
-        now_zero = get_weight(module) == 0
-        results[name] = {"zeros_before": int(was_zero.sum()), "zeros_kept": int((was_zero & now_zero).sum()), "zeros_after": int(now_zero.sum()),
-                         "stored_bits": float(stored_bits(module)), "sqnr_db": sqnr,
-                         "grid": state.fmt.name if isinstance(state, ggml_formats.GgufState) else None}
 
-    def quantize_layer(name, module, bits, H=None):
-        W = get_weight(module)
-        was_zero = W == 0
-        frozen = was_zero if cfg.keep_sparsity else None  # zeros of earlier stages, which must stay exactly zero
-        grid = layer_grid(cfg, bits, module)
-        if cfg.method == "bnb":
-            return finish(name, module, was_zero, bnb_roundtrip(W, cfg.bnb_format), None)
-        if grid is None:  # rows not whole blocks of the format or its fallback: float, as llama.cpp leaves it
-            return finish(name, module, was_zero, None, None)
-        if cfg.method == "rtn":  # needs no data; 0 is on every integer grid, so zeros stay zeros
-            if cfg.grid is None:
-                return finish(name, module, was_zero, *rtn(W, grid))
-            W_new, state = ggml_formats.rtn(W, grid)
-            if grid.holds_zero and cfg.keep_sparsity:
-                W_new = W_new.masked_fill(frozen, 0)  # q = 0 decodes to exactly 0
-            return finish(name, module, was_zero, W_new, state)
+def quantize_layer(cfg: QuantizeConfig, name: str, module, bits, results: dict, H=None) -> None:
+    """One layer onto its block's width or format; its counts go into results[name] (a GPTQ
+    dampening raised to succeed into results["_notes"])."""
+    W = get_weight(module)
+    was_zero = W == 0
+    frozen = was_zero if cfg.keep_sparsity else None  # zeros of earlier stages, which must stay exactly zero
+    grid = layer_grid(cfg, bits, module)
+    if cfg.method == "bnb":
+        results[name] = finish_layer(cfg, module, was_zero, bnb_roundtrip(W, cfg.bnb_format), None)
+    elif grid is None:  # rows not whole blocks of the format or its fallback: float, as llama.cpp leaves it
+        results[name] = finish_layer(cfg, module, was_zero, None, None)
+    elif cfg.method == "rtn" and cfg.grid is None:  # needs no data; 0 is on every integer grid, so zeros stay zeros
+        results[name] = finish_layer(cfg, module, was_zero, *rtn(W, grid))
+    elif cfg.method == "rtn":
+        W_new, state = ggml_formats.rtn(W, grid)
+        if grid.holds_zero and cfg.keep_sparsity:
+            W_new = W_new.masked_fill(frozen, 0)  # q = 0 decodes to exactly 0
+        results[name] = finish_layer(cfg, module, was_zero, W_new, state)
+    else:
         W_new, damp, state = gptq_quantize(W, H, grid, frozen, cfg.blocksize, cfg.dampening, cfg.column_order)
         if damp > cfg.dampening:
             results.setdefault("_notes", []).append(f"{name}: GPTQ needed dampening {damp:g} (asked {cfg.dampening:g})")
-        finish(name, module, was_zero, W_new, state, sqnr_from_hessian(W.float(), W_new, H))
+        results[name] = finish_layer(cfg, module, was_zero, W_new, state, sqnr_from_hessian(W.float(), W_new, H))
 
+
+class GptqPass:
+    """GPTQ's callbacks for the block runner: a Hessian per selected layer of the block being
+    observed, then every layer quantised with it."""
+
+    def __init__(self, cfg: QuantizeConfig, layers, block_bits: list, results: dict):
+        self.cfg, self.layers, self.block_bits, self.results = cfg, layers, block_bits, results
+        self.stats: dict[str, Hessian] = {}
+
+    def observe(self, i, block):
+        self.stats = {name: Hessian(in_features(m)) for name, m in self.layers[i].items()}
+        return {m: self.stats[name] for name, m in self.layers[i].items()}
+
+    def compress(self, i, block):
+        for name, module in self.layers[i].items():
+            quantize_layer(self.cfg, name, module, self.block_bits[i], self.results, self.stats[name].H)
+        return bool(self.layers[i])
+
+
+def quantize_model(model, ctx: StageContext, cfg: QuantizeConfig, layers, block_bits: list, results: dict) -> None:
+    """Quantise every selected layer of every block to its block's width (or format), in place,
+    each block taken from the model's block store in turn (compress/blocks/store.py: a streamed
+    model's are read from disk and written back). results gets, per layer as it is quantised (no
+    second pass over the weights; kept with the pass's checkpoints): zeros before / kept / after,
+    the bits stored, the llama.cpp format it got (grid) and the output SQNR (gptq); plus "_notes"."""
     if cfg.method != "gptq":
         store = store_of(model)
         for i, bits in enumerate(block_bits):
             with store.loaded(i) as loaded:
                 for name, module in layers[i].items():
-                    quantize_layer(name, module, bits)
+                    quantize_layer(cfg, name, module, bits, results)
                 loaded["changed"] = bool(layers[i])
         return
-    stats: dict[str, Hessian] = {}
-
-    def observe(i, block):
-        stats.clear()
-        stats.update({name: Hessian(in_features(m)) for name, m in layers[i].items()})
-        return {m: stats[name] for name, m in layers[i].items()}
-
-    def compress(i, block):
-        for name, module in layers[i].items():
-            quantize_layer(name, module, block_bits[i], stats[name].H)
-        return bool(layers[i])
-
+    gptq = GptqPass(cfg, layers, block_bits, results)
     label = f"gptq {cfg.grid}" if cfg.grid else f"gptq {cfg.target_bits:g}-bit"
-    sequential(model, ctx.block_inputs(model), observe, compress, label, ctx.calibration_dtype, collected=results)
+    sequential(model, ctx.block_inputs(model), gptq.observe, gptq.compress, label, ctx.calibration_dtype, collected=results)
 
 
 def sqnr_from_hessian(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:

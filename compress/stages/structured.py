@@ -36,7 +36,6 @@ from torch import nn
 from compress.algorithms import allocate
 from compress.algorithms.allocate import RatioAllocation, UniformAllocation
 from compress.blocks.runner import sequential
-from compress.blocks.store import store_of
 from compress.config import Config, LayerPatterns
 from compress.errors import CompressError
 from compress.model.anatomy import select_linears
@@ -348,7 +347,7 @@ def slice_block(model, block: Block, bias_slots: set[str]) -> None:
     zero_slots = [p for p in ("o_proj", "down_proj") if block.names[p] in bias_slots and block.get(model, p).bias is not None
                   and not block.get(model, p).bias.any()]
     if len(groups) == kv and len(channels) == gate.weight.shape[0] and not zero_slots:
-        return  # finished in the pass already (store.finish goes over every block: compress/blocks.py)
+        return  # nothing removed, or finished already (a kept trial finishes every block: compress/blocks/store.py)
     for part, module, rows, cols in (("q_proj", q, q_rows, None), ("k_proj", k, kv_rows, None), ("v_proj", v, kv_rows, None),
                                      ("o_proj", o, None, q_rows), ("gate_proj", gate, channels, None),
                                      ("up_proj", up, channels, None), ("down_proj", down, None, channels)):
@@ -412,7 +411,7 @@ def zero_model(model, ctx: StageContext, cfg: StructuredConfig, blocks: list[Blo
         return bool(stats) and zero_block(model, blocks[i], stats, ratios[i], cfg)
 
     sequential(model, ctx.block_inputs(model), observe, compress, "structured prune", ctx.calibration_dtype,
-               finish=lambda i, _: slice_block(model, blocks[i], bias_slots))
+               finish=lambda i, _: blocks[i] is not None and slice_block(model, blocks[i], bias_slots))
 
 
 def allocate_ratios(cfg: StructuredConfig, sizes: torch.Tensor, beta: float | None) -> torch.Tensor:
@@ -454,7 +453,6 @@ def apply(model, ctx: StageContext, cfg: StructuredConfig) -> tuple[nn.Module, S
     ratios = allocate_ratios(cfg, sizes, beta)
     if search is None:
         zero_model(model, ctx, cfg, blocks, ratios.tolist(), bias_slots)
-    store_of(model).finish(lambda i, _: blocks[i] is not None and slice_block(model, blocks[i], bias_slots))
     after = [float(b.params(model)) if b else 0.0 for b in blocks]
     achieved_blocks = [1 - a / s if s else 0.0 for a, s in zip(after, sizes.tolist())]
     if cfg.bias_compensation:

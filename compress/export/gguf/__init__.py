@@ -552,18 +552,8 @@ def save(model, tokenizer, dest: Path, cfg: GgufExport, scratch: Path) -> dict:
             llama_convert.convert(folder, path, kind, log_file)
             entry["how"] = "llama.cpp's converter"
         else:
-            named = grid_base(model, states) if kind == "grid" else kind
-            made = scratch / file_name(kind)
-            llama_quantize(base, made, named, threads, log_file, cfg)
-            entry["how"] = f"llama.cpp quantize from {base_kind.upper()}"
-            blocks = grid_replacements(model, states, orders, None if kind == "grid" else GgufIndex(made).types()) if states else {}
-            if blocks:
-                gguf_rewrite.with_tensors(made, path, blocks)
-                made.unlink()
-                entry.update(how=GRID_WRITTEN, grid_matrices=len(blocks), base=named)
-            else:
-                os.replace(made, path)
-            left = len(states) - len(blocks)
+            entry.update(quantized_file(model, kind, base, base_kind, path, scratch, cfg, states, orders, threads, log_file))
+            left = len(states) - entry.get("grid_matrices", 0)
             if quantised and kind not in ("f16", "bf16") and (left or not states):
                 notes.append(f"{kind}: {left or 'all'} quantised matrices are not on a {kind} file's types for them: dequantised and requantised by llama.cpp")
         stored = GgufIndex(path)
@@ -578,6 +568,22 @@ def save(model, tokenizer, dest: Path, cfg: GgufExport, scratch: Path) -> dict:
     shutil.rmtree(folder, ignore_errors=True)  # as large as the model: gone before the next export
     return {"format": "gguf", "arch": plan.arch, "family": family, "base": base_kind, "files": files, "notes": notes,
             "converter": str(llama_convert.converter_dir())}
+
+
+def quantized_file(model, kind: str, base: Path, base_kind: str, path: Path, scratch: Path, cfg: GgufExport, states: dict,
+                   orders: dict, threads: int, log_file: Path) -> dict:
+    """A type llama.cpp's quantizer makes from the base file; then every gridded matrix whose type
+    in the file is its grid's own is replaced by our blocks, bit for bit (a `grid` file: all of them)."""
+    named = grid_base(model, states) if kind == "grid" else kind
+    made = scratch / file_name(kind)
+    llama_quantize(base, made, named, threads, log_file, cfg)
+    blocks = grid_replacements(model, states, orders, None if kind == "grid" else GgufIndex(made).types()) if states else {}
+    if not blocks:
+        os.replace(made, path)
+        return {"how": f"llama.cpp quantize from {base_kind.upper()}"}
+    gguf_rewrite.with_tensors(made, path, blocks)
+    made.unlink()
+    return {"how": GRID_WRITTEN, "grid_matrices": len(blocks), "base": named}
 
 
 def verify(model, dest: Path, info: dict, cfg: GgufExport) -> dict:
