@@ -96,7 +96,7 @@ def measure_speed(args, run_dir: Path) -> bool:
     its results.json. False (and nothing read or written) when every file was timed already."""
     import torch
 
-    from compress.data.segments import read_text
+    from compress.data.text import read_text
     from compress.evaluation.speed import llama_rates
     from compress.model.load import read_tokenizer
 

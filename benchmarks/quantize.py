@@ -111,7 +111,7 @@ def run_gptqmodel(args) -> dict:
     from gptqmodel import GPTQModel, QuantizeConfig
 
     from compress.blocks.forward import perplexity
-    from compress.data.segments import SegmentsConfig, build_segments
+    from compress.data.windows import SegmentsConfig, build_segments
     from compress.export.hf.gptq import read_dequantized
     from compress.model.load import load_model, read_tokenizer
 

@@ -158,7 +158,7 @@ def dump_tokens(args) -> None:
     """The exact calibration and evaluation segments our runs use, for another tool to read."""
     import torch
 
-    from compress.data.segments import SegmentsConfig, build_segments
+    from compress.data.windows import SegmentsConfig, build_segments
     from compress.model.load import load_model
 
     tokenizer = load_model("smollm2-135m").tokenizer

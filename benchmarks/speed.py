@@ -105,7 +105,7 @@ def int4_copy(model):
 
 
 def tokens(tokenizer, n: int) -> list[int]:
-    from compress.data.segments import read_text
+    from compress.data.text import read_text
 
     ids = tokenizer(read_text("python-docs", "evaluation")[:200_000], add_special_tokens=False).input_ids
     return ids[:n]

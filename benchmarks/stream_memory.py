@@ -140,7 +140,7 @@ def digests(folder: Path) -> dict[str, str]:
 
 
 def resume_check(args, name: str) -> dict:
-    from compress.blocks.store import KILL_AFTER
+    from compress.blocks.checkpoints import KILL_AFTER
 
     folder = args.work / f"llama-{name}"
     make_model(name, folder, args.dtype)

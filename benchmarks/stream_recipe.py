@@ -165,7 +165,7 @@ def table(saved: dict) -> str:
 
 
 def main() -> None:
-    from compress.blocks.store import KILL_AFTER
+    from compress.blocks.checkpoints import KILL_AFTER
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="7b", choices=["7b", "3b"], help="LLaMA-2-7B's widths, or 2560 / 6912 (2.47 B at 32 blocks)")

@@ -9,7 +9,8 @@ from safetensors import safe_open
 
 from compress.algorithms import ggml_formats
 from compress.algorithms.quant import Grid, rtn
-from compress.blocks.store import COUNTS, ResidentBlocks, StreamedBlocks, block_counts, states_path
+from compress.blocks.files import COUNTS, block_counts, states_path
+from compress.blocks.store import ResidentBlocks, StreamedBlocks
 
 from conftest import tiny_model
 

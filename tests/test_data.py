@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from compress.data.segments import SegmentsConfig, build_segments, consecutive_windows, random_windows, read_text, role_parts
+from compress.data.windows import SegmentsConfig, build_segments, consecutive_windows, random_windows, role_parts
+from compress.data.text import read_text
 from compress.errors import CompressError
 
 from conftest import SHARED_DATA, needs_shared_data
@@ -114,7 +115,7 @@ def test_wikitext_copy_has_crlf_normalised():
 
 def test_pieces_give_the_whole_texts_tokens(tokenizer, monkeypatch):
     """Long text is encoded piece by piece (memory), yet the stream equals the whole text's."""
-    import compress.data.segments as data
+    import compress.data.windows as data
 
     text = read_text("python-docs", "calibration")[:200_000] + "\n= Heading = \n The end\nword\n  two\n"
     whole = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -129,7 +130,7 @@ def test_tokenizer_whose_pieces_differ_is_encoded_whole(monkeypatch):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    import compress.data.segments as data
+    import compress.data.windows as data
 
     spm = Tokenizer(models.BPE(unk_token="<unk>"))
     spm.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")

@@ -36,7 +36,7 @@ def test_batch_size_does_not_change_perplexity():
 def test_bos_windows_perplexity_equals_token_by_token_with_bos(arch, bos_tokenizer):
     """With a BOS-adding tokenizer every window is BOS + text; perplexity scores the text tokens
     only, and equals a token-by-token computation that prepends BOS to each window's text."""
-    from compress.data.segments import SegmentsConfig, build_segments
+    from compress.data.windows import SegmentsConfig, build_segments
 
     model = tiny_model(arch)
     seg = build_segments({"evaluation": SegmentsConfig(source="python-docs", nsamples=3, seqlen=24)}, bos_tokenizer)["evaluation"]

@@ -104,7 +104,7 @@ def test_sparse_export_in_a_run_reloads_identically_and_evaluates(tmp_path, wide
     assert result.results["size"]["files_mb"]["hf"] < 0.6 * result.results["size"]["dense_mb"]
     # every command that takes a model takes the folder: same perplexity as the run measured
     from compress.blocks.forward import perplexity
-    from compress.data.segments import build_segments
+    from compress.data.windows import build_segments
     from compress.model.load import load_model
 
     loaded = load_model(str(out))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from compress.data.segments import SegmentsConfig, build_segments
+from compress.data.windows import SegmentsConfig, build_segments
 from compress.errors import CompressError
 from compress.export import gguf as gguf_export
 from compress.export.gguf import GgufExport

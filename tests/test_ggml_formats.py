@@ -157,7 +157,7 @@ def test_quantize_config_with_a_grid():
 def test_the_quantize_stage_on_grids_records_formats_and_fallbacks(tmp_path, tokenizer):
     """An MLP of 320 channels: its down projection has rows of 320, not whole Q4_K blocks, and
     takes Q5_0 as llama.cpp would; the other matrices are Q4_K (hidden 256)."""
-    from compress.data.segments import SegmentsConfig, build_segments
+    from compress.data.windows import SegmentsConfig, build_segments
     from compress.stages.context import StageContext
     from compress.stages.quantize import QuantizeConfig, apply
 
@@ -180,7 +180,7 @@ def test_the_quantize_stage_on_grids_records_formats_and_fallbacks(tmp_path, tok
 def test_a_gptq_q4_k_model_goes_into_gguf_block_for_block(tmp_path, spm_tokenizer):
     """`types: [grid]` writes every gridded matrix as its own Q4_K blocks; `q4_k_m` is llama.cpp's
     mix, and carries ours wherever that mix chose Q4_K. Both decode to the model's weights."""
-    from compress.data.segments import SegmentsConfig, build_segments
+    from compress.data.windows import SegmentsConfig, build_segments
     from compress.export import gguf as gguf_export
     from compress.export.reference import take_reference
     from compress.model.gguf_file import GgufIndex
@@ -210,7 +210,7 @@ def test_a_gptq_q4_k_model_goes_into_gguf_block_for_block(tmp_path, spm_tokenize
 def test_formats_by_depth_are_searched_on_the_validation_text(tmp_path, tokenizer):
     """allocation atp with beta auto over the K-quant family: each trial's plan a list of formats,
     scored on the validation windows; the chosen plan spends at most the budget."""
-    from compress.data.segments import SegmentsConfig, build_segments
+    from compress.data.windows import SegmentsConfig, build_segments
     from compress.stages.context import StageContext
     from compress.stages.quantize import QuantizeConfig, apply
 

@@ -8,7 +8,7 @@ import torch
 from compress.algorithms import allocate
 from compress.algorithms.sparsity import is_nm
 from compress.blocks.forward import perplexity
-from compress.data.segments import Segments
+from compress.data.windows import Segments
 from compress.errors import CompressError
 from compress.model.anatomy import block_linears, decoder_blocks, get_weight
 from compress.stages import prune

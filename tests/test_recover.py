@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from compress.blocks.forward import perplexity
-from compress.data.segments import Segments
+from compress.data.windows import Segments
 from compress.errors import CompressError
 from compress.model.anatomy import decoder_blocks, get_weight, select_linears
 from compress.run import engine

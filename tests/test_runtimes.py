@@ -21,7 +21,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from test_zeroshot import write_data  # noqa: E402
 
 from compress.blocks.forward import perplexity  # noqa: E402
-from compress.data.segments import adds_bos  # noqa: E402
+from compress.data.windows import adds_bos  # noqa: E402
 from compress.errors import CompressError  # noqa: E402
 from compress.evaluation import zeroshot  # noqa: E402
 from compress.evaluation.runtimes import GgufRuntime, open_runtime, runtime_perplexity  # noqa: E402

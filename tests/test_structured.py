@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from compress.data.segments import Segments
+from compress.data.windows import Segments
 from compress.errors import CompressError
 from compress.export import hf
 from compress.model import layout
