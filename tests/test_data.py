@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from compress.data.windows import SegmentsConfig, build_segments, consecutive_windows, random_windows, role_parts
 from compress.data.text import read_text
+from compress.data.windows import SegmentsConfig, build_segments, consecutive_windows, random_windows, role_parts
 from compress.errors import CompressError
 
 from conftest import SHARED_DATA, needs_shared_data

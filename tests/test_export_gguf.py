@@ -19,8 +19,8 @@ from compress.data.windows import SegmentsConfig, build_segments
 from compress.errors import CompressError
 from compress.export import gguf as gguf_export
 from compress.export.gguf import GgufExport
-from compress.export.gguf import llama_check as gguf_check
 from compress.export.gguf import convert as llama_convert
+from compress.export.gguf import llama_check as gguf_check
 from compress.export.gguf.llama_check import LOGIT_TOLERANCE
 from compress.export.reference import take_reference
 from compress.model.gguf_file import GgufIndex

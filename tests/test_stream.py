@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from compress.blocks.sources import WeightSource
 from compress.blocks.checkpoints import KILL_AFTER
+from compress.blocks.sources import WeightSource
 from compress.errors import CompressError
 from compress.run import engine
 from compress.run.recipe import load_recipe

@@ -139,10 +139,14 @@ def rtn(W: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, QuantState]:
     return out, QuantState(grid, torch.stack(scales), torch.stack(zeros), sequential_g_idx(cols, grid))
 
 
-def output_sqnr(W: torch.Tensor, W_hat: torch.Tensor, X: torch.Tensor) -> float:
-    """Signal-to-quantisation-noise ratio (dB) of a layer's outputs X W^T; X (tokens, cols)."""
-    Y, Y_hat = X.float() @ W.float().t(), X.float() @ W_hat.float().t()
-    return float(10 * torch.log10((Y**2).sum() / ((Y - Y_hat) ** 2).sum().clamp(min=1e-30)))
+def output_sqnr(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """Signal-to-noise ratio (dB) of a layer's outputs X W^T on its calibration inputs, from their
+    Hessian H (any multiple of X^T X; the outputs themselves are never kept):
+    tr(W H W^T) / tr(E H E^T), E = W - W_hat."""
+    E = W - W_hat
+    signal = float(((W @ H) * W).sum())
+    noise = float(((E @ H) * E).sum())
+    return 10 * float(torch.log10(torch.tensor(signal / max(noise, 1e-30))))
 
 
 BNB_BLOCKSIZE = 64  # weights per absmax in bitsandbytes 4-bit (its default, what transformers saves)

@@ -16,7 +16,7 @@ from torch import nn
 
 from compress.algorithms.quant import stored_bits
 from compress.model import layer_state, tensor_files
-from compress.model.anatomy import block_linears
+from compress.model.anatomy import block_linears, weight_count
 from compress.model.modules import LowRankLinear, spec_of
 
 
@@ -49,7 +49,7 @@ def block_counts(block) -> dict:
     modules = list(block_linears(block).values())
     return {
         "nonzero": sum(int(torch.count_nonzero(p)) for p in block.parameters()),  # (p != 0).sum() would copy to int64
-        "weights": sum(m.weight.numel() for m in modules),
+        "weights": weight_count(modules),
         "zeros": sum(m.weight.numel() - int(torch.count_nonzero(m.weight)) for m in modules),
         "bits": sum(stored_bits(m) for m in modules),
     }

@@ -12,7 +12,6 @@ from typing import Literal
 
 from compress.errors import CompressError
 
-
 Role = Literal["calibration", "validation", "evaluation"]
 
 

@@ -84,9 +84,15 @@ def get_weight(module: nn.Module) -> torch.Tensor:
     return W.t() if isinstance(module, Conv1D) else W
 
 
+def weight_count(modules) -> int:
+    """Weights of these Linear layers (biases not counted): what allocations weigh blocks by and
+    the size table counts."""
+    return sum(get_weight(m).numel() for m in modules)
+
+
 def block_weight_counts(layers: list[dict[str, nn.Module]]) -> torch.Tensor:
     """Weights per block of the selected Linears (float): what size-weighted allocations weigh by."""
-    return torch.tensor([float(sum(get_weight(m).numel() for m in block.values())) for block in layers])
+    return torch.tensor([float(weight_count(block.values())) for block in layers])
 
 
 def set_weight(module: nn.Module, W: torch.Tensor) -> None:

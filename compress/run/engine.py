@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from compress.blocks import devices
-from compress.blocks import sources
+from compress.blocks import devices, sources
 from compress.blocks.forward import perplexity
 from compress.blocks.runner import buffer_bytes
 from compress.blocks.store import ResidentBlocks, store_of

@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from compress.blocks import devices
-from compress.data.windows import build_segments
 from compress.data.text import BUILTIN_SOURCES, DATASET_SOURCES, check_file_source, resolve_path
+from compress.data.windows import build_segments
 from compress.errors import CompressError
 from compress.evaluation.zeroshot import DATA_FILES, check_task_names
 from compress.export import preflight

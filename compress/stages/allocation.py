@@ -1,15 +1,18 @@
-"""ATP's beta chosen by search for any stage: each trial compresses the whole model with the
-schedule of one beta and is scored on the validation windows (compress/algorithms/search.py
-chooses the betas; the block store gives each trial the stage's input weights)."""
+"""ATP's beta for any stage: the allocation's fixed one, or one chosen by search, each trial
+compressing the whole model with the schedule of one beta and scored on the validation windows
+(compress/algorithms/search.py chooses the betas; the block store gives each trial the stage's
+input weights)."""
 
 from __future__ import annotations
 
 import logging
 import math
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 
 from torch import nn
 
+from compress.algorithms.allocate import AtpAllocation
 from compress.algorithms.search import golden_section
 from compress.blocks.forward import perplexity
 from compress.blocks.store import store_of
@@ -70,3 +73,30 @@ def search_beta(
             space.adopt(None)
             compress(chosen, notes)
     return beta, [t.as_dict() for t in trials_done], notes
+
+
+@dataclass
+class Beta:
+    beta: float | None  # None: the allocation is not ATP's
+    search: list[dict] | None = None  # the trials, when beta was searched
+    notes: list[str] = field(default_factory=list)  # the kept trial's
+    collected: dict | None = None  # what the kept trial's pass collected; None: nothing compressed yet
+
+
+def resolve_beta(model, ctx, allocation, modules: dict[str, nn.Module], beta_max: Callable[[], float], plan: Callable[[float], Hashable],
+                 compress: Callable[[Hashable, list[str], dict], None], zeros_only: bool,
+                 states: tuple[str, ...] = ("quant_state",)) -> Beta:
+    """The stage's beta. With `beta: auto` the search runs compress(plan(beta), notes, collected)
+    once per trial (collected: a dict of the trial's own, so that a later trial never overwrites
+    what the kept one counted) and leaves the model compressed with the chosen beta; otherwise
+    nothing is compressed here (collected None): the stage compresses once with its schedule."""
+    if not isinstance(allocation, AtpAllocation):
+        return Beta(None)
+    if allocation.beta != "auto":
+        return Beta(allocation.beta)
+    kept: dict[Hashable, dict] = {}
+    beta, trials, notes = search_beta(model, ctx, modules, beta_max(), allocation.trials, plan=plan,
+                                      compress=lambda key, trial_notes: compress(key, trial_notes, kept.setdefault(key, {})),
+                                      zeros_only=zeros_only, states=states)
+    log.info("chosen beta %.5f from %d trials", beta, len(trials))
+    return Beta(beta, trials, notes, kept.get(plan(beta), {}))

@@ -36,7 +36,7 @@ import logging
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
@@ -54,8 +54,9 @@ from compress.config import Config, LayerPatterns
 from compress.errors import CompressError
 from compress.model.anatomy import get_weight, in_features, select_linears, set_weight
 from compress.model.modules import LowRankLinear
-from compress.stages.allocation import search_beta
+from compress.stages.allocation import resolve_beta
 from compress.stages.context import StageContext
+from compress.stages.record import AllocatedRecord
 
 log = logging.getLogger("compress")
 
@@ -115,12 +116,9 @@ class LowRankConfig(Config):
 # ---------------------------------------------------------------- record
 
 
-@dataclass
-class LowRankRecord:
-    kind: str
+@dataclass(kw_only=True)
+class LowRankRecord(AllocatedRecord):
     method: str
-    allocation: dict
-    target: float  # mean fraction of the weights removed, asked for
     block_ratios: list[float]  # what the allocator asked per block
     block_achieved: list[float]  # weights removed per block, counted from the modules
     layer_rank: dict[str, int | None]  # None: left dense (block ratio 0)
@@ -131,14 +129,6 @@ class LowRankRecord:
     achieved: float  # 1 - params_after / params_before: weighted by size
     residual_sparsity: float | None = None
     rank_multiple: int = 1
-    beta: float | None = None
-    search: list[dict] | None = None
-    skipped: list[str] = field(default_factory=list)  # Linears inside blocks left dense
-    notes: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
     def summary(self) -> str:
         errors = list(self.layer_output_error.values())
@@ -281,13 +271,14 @@ def _factorize(W: torch.Tensor, H: torch.Tensor, r: int, cfg: LowRankConfig) -> 
 # ---------------------------------------------------------------- the model
 
 
-def lowrank_model(model, ctx: StageContext, cfg: LowRankConfig, names: list[list[str]], ranks: dict[str, int | None]) -> dict:
+def lowrank_model(model, ctx: StageContext, cfg: LowRankConfig, names: list[list[str]], ranks: dict[str, int | None],
+                  collected: dict) -> dict:
     """Factorise every selected layer with a rank, block by block on compressed outputs; each
     holds its dense equivalent and its Factors until its block is finished (see the module
-    docstring). Returns what the pass collected: each layer's output error, its weights as
-    stored once finished ("params"), and notes."""
+    docstring). collected gets what the pass collected: each layer's output error, its weights
+    as stored once finished ("params"), and notes."""
     stats: dict[str, Hessian] = {}
-    collected: dict = {"errors": {}, "params": {}, "notes": []}
+    collected.update({"errors": {}, "params": {}, "notes": []})
 
     def observe(i, block):
         stats.clear()  # plain svd needs H too: for the recorded output error and residual scores
@@ -365,24 +356,10 @@ def allocate_ratios(cfg: LowRankConfig, L: int, beta: float | None) -> list[floa
     return allocate.uniform(L, cfg.target).tolist()
 
 
-def choose_beta(model, ctx: StageContext, cfg: LowRankConfig, layers, names) -> tuple[float, list[dict], dict]:
-    """ATP's beta by golden-section search on validation text; leaves the model factorised with
-    it (its blocks not yet finished where they stay in memory) and returns what its pass collected."""
-    L, S = len(layers), cfg.target
-    modules = {name: m for block in layers for name, m in block.items()}
-    # the search range stops where the last block's thinnest layer would lose its last rank
-    hi = min([allocate.MAX_RATIO] + [max_ratio(*get_weight(m).shape, cfg.rank_multiple, cfg.residual_sparsity) - 1e-6
-                                     for m in modules.values()])
-    where = f"{ctx.stage_key}.allocation.beta"
-    passes: dict = {}  # plan -> what its pass collected
-
-    def trial(ranks, trial_notes):
-        passes[ranks] = lowrank_model(model, ctx, cfg, names, dict(ranks))
-
-    plan = lambda beta: tuple(plan_ranks(layers, allocate.atp(L, S, beta).tolist(), cfg, where).items())  # noqa: E731
-    beta, trials, _ = search_beta(model, ctx, modules, allocate.atp_beta_max(L, S, hi), cfg.allocation.trials, plan=plan,
-                                  compress=trial, zeros_only=False, states=(FACTORS,))
-    return beta, trials, passes[plan(beta)]
+def search_ceiling(modules: dict[str, nn.Module], cfg: LowRankConfig) -> float:
+    """The search range stops where the last block's thinnest layer would lose its last rank."""
+    return min([allocate.MAX_RATIO] + [max_ratio(*get_weight(m).shape, cfg.rank_multiple, cfg.residual_sparsity) - 1e-6
+                                       for m in modules.values()])
 
 
 # ---------------------------------------------------------------- entry point
@@ -397,16 +374,19 @@ def apply(model, ctx: StageContext, cfg: LowRankConfig) -> tuple[nn.Module, LowR
             refuse_quantised(module, name, ctx.stage_key)
     names = [list(block) for block in layers]
     before = {name: get_weight(m).numel() for block in layers for name, m in block.items()}
-    beta, search = None, None
-    if isinstance(cfg.allocation, AtpAllocation):
-        beta = cfg.allocation.beta
-        if beta == "auto":
-            beta, search, collected = choose_beta(model, ctx, cfg, layers, names)  # leaves the model factorised
-            log.info("chosen beta %.5f from %d trials", beta, len(search))
+    L, S = len(layers), cfg.target
+    modules = {name: m for block in layers for name, m in block.items()}
+    where = f"{ctx.stage_key}.allocation.beta"
+    chosen = resolve_beta(
+        model, ctx, cfg.allocation, modules, lambda: allocate.atp_beta_max(L, S, search_ceiling(modules, cfg)),
+        plan=lambda beta: tuple(plan_ranks(layers, allocate.atp(L, S, beta).tolist(), cfg, where).items()),
+        compress=lambda ranks, _, collected: lowrank_model(model, ctx, cfg, names, dict(ranks), collected),
+        zeros_only=False, states=(FACTORS,))  # beta auto: leaves the model factorised
+    beta, search, collected = chosen.beta, chosen.search, chosen.collected
     ratios = allocate_ratios(cfg, len(layers), beta)
     ranks = plan_ranks(layers, ratios, cfg, f"{ctx.stage_key}.ratio")
-    if search is None:
-        collected = lowrank_model(model, ctx, cfg, names, ranks)
+    if collected is None:
+        collected = lowrank_model(model, ctx, cfg, names, ranks, {})
     notes = list(collected["notes"])
     dense = [name for name, r in ranks.items() if r is None]
     if dense:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Literal, NamedTuple
 
 import torch
@@ -27,9 +27,10 @@ from compress.blocks.runner import sequential
 from compress.blocks.store import store_of
 from compress.config import Config, LayerPatterns
 from compress.errors import CompressError
-from compress.model.anatomy import block_weight_counts, get_weight, in_features, select_linears, set_weight
-from compress.stages.allocation import search_beta
+from compress.model.anatomy import block_weight_counts, get_weight, in_features, select_linears, set_weight, weight_count
+from compress.stages.allocation import resolve_beta
 from compress.stages.context import StageContext
+from compress.stages.record import AllocatedRecord
 
 log = logging.getLogger("compress")
 
@@ -139,27 +140,16 @@ class PruneConfig(Config):
 # ---------------------------------------------------------------- record
 
 
-@dataclass
-class PruneRecord:
-    kind: str
+@dataclass(kw_only=True)
+class PruneRecord(AllocatedRecord):
     method: str
     pattern: str
-    allocation: dict
-    target: float
     block_ratios: list[float]  # what the allocator asked per block
     block_patterns: list[str] | None  # N:M per block, when a pattern is used
     block_achieved: list[float]  # measured zeros per block (selected layers)
     layer_achieved: dict[str, float]
     achieved: float  # measured, weighted by size
-    beta: float | None = None
-    search: list[dict] | None = None
-    skipped: list[str] = field(default_factory=list)  # Linears inside blocks left dense
-    notes: list[str] = field(default_factory=list)
-    seconds: float = 0.0
     quantize: dict | None = None  # joint mode: the grid of the kept weights
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
     def summary(self) -> str:
         grid = f", kept weights on int{self.quantize['bits']} g{self.quantize['group_size']}" if self.quantize else ""
@@ -297,29 +287,6 @@ def allocate_ratios(model, ctx, cfg: PruneConfig, layers, beta: float | None) ->
     return allocate.explicit(alloc.ratios, L)
 
 
-# ---------------------------------------------------------------- beta search
-
-
-def choose_beta(model, ctx: StageContext, cfg: PruneConfig, layers, notes: list[str], achieved: dict) -> tuple[float, list[dict]]:
-    """ATP's beta by golden-section search on validation text (compress/search.py); leaves the
-    model pruned with it, and `achieved` with what its trial counted."""
-    L, S = len(layers), cfg.target
-    modules = {name: m for block in layers for name, m in block.items()}
-    counted: dict[tuple, dict] = {}  # per plan: a later trial must not overwrite the kept one's counts
-
-    def prune(plans, trial_notes):
-        prune_model(model, ctx, cfg, layers, list(plans), trial_notes, counted.setdefault(plans, {}))
-
-    beta, trials, winner_notes = search_beta(
-        model, ctx, modules, allocate.atp_beta_max(L, S), cfg.allocation.trials,
-        plan=lambda beta: tuple(plan_blocks(allocate.atp(L, S, beta), cfg.pattern)),
-        compress=prune, zeros_only=cfg.method != "sparsegpt",
-    )
-    notes.extend(winner_notes)
-    achieved.update(counted[tuple(plan_blocks(allocate.atp(L, S, beta), cfg.pattern))])
-    return beta, trials
-
-
 # ---------------------------------------------------------------- entry point
 
 
@@ -327,19 +294,19 @@ def apply(model, ctx: StageContext, cfg: PruneConfig) -> tuple[nn.Module, PruneR
     start = time.perf_counter()
     layers, skipped = select_layers(model, cfg, ctx.stage_key)
     cfg.check_layers(layers, ctx.stage_key)
-    notes: list[str] = []
-    layer_achieved: dict[str, float] = {}
-    beta, search = None, None
-    if isinstance(cfg.allocation, allocate.AtpAllocation):
-        beta = cfg.allocation.beta
-        if beta == "auto":
-            beta, search = choose_beta(model, ctx, cfg, layers, notes, layer_achieved)  # leaves the model pruned
-            log.info("chosen beta %.5f from %d trials", beta, len(search))
-    ratios = allocate_ratios(model, ctx, cfg, layers, beta)
+    L, S = len(layers), cfg.target
+    chosen = resolve_beta(
+        model, ctx, cfg.allocation, {name: m for block in layers for name, m in block.items()}, lambda: allocate.atp_beta_max(L, S),
+        plan=lambda beta: tuple(plan_blocks(allocate.atp(L, S, beta), cfg.pattern)),
+        compress=lambda plans, notes, counted: prune_model(model, ctx, cfg, layers, list(plans), notes, counted),
+        zeros_only=cfg.method != "sparsegpt")  # beta auto: leaves the model pruned
+    ratios = allocate_ratios(model, ctx, cfg, layers, chosen.beta)
     plans = plan_blocks(ratios, cfg.pattern)
-    if search is None:
+    notes, layer_achieved = list(chosen.notes), chosen.collected
+    if layer_achieved is None:
+        layer_achieved = {}
         prune_model(model, ctx, cfg, layers, plans, notes, layer_achieved)
-    return model, measure(cfg, layers, ratios, plans, layer_achieved, beta, search, skipped, notes, time.perf_counter() - start)
+    return model, measure(cfg, layers, ratios, plans, layer_achieved, chosen.beta, chosen.search, skipped, notes, time.perf_counter() - start)
 
 
 def measure(cfg: PruneConfig, layers, ratios, plans, layer_achieved: dict, beta, search, skipped, notes, seconds) -> PruneRecord:
@@ -349,7 +316,7 @@ def measure(cfg: PruneConfig, layers, ratios, plans, layer_achieved: dict, beta,
     block_achieved = []
     for block in layers:
         zeros = sum(layer_achieved[name] * m.weight.numel() for name, m in block.items())
-        total = sum(m.weight.numel() for m in block.values())
+        total = weight_count(block.values())
         block_achieved.append(zeros / total if total else 0.0)
     achieved = float((torch.tensor(block_achieved) * sizes).sum() / sizes.sum())
     return PruneRecord(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Literal, Union
 
 import torch
@@ -26,7 +26,7 @@ from torch import nn
 from compress.algorithms import allocate, ggml_formats
 from compress.algorithms.allocate import AtpAllocation, UniformAllocation
 from compress.algorithms.obs import gptq_quantize
-from compress.algorithms.quant import BNB_BLOCKSIZE, Grid, GroupSize, rtn, stored_bits
+from compress.algorithms.quant import BNB_BLOCKSIZE, Grid, GroupSize, output_sqnr, rtn, stored_bits
 from compress.algorithms.stats import Hessian
 from compress.blocks import devices
 from compress.blocks.runner import sequential
@@ -34,8 +34,9 @@ from compress.blocks.store import store_of
 from compress.config import Config, LayerPatterns
 from compress.errors import CompressError
 from compress.model.anatomy import block_weight_counts, get_weight, in_features, select_linears, set_weight
-from compress.stages.allocation import search_beta
+from compress.stages.allocation import resolve_beta
 from compress.stages.context import StageContext
+from compress.stages.record import AllocatedRecord
 
 log = logging.getLogger("compress")
 
@@ -200,13 +201,10 @@ class QuantizeConfig(Config):
 # ---------------------------------------------------------------- record
 
 
-@dataclass
-class QuantizeRecord:
-    kind: str
+@dataclass(kw_only=True)
+class QuantizeRecord(AllocatedRecord):
     method: str
     format: str  # "int4 g128 sym", "nf4", ...
-    allocation: dict
-    target: float  # mean bits asked for
     block_bits: list[float]  # bit-width per decoder block (a grid: its format's bits per weight as stored)
     achieved: float  # size-weighted mean bits of the quantised weights (codes only)
     bits_per_weight: float  # including scales, zero points and group indices, as stored
@@ -215,16 +213,8 @@ class QuantizeRecord:
     zeros_before: int  # exact zeros in the quantised layers before the stage (earlier stages' sparsity)
     zeros_kept: int  # of those, still exactly zero after it
     zeros_after: int
-    beta: float | None = None
-    search: list[dict] | None = None
-    skipped: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    seconds: float = 0.0
     block_grids: list[str] | None = None  # grid: llama.cpp block format per decoder block
     layer_grids: dict[str, str | None] | None = None  # grid: the format each layer got (a fallback where rows are not whole blocks; None: left in float)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
     def summary(self) -> str:
         return f"{self.method} {self.format}, {self.achieved:.2f} bits ({self.bits_per_weight:.2f} stored), {self.zeros_kept}/{self.zeros_before} zeros kept"
@@ -297,7 +287,7 @@ def quantize_layer(cfg: QuantizeConfig, name: str, module, bits, results: dict, 
         W_new, damp, state = gptq_quantize(W, H, grid, frozen, cfg.blocksize, cfg.dampening, cfg.column_order)
         if damp > cfg.dampening:
             results.setdefault("_notes", []).append(f"{name}: GPTQ needed dampening {damp:g} (asked {cfg.dampening:g})")
-        results[name] = finish_layer(cfg, module, was_zero, W_new, state, sqnr_from_hessian(W.float(), W_new, H))
+        results[name] = finish_layer(cfg, module, was_zero, W_new, state, output_sqnr(W.float(), W_new, H))
 
 
 class GptqPass:
@@ -335,14 +325,6 @@ def quantize_model(model, ctx: StageContext, cfg: QuantizeConfig, layers, block_
     gptq = GptqPass(cfg, layers, block_bits, results)
     label = f"gptq {cfg.grid}" if cfg.grid else f"gptq {cfg.target_bits:g}-bit"
     sequential(model, ctx.block_inputs(model), gptq.observe, gptq.compress, label, ctx.calibration_dtype, collected=results)
-
-
-def sqnr_from_hessian(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
-    """Output SQNR (dB) of the layer on its calibration inputs: tr(W H W^T) / tr(E H E^T), E = W - W_hat."""
-    E = W - W_hat
-    signal = float(((W @ H) * W).sum())
-    noise = float(((E @ H) * E).sum())
-    return 10 * float(torch.log10(torch.tensor(signal / max(noise, 1e-30))))
 
 
 # ---------------------------------------------------------------- allocation
@@ -391,32 +373,19 @@ def apply(model, ctx: StageContext, cfg: QuantizeConfig) -> tuple[nn.Module, Qua
     start = time.perf_counter()
     layers, skipped = select_linears(model, cfg.targets, cfg.ignore, ctx.stage_key)
     cfg.check_layers(layers, ctx.stage_key)
-    modules = {name: m for block in layers for name, m in block.items()}
-    results: dict = {}
-    trial_results: dict[tuple, dict] = {}  # per plan: a search's trials overwrite each other's layers
-    notes: list[str] = []
-    beta, search = None, None
-    if isinstance(cfg.allocation, AtpAllocation):
-        beta = cfg.allocation.beta
-        if beta == "auto":
-            L, B = len(layers), cfg.target_bits
-            sizes = block_weight_counts(layers)
-            if cfg.grid is not None:
-                beta_max, plan = allocate.atp_ladder_beta_max(L, B, cfg.ladder), lambda b: tuple(grid_plan(cfg, L, b, layers))
-            else:
-                beta_max, plan = allocate.atp_bits_beta_max(L, B), lambda b: tuple(allocate.atp_bits(L, B, b, sizes))
-            beta, search, notes = search_beta(
-                model, ctx, modules, beta_max, cfg.allocation.trials,
-                plan=plan,
-                compress=lambda bits, trial_notes: quantize_model(model, ctx, cfg, layers, list(bits), trial_results.setdefault(bits, {})),
-                zeros_only=False,
-            )
-            log.info("chosen beta %.5f from %d trials", beta, len(search))
+    L, B = len(layers), cfg.target_bits
+    sizes = block_weight_counts(layers)
+    if cfg.grid is not None:
+        beta_max, plan = (lambda: allocate.atp_ladder_beta_max(L, B, cfg.ladder)), (lambda b: tuple(grid_plan(cfg, L, b, layers)))
+    else:
+        beta_max, plan = (lambda: allocate.atp_bits_beta_max(L, B)), (lambda b: tuple(allocate.atp_bits(L, B, b, sizes)))
+    chosen = resolve_beta(model, ctx, cfg.allocation, {name: m for block in layers for name, m in block.items()}, beta_max, plan,
+                          compress=lambda bits, _, results: quantize_model(model, ctx, cfg, layers, list(bits), results), zeros_only=False)
+    beta, search, notes, results = chosen.beta, chosen.search, list(chosen.notes), chosen.collected
     block_bits = widths(cfg, layers, beta)
-    if search is None:
+    if results is None:
+        results = {}
         quantize_model(model, ctx, cfg, layers, block_bits, results)
-    else:  # what the trial the search kept counted, not the last one it ran
-        results = trial_results[tuple(block_bits)]
     notes += results.pop("_notes", [])
     return model, measure(cfg, layers, block_bits, results, beta, search, skipped, notes, time.perf_counter() - start)
 

@@ -23,7 +23,7 @@ import re
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Literal, Union
 
 import torch
@@ -40,6 +40,7 @@ from compress.config import Config, LayerPatterns
 from compress.errors import CompressError
 from compress.model.anatomy import get_weight, select_linears
 from compress.stages.context import StageContext
+from compress.stages.record import StageRecord
 
 log = logging.getLogger("compress")
 
@@ -101,13 +102,11 @@ class RecoverConfig(Config):
 # ---------------------------------------------------------------- record
 
 
-@dataclass
-class RecoverRecord:
-    kind: str
+@dataclass(kw_only=True)
+class RecoverRecord(StageRecord):
     steps: int
     lr: float
     rank: int
-    allocation: dict
     block_ranks: list[int]  # LoRA rank per decoder block
     layers: int  # Linears that got an adapter
     trainable_params: int
@@ -121,12 +120,6 @@ class RecoverRecord:
     ppl_after: float | None
     zeros_before: int  # exact zeros in the targeted layers before training
     zeros_kept: int  # of those, still exactly zero after the merge
-    skipped: list[str] = field(default_factory=list)  # Linears inside blocks left without adapter
-    notes: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
     def summary(self) -> str:
         ppl = "" if self.ppl_before is None else f", validation ppl {self.ppl_before:.3f} -> {self.ppl_after:.3f}"

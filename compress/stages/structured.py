@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -39,8 +39,9 @@ from compress.blocks.runner import sequential
 from compress.config import Config, LayerPatterns
 from compress.errors import CompressError
 from compress.model.anatomy import select_linears
-from compress.stages.allocation import search_beta
+from compress.stages.allocation import resolve_beta
 from compress.stages.context import StageContext
+from compress.stages.record import AllocatedRecord
 
 log = logging.getLogger("compress")
 
@@ -104,13 +105,10 @@ class StructuredConfig(Config):
 # ---------------------------------------------------------------- record
 
 
-@dataclass
-class StructuredRecord:
-    kind: str
+@dataclass(kw_only=True)
+class StructuredRecord(AllocatedRecord):
     metric: str
     split: str
-    allocation: dict
-    target: float
     block_ratios: list[float]  # share of each block's projection weights the allocator asked to remove
     block_achieved: list[float]  # removed, measured from the new shapes
     block_heads: list[int]  # query heads kept per block
@@ -123,14 +121,6 @@ class StructuredRecord:
     params_after: int
     achieved: float  # 1 - after / before
     bias_compensation: bool
-    beta: float | None = None
-    search: list[dict] | None = None
-    skipped: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
     def summary(self) -> str:
         return (f"{self.metric} {self.split}: {self.achieved:.4f} of projection weights removed (target {self.target:.4f}); "
@@ -437,21 +427,14 @@ def apply(model, ctx: StageContext, cfg: StructuredConfig) -> tuple[nn.Module, S
     channels = first.get(model, "gate_proj").out_features
     sizes = torch.tensor([float(b.params(model)) if b else 0.0 for b in blocks])
     bias_slots = add_bias_slots(model, blocks) if cfg.bias_compensation else set()
-    beta, search, notes = None, None, []
-    if isinstance(cfg.allocation, allocate.AtpAllocation):
-        beta = cfg.allocation.beta
-        if beta == "auto":
-            modules = {name: m for b in live for name, m in b.modules(model).items()}
-            L, S = len(blocks), cfg.target
-            beta, search, notes = search_beta(
-                model, ctx, modules, allocate.atp_beta_max(L, S), cfg.allocation.trials,
-                plan=lambda b: tuple(round(float(r), 6) for r in allocate.atp(L, S, b)),
-                compress=lambda ratios, _: zero_model(model, ctx, cfg, blocks, list(ratios), bias_slots),
-                zeros_only=False,
-            )
-            log.info("chosen beta %.5f from %d trials", beta, len(search))
+    L, S = len(blocks), cfg.target
+    chosen = resolve_beta(
+        model, ctx, cfg.allocation, {name: m for b in live for name, m in b.modules(model).items()}, lambda: allocate.atp_beta_max(L, S),
+        plan=lambda b: tuple(round(float(r), 6) for r in allocate.atp(L, S, b)),
+        compress=lambda ratios, _, __: zero_model(model, ctx, cfg, blocks, list(ratios), bias_slots), zeros_only=False)
+    beta, search, notes = chosen.beta, chosen.search, list(chosen.notes)
     ratios = allocate_ratios(cfg, sizes, beta)
-    if search is None:
+    if chosen.collected is None:
         zero_model(model, ctx, cfg, blocks, ratios.tolist(), bias_slots)
     after = [float(b.params(model)) if b else 0.0 for b in blocks]
     achieved_blocks = [1 - a / s if s else 0.0 for a, s in zip(after, sizes.tolist())]

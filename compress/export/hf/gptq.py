@@ -27,9 +27,9 @@ import torch
 from safetensors import safe_open
 
 from compress.algorithms.quant import Grid, QuantState
+from compress.blocks.shards import ShardWriter
 from compress.blocks.store import store_of
 from compress.errors import CompressError
-from compress.blocks.shards import ShardWriter
 from compress.model.anatomy import block_linears, block_prefix, get_weight, outside_blocks
 from compress.model.tokenizer_files import save_tokenizer
 
