@@ -12,6 +12,7 @@ from compress.errors import CompressError
 from compress.reports.compare import Entry
 from compress.run import engine, identity
 from compress.run.recipe import load_recipe
+from compress.run.staging import output_dir_for
 
 log = logging.getLogger("compress")
 
@@ -35,7 +36,7 @@ def entries_from_args(items: list[str], run_missing: bool = True, overwrite: boo
 
 def entry_for_recipe(path: Path, run_missing: bool) -> Entry:
     recipe = load_recipe(path)
-    out = engine.output_dir_for(recipe, path)
+    out = output_dir_for(recipe, path)
     name = recipe.name or path.stem
     command = f"compress run {shlex.quote(str(path))}"
     if identity.finished(out, recipe):

@@ -22,8 +22,9 @@ from compress.export import preflight
 from compress.export.hf.gptq import check_packable
 from compress.model.anatomy import context_length, decoder_blocks, select_linears, skeleton
 from compress.model.load import DTYPES, read_config, read_tokenizer
-from compress.run.engine import cancelled_on_error, check_context, check_output_dir, output_dir_for
+from compress.run.engine import cancelled_on_error, check_context
 from compress.run.recipe import Recipe
+from compress.run.staging import check_output_dir, output_dir_for
 
 
 def check_recipe(recipe: Recipe, recipe_path: Path) -> list[str]:
