@@ -199,9 +199,9 @@ def measure(args, model_name: str, sparsity: float) -> dict:
 
 
 def machine() -> dict:
-    from compress.run import runinfo
+    from compress.run import environment
 
-    return {"machine": runinfo.machine(), "versions": runinfo.versions()}
+    return {"machine": environment.machine(), "versions": environment.versions()}
 
 
 def table(results: list[dict]) -> str:

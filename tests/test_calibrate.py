@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from compress.algorithms.stats import Hessian, InputNorms
+from compress.algorithms.accumulators import Hessian, InputNorms
 from compress.blocks.runner import capture_inputs, no_cache, run_block, sequential
 from compress.model.anatomy import decoder_blocks
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from compress.algorithms.accumulators import Hessian, InputNorms
 from compress.algorithms.obs import sparsegpt_prune
 from compress.algorithms.sparsity import is_nm, matrix_mask, nm_mask, row_mask, wanda_score
-from compress.algorithms.stats import Hessian, InputNorms
 from compress.errors import CompressError
 
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from compress.blocks.spill import WeightFile, ZeroMask, scratch_folder
+from compress.blocks.snapshots import WeightFile, ZeroMask, scratch_folder
 
 
 def modules(dtype):

@@ -17,7 +17,7 @@ class StageJournal:
     def record(self, k: int) -> dict:
         return json.loads((self.root / f"stage{k}.record.json").read_text())
 
-    def finish(self, k: int, record: dict) -> None:
+    def close(self, k: int, record: dict) -> None:
         """The stage's record, then its done mark."""
         (self.root / f"stage{k}.record.json").write_text(json.dumps(record))
         (self.root / f"stage{k}.done").write_text("done\n")

@@ -45,7 +45,7 @@ from accelerate.utils import set_module_tensor_to_device
 from compress.blocks.checkpoints import PassCheckpoints
 from compress.blocks.files import COUNTS, LAYOUT, BlockFiles, block_counts, block_specs, remove, written
 from compress.blocks.journal import StageJournal
-from compress.blocks.spill import scratch_folder
+from compress.blocks.snapshots import scratch_folder
 from compress.blocks.trials import FileTrials, SpilledTrials
 from compress.model.anatomy import block_prefix, decoder_blocks
 from compress.model.modules import rebuild
@@ -137,7 +137,7 @@ class BlockStore:
         if self.root is None:
             self.stage = k + 1
             return
-        self.journal.finish(k, record)
+        self.journal.close(k, record)
         for i in range(self.count):
             if self.path(k, i).is_file():
                 for j in range(k):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from compress.blocks.files import remove, states_path
-from compress.blocks.spill import WeightFile, ZeroMask
+from compress.blocks.snapshots import WeightFile, ZeroMask
 
 if TYPE_CHECKING:
     from compress.blocks.store import BlockStore, StreamedBlocks

@@ -32,7 +32,7 @@ from compress.export.reference import reference_for_run
 from compress.model.anatomy import context_length, decoder_blocks, model_type
 from compress.model.load import DTYPES, LoadedModel, load_model
 from compress.reports.report import write_report
-from compress.run import identity, runinfo
+from compress.run import environment, identity
 from compress.run.recipe import Recipe
 from compress.run.staging import check_output_dir, output_dir_for, publish, staging_dir
 from compress.stages import STAGES
@@ -74,7 +74,7 @@ class Phases:
             yield
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
-            self.peak_rss_mb[name] = round(runinfo.peak_rss_mb(), 1)
+            self.peak_rss_mb[name] = round(environment.peak_rss_mb(), 1)
 
     def memory(self) -> dict:
         peak, phase, before = 0.0, "start", 0.0
@@ -205,7 +205,7 @@ def check_context(configs: dict, config, dtype: torch.dtype | None = None) -> No
             raise CompressError(f"data.{role}.seqlen: {data.seqlen} is beyond the model's context length ({longest} tokens)")
     cal = configs.get("calibration")
     hidden = getattr(getattr(config, "text_config", None) or config, "hidden_size", None)
-    available = runinfo.memory_bytes()
+    available = environment.memory_bytes()
     if dtype is None or cal is None or hidden is None or available is None:
         return
     need = buffer_bytes(cal.nsamples or 128, cal.seqlen, hidden, dtype)
@@ -356,13 +356,13 @@ def run_metadata(recipe: Recipe, recipe_path: Path, overrides: list[str], run_id
         "recipe_sha256": recipe.sha256(),
         "run_id": run_id,
         "seed": recipe.seed,
-        "versions": runinfo.versions(),
-        "git": runinfo.git_commit(),
-        "machine": runinfo.machine(),
+        "versions": environment.versions(),
+        "git": environment.git_commit(),
+        "machine": environment.machine(),
         "layer_achieved": {k: r["layer_achieved"] for k, r in enumerate(records) if "layer_achieved" in r},
         "layer_bits": {k: r["layer_bits"] for k, r in enumerate(records) if "layer_bits" in r},
         "timings": phases.seconds,
-        "peak_rss_mb": round(runinfo.peak_rss_mb(), 1),
+        "peak_rss_mb": round(environment.peak_rss_mb(), 1),
         "started": started,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

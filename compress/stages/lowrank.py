@@ -44,10 +44,10 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from compress.algorithms import allocate
+from compress.algorithms.accumulators import Hessian
 from compress.algorithms.allocate import AtpAllocation, ExplicitAllocation, RatioAllocation, UniformAllocation
 from compress.algorithms.obs import CHOLESKY_RETRIES
 from compress.algorithms.sparsity import row_mask, wanda_score
-from compress.algorithms.stats import Hessian
 from compress.blocks import devices
 from compress.blocks.runner import sequential
 from compress.config import Config, LayerPatterns

@@ -17,11 +17,11 @@ from pydantic import BeforeValidator, Field, PlainSerializer, model_validator
 from torch import nn
 
 from compress.algorithms import allocate
+from compress.algorithms.accumulators import Hessian, InputNorms
 from compress.algorithms.allocate import Allocation, UniformAllocation
 from compress.algorithms.obs import sparsegpt_prune
 from compress.algorithms.quant import Grid, GroupSize
 from compress.algorithms.sparsity import fraction_zero, magnitude_score, matrix_mask, nm_mask, row_mask, wanda_score
-from compress.algorithms.stats import Hessian, InputNorms
 from compress.blocks import devices
 from compress.blocks.runner import sequential
 from compress.blocks.store import store_of

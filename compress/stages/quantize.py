@@ -24,10 +24,10 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from compress.algorithms import allocate, ggml_formats
+from compress.algorithms.accumulators import Hessian
 from compress.algorithms.allocate import AtpAllocation, UniformAllocation
 from compress.algorithms.obs import gptq_quantize
 from compress.algorithms.quant import BNB_BLOCKSIZE, Grid, GroupSize, output_sqnr, rtn, stored_bits
-from compress.algorithms.stats import Hessian
 from compress.blocks import devices
 from compress.blocks.runner import sequential
 from compress.blocks.store import store_of
@@ -251,7 +251,7 @@ def layer_grid(cfg: QuantizeConfig, plan, module):
     return ggml_formats.fitting(plan, in_features(module))
 
 
-def finish_layer(cfg: QuantizeConfig, module, was_zero: torch.Tensor, W_new, state, sqnr=None) -> dict:
+def on_grid(cfg: QuantizeConfig, module, was_zero: torch.Tensor, W_new, state, sqnr=None) -> dict:
     """The layer on its grid (W_new None: it stays as it is, float), and what the record counts of it."""
     if W_new is not None:
         set_weight(module, W_new)
@@ -273,21 +273,21 @@ def quantize_layer(cfg: QuantizeConfig, name: str, module, bits, results: dict, 
     frozen = was_zero if cfg.keep_sparsity else None  # zeros of earlier stages, which must stay exactly zero
     grid = layer_grid(cfg, bits, module)
     if cfg.method == "bnb":
-        results[name] = finish_layer(cfg, module, was_zero, bnb_roundtrip(W, cfg.bnb_format), None)
+        results[name] = on_grid(cfg, module, was_zero, bnb_roundtrip(W, cfg.bnb_format), None)
     elif grid is None:  # rows not whole blocks of the format or its fallback: float, as llama.cpp leaves it
-        results[name] = finish_layer(cfg, module, was_zero, None, None)
+        results[name] = on_grid(cfg, module, was_zero, None, None)
     elif cfg.method == "rtn" and cfg.grid is None:  # needs no data; 0 is on every integer grid, so zeros stay zeros
-        results[name] = finish_layer(cfg, module, was_zero, *rtn(W, grid))
+        results[name] = on_grid(cfg, module, was_zero, *rtn(W, grid))
     elif cfg.method == "rtn":
         W_new, state = ggml_formats.rtn(W, grid)
         if grid.holds_zero and cfg.keep_sparsity:
             W_new = W_new.masked_fill(frozen, 0)  # q = 0 decodes to exactly 0
-        results[name] = finish_layer(cfg, module, was_zero, W_new, state)
+        results[name] = on_grid(cfg, module, was_zero, W_new, state)
     else:
         W_new, damp, state = gptq_quantize(W, H, grid, frozen, cfg.blocksize, cfg.dampening, cfg.column_order)
         if damp > cfg.dampening:
             results.setdefault("_notes", []).append(f"{name}: GPTQ needed dampening {damp:g} (asked {cfg.dampening:g})")
-        results[name] = finish_layer(cfg, module, was_zero, W_new, state, output_sqnr(W.float(), W_new, H))
+        results[name] = on_grid(cfg, module, was_zero, W_new, state, output_sqnr(W.float(), W_new, H))
 
 
 class GptqPass:

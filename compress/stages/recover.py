@@ -35,7 +35,7 @@ from transformers.pytorch_utils import Conv1D
 from compress.algorithms.allocate import UniformAllocation
 from compress.blocks import devices
 from compress.blocks.forward import perplexity
-from compress.blocks.spill import ZeroMask
+from compress.blocks.snapshots import ZeroMask
 from compress.config import Config, LayerPatterns
 from compress.errors import CompressError
 from compress.model.anatomy import get_weight, select_linears
