@@ -111,7 +111,7 @@ def tokens(tokenizer, n: int) -> list[int]:
     return ids[:n]
 
 
-# ---------------------------------------------------------------- timing (compress/speed.py)
+# ---------------------------------------------------------------- timing (compress/evaluation/speed.py)
 
 
 def torch_rates(model, ids: list[int], dtype, repeats: int) -> dict:

@@ -1,4 +1,4 @@
-"""The block store (compress/blocks.py): block files carry the weights and every Linear's
+"""The block store (compress/blocks/store.py): block files carry the weights and every Linear's
 quantisation state; an interrupted run's stages that changed the blocks' layout are run again."""
 
 import json

@@ -1,4 +1,4 @@
-"""model.device: cuda onloads one block at a time to the GPU for the block loop (compress/devices.py).
+"""model.device: cuda onloads one block at a time to the GPU for the block loop (compress/blocks/devices.py).
 
 These machines have no GPU: the tests resolve 'cuda' to the CPU so that the onloading code path
 runs (every move, the passthrough capture, activations on the block device), record the moves,

@@ -1,4 +1,4 @@
-"""Restructured models (compress/layout.py) through the GGUF and ONNX exporters: blocks that kept
+"""Restructured models (compress/model/layout.py) through the GGUF and ONNX exporters: blocks that kept
 different numbers of KV groups and MLP channels, o_proj / down_proj biases the config does not
 have (FLAP bias compensation), and LowRankLinear factors; logits checked in llama.cpp and ONNX
 Runtime against the torch model, refusals asserted."""

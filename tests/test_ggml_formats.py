@@ -1,4 +1,4 @@
-"""llama.cpp's block formats as quantisation grids (compress/ggml_formats.py): parameters chosen as
+"""llama.cpp's block formats as quantisation grids (compress/algorithms/ggml_formats.py): parameters chosen as
 the formats store them, GPTQ's error feedback on them, the bytes gguf decodes, the quantize stage's
 `grid:` with allocation by depth, and GGUF files that carry the grids block for block."""
 

@@ -452,7 +452,7 @@ def test_a_streamed_restructured_run_writes_the_same_gguf_files(tmp_path, vocab_
 
 
 def test_tensor_files_are_read_by_safetensors_with_their_metadata(tmp_path):
-    """compress/tensor_files.py writes from the tensors' memory; safetensors reads every dtype back."""
+    """compress/model/tensor_files.py writes from the tensors' memory; safetensors reads every dtype back."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 

@@ -17,7 +17,7 @@ per-sub-block scales (and mins) searched as llama.cpp's make_qx_quants does (can
 each refitted by weighted least squares; GPTQ weighs by diag(H), the statistic llama-imatrix
 collects; without data a legacy format keeps llama.cpp's reference scale), then,
 for K-quants, those scales quantised to their few bits under a float16 super-block scale (as
-llama.cpp's quantize_row_q*_K_ref does). GPTQ calls it when it reaches a span (compress/obs.py).
+llama.cpp's quantize_row_q*_K_ref does). GPTQ calls it when it reaches a span (compress/algorithms/obs.py).
 """
 
 from __future__ import annotations
@@ -352,7 +352,7 @@ def rtn(W: torch.Tensor, fmt: BlockFormat) -> tuple[torch.Tensor, GgufState]:
 
 
 STATE_FIELDS = ("d", "sc", "dmin", "m")
-GRIDS_FILE = "ggml_grids.safetensors"  # an HF folder's block-format parameters, beside its dequantised weights (export/hf.py)
+GRIDS_FILE = "ggml_grids.safetensors"  # an HF folder's block-format parameters, beside its dequantised weights (compress/export/hf/__init__.py)
 
 
 def state_tensors(prefix: str, state: GgufState) -> dict[str, torch.Tensor]:

@@ -160,7 +160,7 @@ def stored_bits(module) -> float:
     rows, cols = W.shape
     n = rows * cols
     state = getattr(module, "quant_state", None)
-    if state is not None and hasattr(state, "fmt"):  # llama.cpp block format (compress/ggml_formats.py)
+    if state is not None and hasattr(state, "fmt"):  # llama.cpp block format (compress/algorithms/ggml_formats.py)
         return state.fmt.bits_per_weight * n
     if state is not None:
         bits = state.grid.bits

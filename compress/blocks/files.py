@@ -45,7 +45,7 @@ def written(path: Path | None, entry: str):
 
 def block_counts(block) -> dict:
     """What the run's size table counts in a block: its nonzero parameters, and its Linears'
-    weights, exact zeros and stored bits (compress/quant.py: stored_bits)."""
+    weights, exact zeros and stored bits (compress/algorithms/quant.py: stored_bits)."""
     modules = list(block_linears(block).values())
     return {
         "nonzero": sum(int(torch.count_nonzero(p)) for p in block.parameters()),  # (p != 0).sum() would copy to int64

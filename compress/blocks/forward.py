@@ -70,7 +70,7 @@ def perplexity(model, tokens: torch.Tensor, batch_size: int = 1, desc: str = "pe
 def blockwise_nll(model, tokens: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[float, int]:
     """Summed NLL of every window (tokens 1..T-1) and the count, the blocks run one at a time over
     all windows (one pass over the weights, not one per window): the evaluation of a streamed
-    model (compress/stream.py), each block onloaded to the recipe's GPU if it names one."""
+    model (compress/blocks/sources.py), each block onloaded to the recipe's GPU if it names one."""
     total = 0.0
     for window, logits in blockwise_logits(model, tokens, dtype):
         total += summed_nll(logits[:, :-1], window[1:].unsqueeze(0).to(logits.device))

@@ -3,12 +3,12 @@
 `model.stream: true` builds the model's skeleton with every parameter on the meta device (buffers
 such as rotary frequencies are real: they are computed, not stored), materialises once what is
 outside the decoder blocks (embeddings, final norm, head), and gives the model a BlockStore. The
-block loop (compress/calibrate.py `sequential`) asks the store for block i before its calibration
+block loop (compress/blocks/runner.py `sequential`) asks the store for block i before its calibration
 pass and hands it back afterwards: a changed block is written to the staging folder as its own
 safetensors file, then its parameters go back to meta. Peak memory is one block + the resident
 embeddings/head + the calibration activations, whatever the number of blocks.
 
-The store (compress/blocks.py StreamedBlocks) keeps each stage's version of a block as its own
+The store (compress/blocks/store.py StreamedBlocks) keeps each stage's version of a block as its own
 file, checkpoints passes so that a killed run resumes, and runs the beta search's trials as
 streamed passes writing their own files: the block loop, the stages and the engine use it as they
 use a resident model's store.

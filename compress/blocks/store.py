@@ -333,7 +333,7 @@ class ResidentBlocks(BlockStore):
 
 class StreamedBlocks(BlockStore):
     """Blocks on the meta device, one in memory at a time, read from the newest file or the
-    source (compress/stream.py's WeightSource / GgufWeightSource)."""
+    source (compress/blocks/sources.py's WeightSource / GgufWeightSource)."""
 
     resident = False
 

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 
 class SpilledTrials:
-    """Resident blocks: the weights every trial starts from are spilled to disk (compress/spill.py)
+    """Resident blocks: the weights every trial starts from are spilled to disk (compress/blocks/snapshots.py)
     and read back in place before each trial; the best trial is kept as a bit mask where the stage
     only zeroes weights, or spilled too, with the module attributes named in `states` (the
     quantisation grid; the low-rank stage's factors) held in memory."""

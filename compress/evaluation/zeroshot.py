@@ -1,7 +1,7 @@
 """Zero-shot accuracy of a causal LM on six local task files (offline) or lm-eval's own tasks.
 
 Route: lm-eval 0.4.13 scores everything. Its `HFLM` wraps the model and tokenizer we already hold,
-and each task is an lm-eval `ConfigurableTask` built from a local YAML file in `compress/tasks/`
+and each task is an lm-eval `ConfigurableTask` built from a local YAML file in `compress/evaluation/tasks/`
 (prompt template and metrics, copied from lm-eval's own task files) plus a `custom_dataset`
 callable that hands lm-eval the docs parsed here from local files, so nothing touches the hub.
 lm-eval therefore does the tokenisation (context and continuation encoded together, the
@@ -359,7 +359,7 @@ def load_standard_tasks(names: Sequence[str]) -> dict:
 
 
 def _lm_eval_task(lm_eval, task: str, docs: list[dict[str, Any]]):
-    """A ConfigurableTask from compress/tasks/<task>.yaml, fed our docs instead of a hub dataset."""
+    """A ConfigurableTask from compress/evaluation/tasks/<task>.yaml, fed our docs instead of a hub dataset."""
     config = yaml.safe_load((TASK_DIR / f"{task}.yaml").read_text(encoding="utf-8"))
     # lm-eval calls custom_dataset(**metadata, **dataset_kwargs) and expects a DatasetDict.
     config["custom_dataset"] = functools.partial(_as_dataset_dict, docs)

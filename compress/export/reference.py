@@ -37,7 +37,7 @@ def sample_text(tokenizer=None) -> str:
 def sample_pieces(tokenizer) -> list[tuple[str, list[int]]]:
     """sample_text cut before and after each special token, each piece with the tokenizer's ids
     of it alone: what a runtime is compared with where it treats the text after a special token
-    as a new text (llama.cpp's SentencePiece tokenizer, see export/gguf_check.py)."""
+    as a new text (llama.cpp's SentencePiece tokenizer, see compress/export/gguf/llama_check.py)."""
     specials = sample_specials(tokenizer)
     parts = re.split("(" + "|".join(map(re.escape, specials)) + ")", sample_text(tokenizer)) if specials else [sample_text(tokenizer)]
     return [(part, tokenizer(part, add_special_tokens=False).input_ids) for part in parts if part]

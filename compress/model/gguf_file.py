@@ -5,7 +5,7 @@ takes 3 s for SmolLM2's 49k-token vocabulary, 10 s for Qwen2's 152k and 13 s for
 (measured on these machines), and an export reads each of its files several times. Here array
 values are skipped over (string lengths only), scalars kept, and each tensor's bytes are a slice
 of one memory map, decoded with gguf's own dequantizers; metadata() decodes the arrays too, for a
-copy of the file (export/gguf_rewrite.py). Format: GGUF v3 (gguf's constants give the value types
+copy of the file (compress/export/gguf/rewrite.py). Format: GGUF v3 (gguf's constants give the value types
 and block sizes); tests/test_export_gguf.py compares it with GGUFReader.
 """
 

@@ -1,5 +1,5 @@
 """What a quantised Linear carries besides its weight, as named tensors and a line of JSON, so
-that a block file on disk (compress/blocks.py) brings a block back with it: the integer grid
+that a block file on disk (compress/blocks/store.py) brings a block back with it: the integer grid
 (`quant_state`: QuantState), the llama.cpp block format (`quant_state`: GgufState) or the
 bitsandbytes format (`bnb_format`). The exporters pack these; without them a resumed or streamed
 run could not write its GPTQ / GGUF grid files.

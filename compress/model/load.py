@@ -93,7 +93,7 @@ def load_model(
     revision: str | None = None,
 ) -> LoadedModel:
     """Load model and tokenizer in eval mode, as a plain dense torch model in CPU RAM (a recipe's
-    model.device moves blocks to a GPU only for their turn: compress/devices.py)."""
+    model.device moves blocks to a GPU only for their turn: compress/blocks/devices.py)."""
     return _load(source, DTYPES[dtype], allow_pickle, trust_remote_code, revision)
 
 
@@ -150,7 +150,7 @@ def _finish(model: PreTrainedModel) -> PreTrainedModel:
 def gguf_tokenizer(path: Path):
     """The tokenizer of a GGUF file: transformers' conversion of it, except for Llama-style
     SentencePiece vocabularies (Llama 2, Mistral, Phi-3), built as their repositories build
-    tokenizer.json (compress/tokenizer_files.py says why). Remembers the file it came from:
+    tokenizer.json (compress/model/tokenizer_files.py says why). Remembers the file it came from:
     exports rebuild tokenizer.model from it for llama.cpp's converter."""
 
     tokenizer = llama_tokenizer(path) if prefixes_space(path) else AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

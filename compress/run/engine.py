@@ -90,7 +90,7 @@ def weight_counts(model) -> tuple[int, dict]:
     """Nonzero parameters of the whole model, and the Linear layers inside decoder blocks: how many
     weights, the share that is exactly zero, and the bits per weight their checkpoint format stores
     (scales and zero points included). A streamed block is not read again for this: its file
-    carries its counts (compress/blocks.py: block_counts)."""
+    carries its counts (compress/blocks/store.py: block_counts)."""
     store = store_of(model)
     in_blocks = {id(p) for p in decoder_blocks(model).parameters()}
     # meta: a streamed block, counted below

@@ -32,12 +32,12 @@ class ModelSection(Config):
     source: str = "smollm2-135m"  # registered name, HF folder, .gguf file, or hub id
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # "cuda", "cuda:1", "auto": weights stay in CPU RAM, each block visits the GPU for its turn;
-    # whole-model evaluation spread by accelerate (auto: over every GPU); compress/devices.py
+    # whole-model evaluation spread by accelerate (auto: over every GPU); compress/blocks/devices.py
     device: str = "cpu"
     allow_pickle: bool = False  # allow .bin/.pt checkpoints (unpickling can run code)
     trust_remote_code: bool = False
     revision: str | None = None
-    # decoder blocks stay on disk and are materialised one at a time (compress/stream.py): for
+    # decoder blocks stay on disk and are materialised one at a time (compress/blocks/sources.py): for
     # models bigger than memory; an interrupted run resumes from its last finished block
     stream: bool = False
 
@@ -51,7 +51,7 @@ class ModelSection(Config):
 
 class DataSection(Config):
     """validation and evaluation default to the calibration source: each role then reads its own
-    disjoint part of it (see compress/data.py)."""
+    disjoint part of it (see compress/data/windows.py)."""
 
     calibration: SegmentsConfig = SegmentsConfig(nsamples=128, seqlen=512)
     validation: SegmentsConfig

@@ -43,7 +43,7 @@ def check_output_dir(final: Path, overwrite: bool | None) -> None:
 @contextmanager
 def staging_dir(final: Path, run_id: str, restart: bool = False):
     """A folder next to `final`, named by the run's id, where the run is written. If the run
-    fails or is killed after finishing a stage or a checkpoint (compress/blocks.py), the folder
+    fails or is killed after finishing a stage or a checkpoint (compress/blocks/store.py), the folder
     stays, and the same recipe run again continues from there (restart: start over); otherwise
     it is removed."""
     tmp = final.parent / f".{final.name}.resume-{run_id[:16]}"

@@ -37,7 +37,7 @@ def search_beta(
 
     Leaves the model compressed with the chosen beta, never compressing the winner twice; returns
     beta, the trials and the winner's notes. How each trial starts from the stage's input weights
-    and how the best one is kept is the block store's business (compress/blocks.py: spilled to
+    and how the best one is kept is the block store's business (compress/blocks/store.py: spilled to
     disk for resident blocks, a trial's own block files for streamed ones): zeros_only (magnitude,
     Wanda) lets a resident store keep the best trial as a bit mask; `states` names the module
     attributes it keeps beside the weights.

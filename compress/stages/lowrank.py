@@ -23,7 +23,7 @@ with its factors in `module.low_rank_factors`, so later blocks calibrate on comp
 the search restores a trial like any other stage's; then each one is replaced by a
 compress.model.modules.LowRankLinear, so the returned model is physically smaller: each block once its
 outputs are propagated, or, in a beta search over blocks held in memory, after the search
-(compress/blocks.py: finish). Layers are
+(compress/blocks/store.py: finish). Layers are
 looked up by name at each use, since a streamed block's modules are rebuilt to the layout of the
 file it is read from.
 

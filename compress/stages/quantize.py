@@ -1,6 +1,6 @@
 """The quantize stage: weights onto integer grids (GPTQ, round-to-nearest), onto llama.cpp's
 block formats (`grid: q4_k`, ...: GPTQ choosing each GGUF block's scales as the format stores them,
-compress/ggml_formats.py) or bitsandbytes formats (NF4, FP4, INT8); bit-widths (or block formats)
+compress/algorithms/ggml_formats.py) or bitsandbytes formats (NF4, FP4, INT8); bit-widths (or block formats)
 per block from an allocator, zeros of earlier stages kept where the grid holds a zero.
 
 GPTQ runs through the shared block runner, so each block is calibrated on the outputs of the

@@ -16,8 +16,8 @@ Units are first zeroed in place (exactly what removal computes: a zeroed column 
 contributes nothing), so that beta-search trials can restore the weights like any other stage;
 then the projections are sliced to the kept rows and columns: each block once its outputs are
 propagated, or, in a beta search over blocks held in memory, after the search
-(compress/blocks.py: finish). The new shapes
-differ per block; compress/layout.py saves and reloads them.
+(compress/blocks/store.py: finish). The new shapes
+differ per block; compress/model/layout.py saves and reloads them.
 
 Entry point: apply(model, ctx, cfg) -> (model, StructuredRecord).
 """

@@ -1,6 +1,6 @@
 """GGUF export for llama.cpp, through llama.cpp's own tools.
 
-    model -> a dense HF folder (scratch) -> llama.cpp's converter (export/llama_convert.py)
+    model -> a dense HF folder (scratch) -> llama.cpp's converter (compress/export/gguf/convert.py)
           -> base GGUF -> llama.cpp's quantizer for every other type -> checks in llama.cpp
 
 The base is F32, or F16 / BF16 when every weight is already in that type (no rounding either
@@ -9,18 +9,19 @@ way; a 7B's base is then 13 GB, not 27).
 The converter knows the architectures, rope scalings and tokenizers (it recognises a BPE
 pre-tokenizer by hashing a tokenization); our code keeps only what it cannot do:
 - per-block widths of structured models: blocks are zero-padded to the config's widths for the
-  converter and cut back afterwards, as the family's file or a deci file (export/gguf_arch.py,
-  export/gguf_rewrite.py);
+  converter and cut back afterwards, as the family's file or a deci file (compress/export/gguf/arch.py,
+  compress/export/gguf/rewrite.py);
 - GPTQ grids that are GGUF block types (symmetric, 4 or 8 bits, groups of 32 in column order: Q4_0
   / Q8_0): those matrices are written block for block into llama.cpp's quantized file, so GPTQ's
   rounding reaches llama.cpp unchanged;
-- SentencePiece vocabularies of models loaded from a GGUF file: a tokenizer.model rebuilt from the
-  file (export/sentencepiece_model.py), which the converter reads them from.
+- SentencePiece vocabularies the converter would read without their scores: a tokenizer.model
+  rebuilt from the GGUF file the model came from, or from tokenizer.json
+  (compress/model/tokenizer_files.py), which the converter reads them from.
 A LowRankLinear goes in as its dense product (llama.cpp has no factored matmul).
 
 Row orders are never assumed: each matrix of the base file is matched to the model's row by row
 (the converter permutes q/k rows for llama's rope), and verify checks that every matrix is the
-model's, exactly. The checks in llama.cpp live in export/gguf_check.py.
+model's, exactly. The checks in llama.cpp live in compress/export/gguf/llama_check.py.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def save_tokenizer(tokenizer, folder: Path) -> None:
 def base_type(model) -> str:
     """The converter's output type, which every other file is made from: the weights' own 16-bit
     type when they all have it (lossless, and half of F32's disk for a 7B), F32 otherwise and for
-    narrowed blocks (export/gguf_rewrite.py cuts them back from an F32 file)."""
+    narrowed blocks (compress/export/gguf/rewrite.py cuts them back from an F32 file)."""
     full = gguf_arch.config_widths(model.config)
     if any(w != full for w in gguf_arch.block_widths(model)):
         return "f32"

@@ -4,7 +4,7 @@ that llama.cpp's converter or quantizer wrote.
 - narrow: per-block widths. The converter writes a model whose blocks were zero-padded to the
   config's widths; each block's tensors are cut back to its own rows and columns, and the widths
   written as the family's scalars (every block alike) or as a deci file's per-block arrays
-  (export/gguf_arch.py says which).
+  (compress/export/gguf/arch.py says which).
 - with_tensors: GPTQ grids. Tensors of the quantizer's file are replaced by our own blocks.
 
 Everything else (tokenizer, rope, hyperparameters, the tensors left alone) is copied byte for byte

@@ -93,7 +93,7 @@ def save(model, tokenizer, folder: Path, cfg: HfExport, scratch: Path) -> dict:
 
 
 def save_block_grids(model, folder: Path) -> int:
-    """The block parameters of every layer on a llama.cpp format (compress/ggml_formats.py), so
+    """The block parameters of every layer on a llama.cpp format (compress/algorithms/ggml_formats.py), so
     that a later `compress export --to gguf` writes the same blocks; returns how many layers."""
     store = store_of(model)
     tensors, formats = {}, {}

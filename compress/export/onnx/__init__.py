@@ -11,7 +11,7 @@ The folder holds (kv_cache on, the default):
     prefill.onnx.data  the weights, once: both graphs read them (external data, always)
     config.json, generation_config.json, tokenizer files: the folder is usable on its own
 
-kv_heads and head_dim are each layer's own: a structured model (compress/layout.py) keeps a
+kv_heads and head_dim are each layer's own: a structured model (compress/model/layout.py) keeps a
 different number of KV heads per block, and the graphs take their cache shapes from the modules
 as traced, never from config.json; info["cache"] lists them per layer, as the graphs' inputs do.
 A LowRankLinear stays two MatMuls (its factors), plus a third for a sparse residual, which ONNX
@@ -81,7 +81,7 @@ INSTALL_HINT = "pip install 'atp-compress[onnx]'"
 RELATIVE_TOLERANCE = 1e-4
 # A bfloat16 / float16 model is exported in float32 (ORT's CPU kernels lack bfloat16, and float32
 # holds its weights exactly): it is held to the same bound against the reference's float32 forward
-# of those weights (export/reference.py), not against torch's 16-bit one, whose own rounding of
+# of those weights (compress/export/reference.py), not against torch's 16-bit one, whose own rounding of
 # every activation was measured at 12% of the largest logit on a compressed bfloat16 SmolLM2.
 PERPLEXITY_WINDOWS = 8  # ORT perplexity is informative only; more windows cost time, not trust
 EXAMPLE_BATCH, EXAMPLE_SEQUENCE, EXAMPLE_PAST = 2, 8, 5  # > 1: torch.export specialises sizes 0 and 1
@@ -94,7 +94,7 @@ class OnnxExport(Config):
     # The dynamo exporter writes opset 18 (onnxscript's torchlib); higher ones go through the ONNX
     # version converter (18, 20 and 23 checked with onnxruntime 1.32; older runtimes stop lower).
     opset: int = Field(default=18, ge=18, le=23)
-    # quantised Linears as ONNX Runtime's MatMulNBits (packed codes + scales, export/onnx_nbits.py)
+    # quantised Linears as ONNX Runtime's MatMulNBits (packed codes + scales, compress/export/onnx/nbits.py)
     # where it holds them exactly; false: every Linear a dense float32 MatMul
     matmul_nbits: bool = True
 
