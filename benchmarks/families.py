@@ -1,6 +1,6 @@
-"""The README's family table, rendered from what tests/test_gguf_families.py measured.
+"""The README's family table, rendered from what tests/export/test_gguf_families.py measured.
 
-    python -m pytest tests/test_gguf_families.py    # writes build/families.json, cell by cell
+    python -m pytest tests/export/test_gguf_families.py    # writes build/families.json, cell by cell
     python benchmarks/families.py                   # -> benchmarks/results/families.{json,md}, README.md
 
 Nothing in the table is typed by hand: a cell is "works" only where the test ran that step with
@@ -59,7 +59,7 @@ def table(measured: dict) -> str:
 
 def main() -> int:
     if not MEASURED.is_file():
-        print(f"{MEASURED} not found: run python -m pytest tests/test_gguf_families.py first", file=sys.stderr)
+        print(f"{MEASURED} not found: run python -m pytest tests/export/test_gguf_families.py first", file=sys.stderr)
         return 2
     measured = json.loads(MEASURED.read_text())
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ Random weights (no 7B checkpoint ships in a package), written one block per shar
 tokenizer (49152 tokens, so the embeddings and head are 0.8 B of the parameters instead of
 LLaMA-2's 0.26 B). --blocks takes fewer than LLaMA-2-7B's 32 blocks at the same widths: a
 streamed run holds one block at a time, so its peak memory does not depend on the block count
-(tests/test_stream.py checks that), while seconds and disk grow with it, one block's worth each.
+(tests/blocks/test_streamed_runs.py checks that), while seconds and disk grow with it, one block's worth each.
 
     python benchmarks/stream_recipe.py --only stream                  # the 7B, ~70 min on 2 cores
     python benchmarks/stream_recipe.py --size 3b --only stream memory  # 2.5 B, streamed and in memory: identical files?

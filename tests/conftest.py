@@ -10,6 +10,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from compress.data.windows import Segments
+from compress.stages.context import StageContext
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
@@ -168,3 +171,15 @@ def spm_tokenizer(vocab_folder):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(vocab_folder("llama-spm"))
+
+
+# ---------------------------------------------------------------- stage inputs
+
+
+def segments(n=4, seqlen=32, seed=0, role="calibration"):
+    g = torch.Generator().manual_seed(seed)
+    return Segments(torch.randint(0, 256, (n, seqlen), generator=g), role, "random", (0.0, 1.0), n * seqlen)
+
+
+def context():
+    return StageContext(segments(), segments(2, seed=1, role="validation"))

@@ -6,7 +6,7 @@ takes 3 s for SmolLM2's 49k-token vocabulary, 10 s for Qwen2's 152k and 13 s for
 values are skipped over (string lengths only), scalars kept, and each tensor's bytes are a slice
 of one memory map, decoded with gguf's own dequantizers; metadata() decodes the arrays too, for a
 copy of the file (compress/export/gguf/rewrite.py). Format: GGUF v3 (gguf's constants give the value types
-and block sizes); tests/test_export_gguf.py compares it with GGUFReader.
+and block sizes); tests/export/test_gguf.py compares it with GGUFReader.
 """
 
 from __future__ import annotations

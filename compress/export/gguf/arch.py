@@ -16,7 +16,7 @@ n_ff(il) per block, rope factors and optional q/k/v, o and gate/up/down biases. 
   logit soft-capping. The converter's own DeciLM path takes only uniform query heads and FFN widths
   in multiples of 256 (conversion/deci.py), so it cannot take these models either.
 
-Evidence: the llama.cpp vendored in llama-cpp-python 0.3.36, and tests/test_export_restructured.py.
+Evidence: the llama.cpp vendored in llama-cpp-python 0.3.36, and tests/export/test_restructured.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Integer codes and stored parameters of a llama.cpp block format -> the bytes of GGUF blocks.
 
 Each packer is the inverse of gguf's own dequantiser for its type (gguf/quants.py: the byte
-layouts of ggml-common.h), and tests/test_ggml_formats.py checks pack -> gguf.dequantize against
+layouts of ggml-common.h), and tests/algorithms/test_ggml_formats.py checks pack -> gguf.dequantize against
 our decoding for every format. Input: q (rows, cols) int codes in the format's [lo, hi], and a
 compress.ggml_formats.GgufState; output (rows, cols / span * bytes per block) uint8.
 """

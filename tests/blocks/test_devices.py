@@ -9,13 +9,12 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from test_prune_stage import context
 
 from compress.blocks import devices
 from compress.model.anatomy import decoder_blocks
 from compress.stages import STAGES
 
-from conftest import tiny_model
+from conftest import context, tiny_model
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import textwrap
 
 import pytest
 import torch
-from test_prune_stage import context
 
 from compress.algorithms import allocate
 from compress.algorithms.obs import gptq_quantize, sparsegpt_prune
@@ -23,7 +22,7 @@ from compress.stages import quantize as quantize_stage
 from compress.stages.prune import PruneConfig
 from compress.stages.quantize import QuantizeConfig
 
-from conftest import model_from_config, tiny_model
+from conftest import context, model_from_config, tiny_model
 
 needs_gptqmodel = pytest.mark.skipif(
     importlib.util.find_spec("gptqmodel") is None or importlib.util.find_spec("optimum") is None,

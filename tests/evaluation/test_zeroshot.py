@@ -7,7 +7,6 @@ accuracies against a count by hand from those log-likelihoods.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -15,73 +14,15 @@ import torch
 
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'atp-compress[eval]')")
 
-from compress.evaluation import zeroshot  # noqa: E402
+from zeroshot_items import CORPUS, HELLASWAG, HELLASWAG_QUERIES, ITEMS, write_data  # noqa: E402
+
 from compress.evaluation.zeroshot import TASKS, DataError, hellaswag_preprocess, load_docs, run_lm_eval, zero_shot  # noqa: E402
 
-REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "zeroshot"
+from conftest import ROOT  # noqa: E402
+
+REAL_DATA = ROOT.parent / "shared" / "data" / "zeroshot"
 
 # A few items of each format; the non-ASCII option makes char and byte lengths differ.
-ITEMS = {
-    "piqa": [
-        ("How do I boil an egg?", ["Put it in boiling water for ten minutes.", "Put it in the freezer."], 0),
-        ("To clean a pan,", ["scrub it with soap and water.", "paint it blue."], 0),
-        ("How to make café au lait?", ["Mix coffee and hot milk, café style.", "Mix sand and salt."], 0),
-    ],
-    "arc_easy": [
-        ("Which gas do plants take in?", ["oxygen", "carbon dioxide", "helium", "neon"], 1),
-        ("What melts ice?", ["heat", "cold", "darkness"], 0),
-        ("Which is a mammal?", ["shark", "whale", "trout", "tuna", "eel"], 1),
-    ],
-    "arc_challenge": [
-        ("Why does the moon shine?", ["It reflects sunlight.", "It burns gas."], 0),
-        ("What do roots absorb?", ["light", "water", "sound", "wind"], 1),
-    ],
-    "openbookqa": [
-        ("The sun is responsible for", ["puppies learning new tricks", "plants sprouting and growing"], 1),
-        ("A magnet will stick to", ["a wooden table", "an iron nail", "a glass cup", "a paper bag"], 1),
-    ],
-    "winogrande": [
-        ("Sarah was a much better surgeon than Maria so _ always got the easier cases.", ["Sarah", "Maria"], 1),
-        ("The trophy did not fit in the suitcase because the _ was too big.", ["trophy", "suitcase"], 0),
-    ],
-}
-HELLASWAG = [
-    (
-        "Roof shingle removal: A man is sitting on a roof. he",
-        3,
-        ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.", "is holding a cube.",
-         "starts pulling up roofing on a roof."],
-    ),
-    (
-        "Health: How to stay warm. Wear layers of clothing.",
-        0,
-        ["Put on a hat and gloves.", "Visit a site like [www.example.org] to learn more.", "Eat ice.",
-         "Open all the windows."],
-    ),
-]
-# The prompts lm-eval builds for HELLASWAG (ctx_b capitalised, brackets removed from endings).
-HELLASWAG_QUERIES = ["Roof shingle removal: A man is sitting on a roof. He", "Health: How to stay warm. Wear layers of clothing."]
-
-CORPUS = [q for items in ITEMS.values() for q, options, _ in items for q in [q, *options]] + [
-    line for ctx, _, endings in HELLASWAG for line in [ctx, *endings]
-]
-
-
-# ---------------------------------------------------------------------------------------------
-# Fixtures: data files, tokenizer, model
-# ---------------------------------------------------------------------------------------------
-
-
-def write_data(folder: Path) -> Path:
-    for task, items in ITEMS.items():
-        rows = [{"centerpiece": q, "options": o, "correct_options_idx": [g]} for q, o, g in items]
-        lines = [json.dumps(row, ensure_ascii=False) for row in rows]
-        (folder / zeroshot.DATA_FILES[task]).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    lines = [line for ctx, gold, endings in HELLASWAG for line in [ctx, str(gold), *endings]]
-    (folder / "hellaswag-val.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return folder
-
-
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     return write_data(tmp_path)
@@ -250,7 +191,7 @@ def test_limit_and_side_effects(data_dir: Path, model, tokenizer):
     assert result["tasks"]["arc_easy"]["n"] == 2
     assert model.training, "the caller's training flag is restored"
     assert tokenizer.pad_token is None, "the caller's tokenizer is left alone"
-    model.eval()  # task names lm-eval cannot load: tests/test_runtimes.py (indexing lm-eval's registry costs ~15 s)
+    model.eval()  # task names lm-eval cannot load: tests/evaluation/test_runtimes.py (indexing lm-eval's registry costs ~15 s)
 
 
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real zero-shot data not found at {REAL_DATA}")

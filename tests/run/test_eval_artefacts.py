@@ -14,7 +14,7 @@ pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'at
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'atp-compress[gguf]')")
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'atp-compress[onnx]')")
 
-from test_zeroshot import write_data  # noqa: E402  (a few items of each local task)
+from zeroshot_items import write_data  # noqa: E402  (a few items of each local task)
 
 from conftest import has_converter, model_from_config  # noqa: E402
 

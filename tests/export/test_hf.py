@@ -1,5 +1,5 @@
 """Exports that need no extra runtime: sparse safetensors and the recipe's export section
-(`compress export` on a finished run and GGUF files: tests/test_export_gguf.py)."""
+(`compress export` on a finished run and GGUF files: tests/export/test_gguf.py)."""
 
 import textwrap
 

@@ -147,7 +147,7 @@ def test_eval_command_reports_perplexity(tiny_folder):
 
 def test_run_with_zero_shot_tasks(tmp_path, tiny_folder):
     pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'atp-compress[eval]')")
-    from test_zeroshot import ITEMS, write_data
+    from zeroshot_items import ITEMS, write_data
 
     tasks_dir = tmp_path / "tasks"
     tasks_dir.mkdir()

@@ -1,7 +1,7 @@
 """GGUF files made by llama.cpp's own converter and quantizer, loaded in llama.cpp itself
 (llama-cpp-python, the `gguf` extra): weights decoded exactly, tokenization, logits, greedy
 continuation and perplexity against the in-memory model, GPTQ grids written as Q4_0 / Q8_0 blocks.
-Models here are tiny Llamas with Llama 2's real tokenizer; tests/test_gguf_families.py runs every
+Models here are tiny Llamas with Llama 2's real tokenizer; tests/export/test_gguf_families.py runs every
 family."""
 
 import copy

@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'atp-compress[eval]')")
 
 from lm_eval.api.instance import Instance  # noqa: E402
-from test_zeroshot import write_data  # noqa: E402
+from zeroshot_items import write_data  # noqa: E402
 
 from compress.blocks.forward import perplexity  # noqa: E402
 from compress.data.windows import adds_bos  # noqa: E402

@@ -216,7 +216,7 @@ def test_every_flag_fails_in_one_line(monkeypatch, capsys, places, args, message
 @pytest.mark.parametrize("ppl", [True, False], ids=["ppl", "no-ppl"])
 def test_every_eval_combination_runs_and_reports(tmp_path, tiny_folder, ppl, dense, tasks, stages):
     pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'atp-compress[eval]')")
-    from test_zeroshot import write_data
+    from zeroshot_items import write_data
 
     tasks_dir = tmp_path / "tasks"
     tasks_dir.mkdir()

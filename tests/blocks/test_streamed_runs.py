@@ -314,7 +314,7 @@ def test_a_streamed_run_scores_zero_shot_tasks_as_the_in_memory_run_does(tmp_pat
     """lm-eval scores a streamed model through accelerate's disk offload over the block files
     (each block read for its forward, its modules as the file lays them out): the same
     accuracies, dense and compressed, as in memory."""
-    from test_zeroshot import write_data
+    from zeroshot_items import write_data
 
     (tmp_path / "tasks").mkdir()
     source, data = save_model(tmp_path / "model"), write_data(tmp_path / "tasks")

@@ -7,7 +7,6 @@ import textwrap
 import pytest
 import torch
 from pydantic import ValidationError
-from test_prune_stage import context, segments
 
 from compress.algorithms import allocate
 from compress.blocks.forward import perplexity
@@ -23,7 +22,7 @@ from compress.stages.context import StageContext
 from compress.stages.lowrank import LowRankConfig, low_rank, rank_for
 from compress.stages.quantize import QuantizeConfig
 
-from conftest import tiny_model
+from conftest import context, segments, tiny_model
 
 
 def run(model, **cfg):

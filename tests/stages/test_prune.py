@@ -8,23 +8,13 @@ import torch
 from compress.algorithms import allocate
 from compress.algorithms.sparsity import is_nm
 from compress.blocks.forward import perplexity
-from compress.data.windows import Segments
 from compress.errors import CompressError
 from compress.model.anatomy import block_linears, decoder_blocks, get_weight
 from compress.stages import prune
 from compress.stages.context import StageContext
 from compress.stages.prune import PruneConfig
 
-from conftest import tiny_model
-
-
-def segments(n=4, seqlen=32, seed=0, role="calibration"):
-    g = torch.Generator().manual_seed(seed)
-    return Segments(torch.randint(0, 256, (n, seqlen), generator=g), role, "random", (0.0, 1.0), n * seqlen)
-
-
-def context():
-    return StageContext(segments(), segments(2, seed=1, role="validation"))
+from conftest import context, segments, tiny_model
 
 
 def run(model, **cfg):
