@@ -1,7 +1,7 @@
-"""The README's family table, rendered from what tests/export/test_gguf_families.py measured.
+"""The GGUF family table of docs/exports.md, rendered from what tests/export/test_gguf_families.py measured.
 
     python -m pytest tests/export/test_gguf_families.py    # writes build/families.json, cell by cell
-    python benchmarks/families.py                   # -> benchmarks/results/families.{json,md}, README.md
+    python benchmarks/families.py                   # -> benchmarks/results/families.{json,md}, docs/exports.md
 
 Nothing in the table is typed by hand: a cell is "works" only where the test ran that step with
 every check on, and "refused" with the reason the tool gave; a family or step the tests did not
@@ -66,10 +66,10 @@ def main() -> int:
     (RESULTS / "families.json").write_text(json.dumps(measured, indent=2, sort_keys=True) + "\n")
     rendered = table(measured)
     (RESULTS / "families.md").write_text(rendered + "\n")
-    readme = ROOT / "README.md"
+    readme = ROOT / "docs" / "exports.md"
     text = readme.read_text()
     if START not in text:
-        print(f"README.md has no {START} ... {END} section; table written to {RESULTS / 'families.md'}", file=sys.stderr)
+        print(f"docs/exports.md has no {START} ... {END} section; table written to {RESULTS / 'families.md'}", file=sys.stderr)
         return 1
     text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: f"{START}\n{rendered}\n{END}", text, flags=re.S)
     readme.write_text(text)
