@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from sparsity import data_section, require_inputs, run_recipe  # noqa: E402  (th
 
 RESULTS = HERE / "results" / "memory"
 ATP = {"kind": "atp", "beta": "auto", "trials": 5}
-# name -> (model source: "folder" or "gguf", prune stage or None)
+# name -> (model source: "folder" or "gguf", prune stage or None[, streamed])
 CONFIGS = {
     "dense-folder": ("folder", None),
     "wanda-50-uniform-folder": ("folder", {"method": "wanda", "allocation": {"kind": "uniform"}}),
@@ -37,6 +38,8 @@ CONFIGS = {
     "sparsegpt-50-uniform-folder": ("folder", {"method": "sparsegpt", "allocation": {"kind": "uniform"}}),
     "sparsegpt-50-atp-folder": ("folder", {"method": "sparsegpt", "allocation": ATP}),
     "wanda-50-uniform-gguf": ("gguf", {"method": "wanda", "allocation": {"kind": "uniform"}}),
+    "wanda-50-uniform-folder-streamed": ("folder", {"method": "wanda", "allocation": {"kind": "uniform"}}, True),
+    "wanda-50-atp-folder-streamed": ("folder", {"method": "wanda", "allocation": ATP}, True),
 }
 LLMC = {"wanda-50-uniform-folder": "wanda_0.5.json", "sparsegpt-50-uniform-folder": "sparsegpt_0.5.json"}
 
@@ -51,12 +54,12 @@ def parse_args():
     return p.parse_args()
 
 
-def recipe(args, name: str, source: str, stage: dict | None) -> dict:
+def recipe(args, name: str, source: str, stage: dict | None, streamed: bool = False) -> dict:
     return {
         "name": name,
         "seed": 0,
         "calibration_dtype": "bfloat16",
-        "model": {"source": str(args.folder) if source == "folder" else "smollm2-135m"},
+        "model": {"source": str(args.folder) if source == "folder" else "smollm2-135m", "stream": streamed},
         "data": data_section(args.data),
         "stages": [{"kind": "prune", "sparsity": 0.5, **stage}] if stage else [],
         "eval": {"perplexity": True, "dense": stage is None},
@@ -66,8 +69,8 @@ def recipe(args, name: str, source: str, stage: dict | None) -> dict:
 
 
 def run_one(args, name: str) -> dict:
-    source, stage = CONFIGS[name]
-    results, metadata, wall = run_recipe(args.runs, name, recipe(args, name, source, stage))
+    source, stage, *streamed = CONFIGS[name]
+    results, metadata, wall = run_recipe(args.runs, name, recipe(args, name, source, stage, *streamed))
     record = results["stages"][0] if results["stages"] else None
     return {
         "name": name,
@@ -86,7 +89,22 @@ def run_one(args, name: str) -> dict:
     }
 
 
-def table(rows: dict[str, dict]) -> str:
+def import_floor_mb() -> float:
+    """Peak RSS of a process that only imports what a run imports (torch, transformers, compress)."""
+    code = "import resource, compress.cli, compress.run.engine; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1])
+
+
+def floor(args) -> dict:
+    """What an in-memory Wanda run cannot go below: the imports, the float32 weights, and the two
+    bf16 buffers of one block's calibration inputs and outputs (64 x 512 x hidden each)."""
+    config = json.loads((args.folder / "config.json").read_text())
+    weights = sum(f.stat().st_size for f in args.folder.glob("*.safetensors")) / 2**20
+    buffers = 2 * 64 * 512 * config["hidden_size"] * 2 / 2**20
+    return {"imports_mb": round(import_floor_mb(), 1), "weights_mb": round(weights, 1), "buffers_mb": round(buffers, 1)}
+
+
+def table(rows: dict[str, dict], bound: dict | None = None) -> str:
     lines = [
         "# Peak memory of whole runs on SmolLM2-135M",
         "",
@@ -111,6 +129,12 @@ def table(rows: dict[str, dict]) -> str:
     ratios = [f"{a}: {rows[a]['peak_rss_mb'] / rows[b]['peak_rss_mb']:.2f}x {b}" for a, b in pairs if a in rows and b in rows]
     if ratios:
         lines += ["", "Beta search (5 trials) against the plain run: " + "; ".join(ratios) + "."]
+    if bound:
+        total = bound["imports_mb"] + bound["weights_mb"] + bound["buffers_mb"]
+        lines += ["", f"The floor of an in-memory run: {bound['imports_mb']:.0f} MB of imports (torch, transformers, compress; "
+                  f"a process that only imports them) + {bound['weights_mb']:.0f} MB of float32 weights + {bound['buffers_mb']:.0f} MB "
+                  f"for one block's bf16 inputs and outputs = **{total:.0f} MB**. A streamed run (`model.stream: true`) holds "
+                  "one block at a time instead of the weights (the embedding and head stay in memory)."]
     return "\n".join(lines) + "\n"
 
 
@@ -127,8 +151,10 @@ def main() -> None:
         target.write_text(json.dumps(row, indent=2) + "\n")
         print(f"    peak {row['peak_rss_mb']:.0f} MB in {row['peak_phase']}, ppl {row['perplexity']:.2f}, wall {row['wall_seconds']:.0f} s", flush=True)
     rows = {name: json.loads((RESULTS / f"{name}.json").read_text()) for name in CONFIGS if (RESULTS / f"{name}.json").is_file()}
-    (HERE / "results" / "memory.md").write_text(table(rows))
-    print(table(rows))
+    bound = floor(args)
+    (RESULTS / "floor.json").write_text(json.dumps(bound, indent=2) + "\n")
+    (HERE / "results" / "memory.md").write_text(table(rows, bound))
+    print(table(rows, bound))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,10 @@ class UniformAllocation(Config):
 class AtpAllocation(Config):
     kind: Literal["atp"] = "atp"
     beta: float | Literal["auto"] = "auto"  # step between consecutive blocks; auto: search
-    trials: int = Field(default=5, ge=2)  # full prune+validate trials the search may spend (beta=0 is one)
+    trials: int = Field(default=5, ge=2)  # compress+validate trials the search may spend (beta=0 is one)
+    # calibration windows each trial compresses with (spread over data.calibration); the chosen beta
+    # is then compressed once with all of them. "all": every trial uses all, the best one is kept
+    trial_samples: Annotated[int, Field(ge=1)] | Literal["all"] = 4
 
     @model_validator(mode="after")
     def _nonnegative(self):

@@ -149,7 +149,11 @@ def _search_lines(k: int, record: dict, out: Path, files: list[str]) -> list[str
     files.append(name)
     lines = ["", "| beta | validation ppl | seconds |", "|---|---|---|"]
     lines += [f"| {t['beta']:.5f} | {t['score']:.3f} | {t['seconds']:.1f} |" for t in record["search"]]
-    return lines + ["", f"Chosen beta: {record['beta']:.5f}", "", f"![beta search]({name})"]
+    windows = {t.get("calibration_windows") for t in record["search"]} - {None}
+    chosen = f"Chosen beta: {record['beta']:.5f}"
+    if windows:  # the trials took fewer windows than the stage: it compressed the chosen beta once more on all
+        chosen += f" (trials calibrated on {', '.join(map(str, sorted(windows)))} of the calibration windows; the chosen beta then on all of them)"
+    return lines + ["", chosen, "", f"![beta search]({name})"]
 
 
 def _notes(record: dict) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,12 +23,35 @@ class StageContext:
     stage_key: str = "stages"  # recipe key path of the running stage, for error messages
     scratch_dir: Path | None = None  # where stages may spill large temporary state; None: the system temp
     _inputs: BlockInputs | None = field(default=None, repr=False)
+    _subset: "Subset | None" = field(default=None, repr=False)
 
     def block_inputs(self, model: nn.Module) -> BlockInputs:
         """Block-0 inputs of the calibration segments, captured once and reused by every trial and
-        stage (they depend only on the embeddings, which no stage changes)."""
+        stage (they depend only on the embeddings, which no stage changes); inside calibrating_on(k),
+        k of them spread evenly over the calibration text."""
         if self.calibration is None:
             raise CompressError(f"{self.stage_key}: this stage needs calibration data (data.calibration)")
         if self._inputs is None:
             self._inputs = capture_inputs(model, self.calibration.tokens, self.calibration_dtype)
-        return self._inputs
+        subset, n = self._subset, len(self._inputs.hidden)
+        if subset is None or subset.windows >= n:
+            return self._inputs
+        subset.used = True
+        keep = torch.linspace(0, n - 1, subset.windows).round().long().tolist()
+        return BlockInputs([self._inputs.hidden[k] for k in keep], self._inputs.extras)
+
+    @contextmanager
+    def calibrating_on(self, windows: int | None) -> Iterator["Subset"]:
+        """Stages calibrate on `windows` of the calibration windows while the context lasts (None:
+        on all); the Subset says whether any stage did calibrate on fewer."""
+        self._subset = Subset(windows if windows is not None else 1 << 62)
+        try:
+            yield self._subset
+        finally:
+            self._subset = None
+
+
+@dataclass
+class Subset:
+    windows: int
+    used: bool = False  # a stage took block inputs while fewer windows than all were asked for

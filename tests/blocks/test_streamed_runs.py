@@ -180,8 +180,10 @@ def test_peak_memory_follows_the_block_not_the_block_count(tmp_path):
     assert streamed[16] - streamed[4] < 60, streamed
 
 
+# the structured search's trials calibrate on 2 of the 4 windows (the chosen beta then on all 4);
+# the low-rank one's on all 4 (its best trial kept as it is)
 RESHAPED = """\
-  - {kind: structured, ratio: 0.25, allocation: {kind: atp, beta: auto, trials: 3}, channel_multiple: 8}
+  - {kind: structured, ratio: 0.25, allocation: {kind: atp, beta: auto, trials: 3, trial_samples: 2}, channel_multiple: 8}
   - {kind: lowrank, method: asvd, ratio: 0.3, residual_sparsity: 0.9, residual_iterations: 2, allocation: {kind: atp, beta: auto, trials: 3}}
   - {kind: quantize, method: gptq, bits: 4, group_size: 32}
 """
@@ -220,6 +222,7 @@ def test_streamed_structured_and_lowrank_equal_the_in_memory_run(tmp_path):
         # resident one on zeroed ones: the same numbers up to float summation order
         assert [t["score"] for t in b.get("search") or []] == pytest.approx([t["score"] for t in a.get("search") or []], rel=1e-6)
     structured, lowrank = results[True]["stages"][0], results[True]["stages"][1]
+    assert {t["calibration_windows"] for t in structured["search"]} == {2} and {t["calibration_windows"] for t in lowrank["search"]} == {None}
     assert len(set(structured["block_channels"])) > 1 and 0 < lowrank["achieved"] < 1
     assert results[True]["perplexity"]["compressed"]["ppl"] == pytest.approx(results[False]["perplexity"]["compressed"]["ppl"], rel=1e-5)
     assert results[True]["size"] == results[False]["size"]

@@ -137,6 +137,52 @@ def test_beta_search_leaves_the_weights_a_direct_prune_with_that_beta_gives(meth
     assert perplexity(searched, context().validation.tokens).ppl == pytest.approx(chosen["score"], rel=1e-6)
 
 
+def eight_window_context():
+    return StageContext(segments(8), segments(2, seed=1, role="validation"))
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_trials_on_fewer_windows_then_the_chosen_beta_pruned_once_on_all(method):
+    """trial_samples 2 of 8: every trial calibrates on 2 windows, and the model ends as a direct
+    prune with the chosen beta on all 8 (not as the 2-window trial)."""
+    model = tiny_model("llama", layers=4)
+    searched, direct, two = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
+    auto = {"kind": "atp", "beta": "auto", "trials": 4, "trial_samples": 2}
+    _, record = prune.apply(searched, eight_window_context(), PruneConfig(method=method, sparsity=0.6, allocation=auto))
+    assert [t["calibration_windows"] for t in record.search] == [2] * 4
+    fixed = PruneConfig(method=method, sparsity=0.6, allocation={"kind": "atp", "beta": record.beta})
+    prune.apply(direct, eight_window_context(), fixed)
+    ctx = eight_window_context()
+    with ctx.calibrating_on(2):
+        prune.apply(two, ctx, fixed)
+    weights = [[get_weight(m) for b in decoder_blocks(x) for m in block_linears(b).values()] for x in (searched, direct, two)]
+    assert all(torch.equal(a, b) for a, b in zip(weights[0], weights[1]))
+    assert not all(torch.equal(a, b) for a, b in zip(weights[0], weights[2]))
+    chosen = next(t for t in record.search if t["beta"] == record.beta)
+    assert perplexity(two, ctx.validation.tokens).ppl == pytest.approx(chosen["score"], rel=1e-6)  # what the trial scored
+
+
+def test_magnitude_trials_take_no_windows_and_keep_their_best():
+    model = tiny_model("llama", layers=4)
+    _, record = prune.apply(model, eight_window_context(), PruneConfig(method="magnitude", sparsity=0.6,
+                            allocation={"kind": "atp", "beta": "auto", "trials": 3, "trial_samples": 2}))
+    assert [t["calibration_windows"] for t in record.search] == [None] * 3
+    chosen = next(t for t in record.search if t["beta"] == record.beta)
+    assert perplexity(model, eight_window_context().validation.tokens).ppl == pytest.approx(chosen["score"], rel=1e-6)
+
+
+def test_calibrating_on_spreads_the_windows_over_the_text():
+    ctx = eight_window_context()
+    model = tiny_model("llama", layers=2)
+    every = ctx.block_inputs(model).hidden
+    with ctx.calibrating_on(3) as subset:
+        picked = ctx.block_inputs(model).hidden
+    assert subset.used and [next(k for k, h in enumerate(every) if h is p) for p in picked] == [0, 4, 7]
+    with ctx.calibrating_on(8) as subset:
+        assert ctx.block_inputs(model).hidden is every
+    assert not subset.used and ctx.block_inputs(model).hidden is every
+
+
 def test_same_seed_same_masks():
     masks = []
     for _ in range(2):
