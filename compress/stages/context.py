@@ -34,7 +34,7 @@ class StageContext:
         if self._inputs is None:
             self._inputs = capture_inputs(model, self.calibration.tokens, self.calibration_dtype)
         subset, n = self._subset, len(self._inputs.hidden)
-        if subset is None or subset.windows >= n:
+        if subset is None or subset.windows is None or subset.windows >= n:
             return self._inputs
         subset.used = True
         keep = torch.linspace(0, n - 1, subset.windows).round().long().tolist()
@@ -44,7 +44,7 @@ class StageContext:
     def calibrating_on(self, windows: int | None) -> Iterator["Subset"]:
         """Stages calibrate on `windows` of the calibration windows while the context lasts (None:
         on all); the Subset says whether any stage did calibrate on fewer."""
-        self._subset = Subset(windows if windows is not None else 1 << 62)
+        self._subset = Subset(windows)
         try:
             yield self._subset
         finally:
@@ -53,5 +53,5 @@ class StageContext:
 
 @dataclass
 class Subset:
-    windows: int
+    windows: int | None  # None: all
     used: bool = False  # a stage took block inputs while fewer windows than all were asked for
