@@ -249,13 +249,16 @@ def choose(fmt: BlockFormat, W: torch.Tensor, importance: torch.Tensor | None = 
 @dataclass
 class GgufState:
     """Where a Linear's weight sits on a block format: every span's stored parameters, spans in
-    column order (d: (rows, spans); sc, m: (rows, spans * subs)). What the GGUF exporter packs."""
+    column order (d: (rows, spans); sc, m: (rows, spans * subs)). What the GGUF exporter packs.
+    file_type: the llama.cpp file type whose mix chose this format (compress/algorithms/ggml_mixes.py),
+    None for a format asked for as such."""
 
     fmt: BlockFormat
     d: torch.Tensor
     sc: torch.Tensor | None = None
     dmin: torch.Tensor | None = None
     m: torch.Tensor | None = None
+    file_type: str | None = None
 
     @classmethod
     def stack(cls, fmt: BlockFormat, spans: list[SpanParams]) -> "GgufState":
@@ -281,7 +284,7 @@ class GgufState:
     def rows(self, index: torch.Tensor) -> "GgufState":
         """The same parameters for the rows in `index` order (a file's row order)."""
         pick = lambda t: None if t is None else t[index]  # noqa: E731
-        return GgufState(self.fmt, pick(self.d), pick(self.sc), pick(self.dmin), pick(self.m))
+        return GgufState(self.fmt, pick(self.d), pick(self.sc), pick(self.dmin), pick(self.m), self.file_type)
 
     def codes(self, W: torch.Tensor) -> torch.Tensor:
         """Integer codes (rows, cols) of W, which must lie on this grid: exactly in float32; a
@@ -360,5 +363,5 @@ def state_tensors(prefix: str, state: GgufState) -> dict[str, torch.Tensor]:
     return {f"{prefix}.{field}": getattr(state, field).contiguous() for field in STATE_FIELDS if getattr(state, field) is not None}
 
 
-def state_from_tensors(fmt_name: str, prefix: str, tensors: dict[str, torch.Tensor]) -> GgufState:
-    return GgufState(FORMATS[fmt_name], **{field: tensors.get(f"{prefix}.{field}") for field in STATE_FIELDS})
+def state_from_tensors(fmt_name: str, prefix: str, tensors: dict[str, torch.Tensor], file_type: str | None = None) -> GgufState:
+    return GgufState(FORMATS[fmt_name], **{field: tensors.get(f"{prefix}.{field}") for field in STATE_FIELDS}, file_type=file_type)

@@ -30,7 +30,7 @@ def block_states(modules: dict[str, nn.Module]) -> tuple[dict[str, torch.Tensor]
             described[name] = {"grid": [g.bits, g.group_size, g.sym]}
             tensors.update({f"{prefix}.scales": state.scales, f"{prefix}.zeros": state.zeros, f"{prefix}.g_idx": state.g_idx})
         elif isinstance(state, GgufState):
-            described[name] = {"format": state.fmt.name}
+            described[name] = {"format": state.fmt.name, **({"file_type": state.file_type} if state.file_type else {})}
             tensors.update(ggml_formats.state_tensors(prefix, state))
         elif getattr(module, "bnb_format", None) is not None:
             described[name] = {"bnb": module.bnb_format}
@@ -48,7 +48,7 @@ def restore_states(modules: dict[str, nn.Module], metadata: dict | None, keys, r
             module.quant_state = QuantState(Grid(bits, group_size, sym), read(f"{prefix}.scales"), read(f"{prefix}.zeros"), read(f"{prefix}.g_idx"))
         elif "format" in desc:
             fields = {f: read(f"{prefix}.{f}") for f in ggml_formats.STATE_FIELDS if f"{prefix}.{f}" in keys}
-            module.quant_state = GgufState(ggml_formats.FORMATS[desc["format"]], **fields)
+            module.quant_state = GgufState(ggml_formats.FORMATS[desc["format"]], **fields, file_type=desc.get("file_type"))
         else:
             module.bnb_format = desc["bnb"]
 

@@ -23,7 +23,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from compress.algorithms import allocate, ggml_formats
+from compress.algorithms import allocate, ggml_formats, ggml_mixes
 from compress.algorithms.accumulators import Hessian
 from compress.algorithms.allocate import AtpAllocation, UniformAllocation
 from compress.algorithms.obs import gptq_quantize
@@ -33,7 +33,7 @@ from compress.blocks.runner import sequential
 from compress.blocks.store import store_of
 from compress.config import Config, LayerPatterns
 from compress.errors import CompressError
-from compress.model.anatomy import block_weight_counts, get_weight, in_features, select_linears, set_weight
+from compress.model.anatomy import block_weight_counts, get_weight, in_features, model_type, select_linears, set_weight
 from compress.stages.allocation import resolve_beta
 from compress.stages.context import StageContext
 from compress.stages.record import AllocatedRecord
@@ -45,6 +45,9 @@ log = logging.getLogger("compress")
 
 
 GridName = Literal["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
+# llama.cpp's named file types whose mix gives matrices different formats (compress/algorithms/ggml_mixes.py);
+# q2_k names the mix unless `pure` (llama-quantize --pure)
+MixName = Literal["q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m"]
 
 
 class ExplicitBits(Config):
@@ -71,7 +74,8 @@ class QuantizeConfig(Config):
     method: Literal["gptq", "rtn", "bnb"] = "gptq"
     # gptq/rtn onto one of llama.cpp's block formats (bits, group_size and sym follow from it); with
     # atp, each block gets a format of the grid's family (K-quants, or the legacy ones)
-    grid: GridName | None = None
+    grid: GridName | MixName | None = None
+    pure: bool = False  # grid q2_k: every matrix Q2_K (llama-quantize --pure), not llama.cpp's Q2_K mix
     bits_per_weight: float | None = Field(default=None, gt=0)  # grid + atp: the mean as stored, scales included (default: the grid's)
     bits: float | None = None  # gptq/rtn: 2|3|4|8 (default 4); with atp the size-weighted mean, e.g. 3.0
     format: Literal["nf4", "fp4", "int8"] | None = None  # bnb only (default nf4)
@@ -127,6 +131,12 @@ class QuantizeConfig(Config):
         if self.act_order is True:
             raise ValueError(f"act_order true scatters columns over blocks; {self.grid} blocks are runs of stored columns: use group or false")
         alloc = self.allocation
+        if self.pure and self.grid != "q2_k":
+            raise ValueError(f"pure applies to grid q2_k (llama.cpp's Q2_K mix, or with pure every matrix Q2_K); {self.grid} is "
+                             + ("a mix: name its block format (q4_k ...) for one format everywhere" if self.mix else "one format already"))
+        if self.mix and not isinstance(alloc, UniformAllocation):
+            raise ValueError(f"grid {self.grid} is llama.cpp's mix, which gives every matrix its format; an allocation by block "
+                             f"chooses among block formats: give grid {ggml_mixes.MIXES[self.grid]} (or another format) with it")
         if isinstance(alloc, ExplicitBits) and alloc.grids is None:
             raise ValueError("with grid, allocation explicit takes grids (one block format per block), not bits")
         if self.bits_per_weight is not None and not isinstance(alloc, AtpAllocation):
@@ -136,6 +146,13 @@ class QuantizeConfig(Config):
             if not ladder[0] <= self.target_bits <= ladder[-1]:
                 raise ValueError(f"bits_per_weight must be within [{ladder[0]:g}, {ladder[-1]:g}] ({self.grid}'s family of formats), got {self.target_bits:g}")
         return self
+
+    @property
+    def mix(self) -> str | None:
+        """The llama.cpp file type whose mix this grid follows, or None (one format)."""
+        if self.grid in ggml_mixes.MIXES and not (self.grid == "q2_k" and self.pure):
+            return self.grid
+        return None
 
     @property
     def ladder(self) -> tuple[float, ...]:
@@ -148,7 +165,7 @@ class QuantizeConfig(Config):
         if self.grid is not None:
             if isinstance(self.allocation, ExplicitBits):
                 return sum(ggml_formats.FORMATS[g].bits_per_weight for g in self.allocation.grids) / len(self.allocation.grids)
-            return self.bits_per_weight or ggml_formats.FORMATS[self.grid].bits_per_weight
+            return self.bits_per_weight or ggml_formats.FORMATS[ggml_mixes.MIXES.get(self.grid, self.grid)].bits_per_weight
         if self.method == "bnb":
             return {"nf4": 4, "fp4": 4, "int8": 8}[self.format or "nf4"]
         if isinstance(self.allocation, ExplicitBits):
@@ -243,18 +260,36 @@ def bnb_roundtrip(W: torch.Tensor, fmt: str) -> torch.Tensor:
 # ---------------------------------------------------------------- the model
 
 
-def layer_grid(cfg: QuantizeConfig, plan, module):
-    """What a layer is quantised onto: its block's integer Grid, or the block's llama.cpp format
-    (its fallback where the rows are not whole blocks; None: left in float, as llama.cpp would)."""
+def layer_grid(cfg: QuantizeConfig, target, module):
+    """What a layer is quantised onto: its integer Grid, or its llama.cpp format (its fallback
+    where the rows are not whole blocks; None: left in float, as llama.cpp would)."""
     if cfg.grid is None:
-        return grid_of(cfg, plan)
-    return ggml_formats.fitting(plan, in_features(module))
+        return grid_of(cfg, target)
+    return ggml_formats.fitting(target, in_features(module))
+
+
+def mix_facts(model, layers) -> ggml_mixes.ModelFacts:
+    """What llama.cpp's mix rules read from the model (its text config for multimodal wrappers)."""
+    config = getattr(model.config, "text_config", None) or model.config
+    heads = getattr(config, "num_attention_heads", 1)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    n = len(layers)
+    return ggml_mixes.ModelFacts(n, heads // kv_heads, model_type(model) in ("llama", "mistral") and n == 80 and kv_heads < heads)
+
+
+def layer_targets(cfg: QuantizeConfig, layers, plan: list, facts: ggml_mixes.ModelFacts | None) -> dict:
+    """Per layer name: its bit-width or block format before any fallback (the block's entry of
+    the plan; a mix: the format llama.cpp's mix gives that matrix in that block)."""
+    return {name: ggml_mixes.chosen_type(cfg.mix, ggml_mixes.role_of(name), i, facts) if cfg.mix else plan[i]
+            for i, block in enumerate(layers) for name in block}
 
 
 def on_grid(cfg: QuantizeConfig, module, was_zero: torch.Tensor, W_new, state, sqnr=None) -> dict:
     """The layer on its grid (W_new None: it stays as it is, float), and what the record counts of it."""
     if W_new is not None:
         set_weight(module, W_new)
+    if isinstance(state, ggml_formats.GgufState) and cfg.mix:
+        state.file_type = cfg.mix  # a `grid` GGUF file then takes this mix for its other tensors
     if state is not None:
         module.quant_state = devices.on_cpu(state)
     if cfg.method == "bnb":
@@ -265,13 +300,13 @@ def on_grid(cfg: QuantizeConfig, module, was_zero: torch.Tensor, W_new, state, s
             "grid": state.fmt.name if isinstance(state, ggml_formats.GgufState) else None}
 
 
-def quantize_layer(cfg: QuantizeConfig, name: str, module, bits, results: dict, H=None) -> None:
-    """One layer onto its block's width or format; its counts go into results[name] (a GPTQ
-    dampening raised to succeed into results["_notes"])."""
+def quantize_layer(cfg: QuantizeConfig, name: str, module, target, results: dict, H=None) -> None:
+    """One layer onto its width or format; its counts go into results[name] (a GPTQ dampening
+    raised to succeed into results["_notes"])."""
     W = get_weight(module)
     was_zero = W == 0
     frozen = was_zero if cfg.keep_sparsity else None  # zeros of earlier stages, which must stay exactly zero
-    grid = layer_grid(cfg, bits, module)
+    grid = layer_grid(cfg, target, module)
     if cfg.method == "bnb":
         results[name] = on_grid(cfg, module, was_zero, bnb_roundtrip(W, cfg.bnb_format), None)
     elif grid is None:  # rows not whole blocks of the format or its fallback: float, as llama.cpp leaves it
@@ -294,8 +329,8 @@ class GptqPass:
     """GPTQ's callbacks for the block runner: a Hessian per selected layer of the block being
     observed, then every layer quantised with it."""
 
-    def __init__(self, cfg: QuantizeConfig, layers, block_bits: list, results: dict):
-        self.cfg, self.layers, self.block_bits, self.results = cfg, layers, block_bits, results
+    def __init__(self, cfg: QuantizeConfig, layers, targets: dict, results: dict):
+        self.cfg, self.layers, self.targets, self.results = cfg, layers, targets, results
         self.stats: dict[str, Hessian] = {}
 
     def observe(self, i, block):
@@ -304,25 +339,25 @@ class GptqPass:
 
     def compress(self, i, block):
         for name, module in self.layers[i].items():
-            quantize_layer(self.cfg, name, module, self.block_bits[i], self.results, self.stats[name].H)
+            quantize_layer(self.cfg, name, module, self.targets[name], self.results, self.stats[name].H)
         return bool(self.layers[i])
 
 
-def quantize_model(model, ctx: StageContext, cfg: QuantizeConfig, layers, block_bits: list, results: dict) -> None:
-    """Quantise every selected layer of every block to its block's width (or format), in place,
+def quantize_model(model, ctx: StageContext, cfg: QuantizeConfig, layers, targets: dict, results: dict) -> None:
+    """Quantise every selected layer of every block to its width (or format: targets), in place,
     each block taken from the model's block store in turn (compress/blocks/store.py: a streamed
     model's are read from disk and written back). results gets, per layer as it is quantised (no
     second pass over the weights; kept with the pass's checkpoints): zeros before / kept / after,
     the bits stored, the llama.cpp format it got (grid) and the output SQNR (gptq); plus "_notes"."""
     if cfg.method != "gptq":
         store = store_of(model)
-        for i, bits in enumerate(block_bits):
+        for i in range(len(layers)):
             with store.loaded(i) as loaded:
                 for name, module in layers[i].items():
-                    quantize_layer(cfg, name, module, bits, results)
+                    quantize_layer(cfg, name, module, targets[name], results)
                 loaded["changed"] = bool(layers[i])
         return
-    gptq = GptqPass(cfg, layers, block_bits, results)
+    gptq = GptqPass(cfg, layers, targets, results)
     label = f"gptq {cfg.grid}" if cfg.grid else f"gptq {cfg.target_bits:g}-bit"
     sequential(model, ctx.block_inputs(model), gptq.observe, gptq.compress, label, ctx.calibration_dtype, collected=results)
 
@@ -363,6 +398,8 @@ def grid_plan(cfg: QuantizeConfig, L: int, beta: float, layers) -> list[str]:
 
 
 def plan_bits(cfg: QuantizeConfig, plan: list) -> list[float]:
+    if cfg.mix:  # measured per block from what each matrix got (measure)
+        return [None] * len(plan)
     return [ggml_formats.FORMATS[p].bits_per_weight for p in plan] if cfg.grid is not None else list(plan)
 
 
@@ -379,38 +416,43 @@ def apply(model, ctx: StageContext, cfg: QuantizeConfig) -> tuple[nn.Module, Qua
         beta_max, plan = (lambda: allocate.atp_ladder_beta_max(L, B, cfg.ladder)), (lambda b: tuple(grid_plan(cfg, L, b, layers)))
     else:
         beta_max, plan = (lambda: allocate.atp_bits_beta_max(L, B)), (lambda b: tuple(allocate.atp_bits(L, B, b, sizes)))
+    facts = mix_facts(model, layers) if cfg.mix else None
     chosen = resolve_beta(model, ctx, cfg.allocation, {name: m for block in layers for name, m in block.items()}, beta_max, plan,
-                          compress=lambda bits, _, results: quantize_model(model, ctx, cfg, layers, list(bits), results), zeros_only=False)
+                          compress=lambda bits, _, results: quantize_model(model, ctx, cfg, layers, layer_targets(cfg, layers, list(bits), facts), results),
+                          zeros_only=False)
     beta, search, notes, results = chosen.beta, chosen.search, list(chosen.notes), chosen.collected
-    block_bits = widths(cfg, layers, beta)
+    block_plan = widths(cfg, layers, beta)
+    targets = layer_targets(cfg, layers, block_plan, facts)
     if results is None:
         results = {}
-        quantize_model(model, ctx, cfg, layers, block_bits, results)
+        quantize_model(model, ctx, cfg, layers, targets, results)
     notes += results.pop("_notes", [])
-    return model, measure(cfg, layers, block_bits, results, beta, search, skipped, notes, time.perf_counter() - start)
+    return model, measure(cfg, layers, block_plan, targets, results, beta, search, skipped, notes, time.perf_counter() - start)
 
 
-def measure(cfg, layers, plan, results: dict[str, dict], beta, search, skipped, notes, seconds) -> QuantizeRecord:
-    block_bits = plan_bits(cfg, plan)
-    layer_bits, layer_grids, fallen, stored, count = {}, {}, {}, 0.0, 0
-    for block, bits, step in zip(layers, block_bits, plan):
+def measure(cfg, layers, plan, targets: dict, results: dict[str, dict], beta, search, skipped, notes, seconds) -> QuantizeRecord:
+    layer_bits, layer_grids, fallen, stored, count, block_bits = {}, {}, {}, 0.0, 0, []
+    for block, bits in zip(layers, plan_bits(cfg, plan)):
+        block_stored = block_count = 0
         for name, module in block.items():
             got = results[name]
             n = get_weight(module).numel()
             if cfg.grid is not None:  # what the layer really got: a fallback, or nothing (float)
                 layer_grids[name] = got["grid"]
-                if got["grid"] != step:
+                if got["grid"] != targets[name]:
                     fallen[name] = got["grid"] or "float"
             layer_bits[name] = got["stored_bits"] / n if cfg.grid is not None else bits
-            stored += got["stored_bits"]
-            count += n
+            block_stored, block_count = block_stored + got["stored_bits"], block_count + n
+        block_bits.append(block_stored / block_count if cfg.mix and block_count else bits)  # a mix: what the block stores
+        stored += block_stored
+        count += block_count
     before, kept, after = (sum(r[f] for r in results.values()) for f in ("zeros_before", "zeros_kept", "zeros_after"))
     layer_sqnr = {name: r["sqnr_db"] for name, r in results.items() if r["sqnr_db"] is not None}
     if cfg.method == "bnb":
         fmt = cfg.bnb_format
     else:
         order = {True: " act-order", "group": " group-aware order", False: ""}[cfg.column_order] if cfg.method == "gptq" else ""
-        fmt = f"{cfg.grid} blocks{order}" if cfg.grid else f"int{cfg.target_bits:g} g{cfg.group_size} {'sym' if cfg.sym else 'asym'}{order}"
+        fmt = f"{cfg.mix} mix{order}" if cfg.mix else f"{cfg.grid} blocks{order}" if cfg.grid else f"int{cfg.target_bits:g} g{cfg.group_size} {'sym' if cfg.sym else 'asym'}{order}"
     if fallen:
         notes = notes + [f"{len(fallen)} layers have rows that are not whole blocks of their block's format and took llama.cpp's fallback "
                          f"({', '.join(sorted(set(fallen.values())))}): {', '.join(list(fallen)[:3])}{'...' if len(fallen) > 3 else ''}"]

@@ -416,7 +416,12 @@ NAMED_TYPE = {"q4_0": "q4_0", "q4_1": "q4_1", "q5_0": "q5_0", "q5_1": "q5_1", "q
 
 
 def grid_base(model, states: dict[str, GgufState]) -> str:
-    """The named type for a `grid` file's other tensors: the one of the format most weights are on."""
+    """The named type for a `grid` file's other tensors: the mix that chose the formats (grid:
+    q4_k_m ...: the file is then that type's, byte for byte), else the one of the format most
+    weights are on."""
+    mixes = {st.file_type for st in states.values()}
+    if len(mixes) == 1 and (mix := mixes.pop()) is not None:
+        return mix
     counts = Counter()
     modules = dict(model.named_modules())
     for name, st in states.items():

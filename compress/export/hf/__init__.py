@@ -96,16 +96,18 @@ def save_block_grids(model, folder: Path) -> int:
     """The block parameters of every layer on a llama.cpp format (compress/algorithms/ggml_formats.py), so
     that a later `compress export --to gguf` writes the same blocks; returns how many layers."""
     store = store_of(model)
-    tensors, formats = {}, {}
+    tensors, formats, file_types = {}, {}, {}
     for i, block in store.each():  # the states are small: a streamed model's are gathered block by block
         for rel, m in block.named_modules():
             if isinstance(getattr(m, "quant_state", None), GgufState):
                 name = f"{store.prefix}.{i}.{rel}"
                 formats[name] = m.quant_state.fmt.name
+                if m.quant_state.file_type:
+                    file_types[name] = m.quant_state.file_type
                 tensors.update(ggml_formats.state_tensors(name, m.quant_state))
     if not formats:
         return 0
-    save_file(tensors, str(folder / GRIDS_FILE), metadata={"formats": json.dumps(formats)})
+    save_file(tensors, str(folder / GRIDS_FILE), metadata={"formats": json.dumps(formats), "file_types": json.dumps(file_types)})
     return len(formats)
 
 
@@ -117,13 +119,14 @@ def load_block_grids(model, folder: Path) -> int:
         return 0
     with safe_open(path, framework="pt") as f:
         formats = json.loads(f.metadata()["formats"])
+        file_types = json.loads(f.metadata().get("file_types", "{}"))  # the mix that chose each format (absent before mixes)
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     modules = dict(model.named_modules())
     for name, fmt in formats.items():
         module = modules.get(name)
         if module is None:
             raise CompressError(f"{path}: lists {name}, which the model does not have")
-        state = ggml_formats.state_from_tensors(fmt, name, tensors)
+        state = ggml_formats.state_from_tensors(fmt, name, tensors, file_types.get(name))
         try:
             state.codes(module.weight.detach())
         except ValueError:
