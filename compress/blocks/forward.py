@@ -72,8 +72,11 @@ def blockwise_nll(model, tokens: torch.Tensor, dtype: torch.dtype | None = None)
     all windows (one pass over the weights, not one per window): the evaluation of a streamed
     model (compress/blocks/sources.py), each block onloaded to the recipe's GPU if it names one."""
     total = 0.0
-    for window, logits in blockwise_logits(model, tokens, dtype):
-        total += summed_nll(logits[:, :-1], window[1:].unsqueeze(0).to(logits.device))
+    for window, h, head in blockwise_hidden(model, tokens, dtype):
+        # the head a few positions at a time: a whole window's logits are 100 MB for a 49k vocabulary
+        targets = window[1:].to(h.device)
+        for rows, target in zip(h[0, :-1].split(NLL_ROWS), targets.split(NLL_ROWS)):
+            total += float(F.cross_entropy(head(rows).float(), target, reduction="sum"))
     return total, tokens.shape[0] * (tokens.shape[1] - 1)
 
 
@@ -83,14 +86,29 @@ def blockwise_logits(model, tokens: torch.Tensor, dtype: torch.dtype | None = No
     that dtype from the model's own weights (float32 for a 16-bit model: what llama.cpp and ONNX
     Runtime compute with them), one block's copy at a time; the tensors outside the blocks are
     cast for the pass and back (exact: float32 holds every 16-bit value)."""
+    for window, h, head in blockwise_hidden(model, tokens, dtype):
+        yield window, head(h)
+
+
+def blockwise_hidden(model, tokens: torch.Tensor, dtype: torch.dtype | None = None):
+    """(window, its final-normed hidden states (1, t, hidden), the output head) for each window,
+    the blocks run one at a time over all windows (blockwise_logits without the logits)."""
     device = devices.of(model)
     with cast_outside_blocks(model, dtype):
         inputs = capture_inputs(model, tokens, dtype, skip_blocks=dtype is not None)
         hidden = sequential(model, inputs, lambda i, b: {}, lambda i, b: False, "perplexity blocks", dtype=dtype, keep_last=True)
         norm, head = model.model.norm, model.get_output_embeddings()
         with torch.inference_mode(), devices.onloaded(norm, device), devices.onloaded(head, device):
+            logits = softcapped(head, getattr(getattr(model.config, "text_config", None) or model.config, "final_logit_softcapping", None))
             for h, window in zip(hidden, tokens):
-                yield window, head(norm(h.to(head.weight.dtype)))
+                yield window, norm(h.to(head.weight.dtype)), logits
+
+
+def softcapped(head, cap: float | None):
+    """The head as the model's forward applies it: Gemma 2 squashes its logits into (-cap, cap)."""
+    if not cap:
+        return head
+    return lambda h: torch.tanh(head(h) / cap) * cap
 
 
 @contextmanager

@@ -53,3 +53,18 @@ def test_bos_windows_perplexity_equals_token_by_token_with_bos(arch, bos_tokeniz
                 count += 1
     assert result.tokens == count == 3 * 23
     assert result.nll == pytest.approx(nll / count, rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "llama"])
+def test_blockwise_perplexity_equals_the_full_forward_gemma_2_s_logit_softcap_included(arch):
+    """The block-by-block pass (streamed models, float32 checks) applies the head as the model's
+    forward does: Gemma 2 caps its logits (final_logit_softcapping), which a wide head shows."""
+    from conftest import model_from_config
+
+    model = model_from_config(arch, vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(400)  # logits far past the cap of 30
+    tokens = torch.randint(0, 256, (3, 20))
+    full, blockwise = perplexity(model, tokens), perplexity(model, tokens, dtype=torch.float32)
+    assert blockwise.nll == pytest.approx(full.nll, rel=1e-5)
