@@ -73,7 +73,7 @@ if [[ "$REBUILD" == 1 || ! -x "$BIN/llama-imatrix" || ! -x "$BIN/llama-quantize"
   fi
   t0=$(now)
   "$CMAKE" -S "$LLAMA" -B "$BUILD_DIR" -DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DCMAKE_BUILD_TYPE=Release > "$WORK/cmake-configure.log"
-  "$CMAKE" --build "$BUILD_DIR" --config Release --target llama-imatrix llama-quantize -j"$THREADS" > "$WORK/cmake-build.log"
+  "$CMAKE" --build "$BUILD_DIR" --config Release --target llama-imatrix llama-quantize llama-perplexity -j"$THREADS" > "$WORK/cmake-build.log"
   BUILD_SECONDS=$(since "$t0")
   log "built llama-imatrix and llama-quantize in $BUILD_SECONDS s"
 fi

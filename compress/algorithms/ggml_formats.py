@@ -223,7 +223,12 @@ def nearest(x: torch.Tensor) -> torch.Tensor:
 def choose(fmt: BlockFormat, W: torch.Tensor, importance: torch.Tensor | None = None) -> SpanParams:
     """A span's parameters for every row of W (rows, span), from its current weights."""
     W = W.float()
-    scale, offset = raw_params(fmt, W, None if importance is None else importance.float().clamp(min=0))
+    return stored_params(fmt, *raw_params(fmt, W, None if importance is None else importance.float().clamp(min=0)))
+
+
+def stored_params(fmt: BlockFormat, scale: torch.Tensor, offset: torch.Tensor | None) -> SpanParams:
+    """Per-sub-block (scale, offset), (rows, subs), as the format stores them: float16 (legacy),
+    or small integers under float16 super-block scales (K-quants, as quantize_row_q*_K_ref)."""
     if not fmt.sub_bits:  # legacy: the scale (and offset) are float16
         return SpanParams(d=fp16(scale[:, 0]), m=fp16(offset[:, 0]) if fmt.asym else None)
     top = (1 << (fmt.sub_bits - 1)) if not fmt.asym else (1 << fmt.sub_bits) - 1  # 32 / 128 signed, 15 / 63 unsigned

@@ -23,7 +23,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from compress.algorithms import allocate, ggml_formats, ggml_mixes
+from compress.algorithms import allocate, ggml_formats, ggml_mixes, ggml_refit
 from compress.algorithms.accumulators import Hessian
 from compress.algorithms.allocate import AtpAllocation, UniformAllocation
 from compress.algorithms.obs import gptq_quantize
@@ -87,6 +87,9 @@ class QuantizeConfig(Config):
     dampening: float = Field(default=0.01, gt=0)  # gptq: fraction of mean diag(H) added to H
     blocksize: int = Field(default=128, gt=0)  # gptq: columns per lazy update
     keep_sparsity: bool = True  # zeros from earlier stages stay exactly zero
+    # gptq + grid: once GPTQ has fixed the codes, refit the scales (and mins) to the layer's output
+    # error under H, codes unchanged (compress/algorithms/ggml_refit.py); never worse per row
+    scale_refit: bool = True
     allocation: BitsAllocation = UniformAllocation()
     targets: LayerPatterns = [".*"]  # regexes on full module names of Linears inside decoder blocks
     ignore: LayerPatterns = []
@@ -320,6 +323,10 @@ def quantize_layer(cfg: QuantizeConfig, name: str, module, target, results: dict
         results[name] = on_grid(cfg, module, was_zero, W_new, state)
     else:
         W_new, damp, state = gptq_quantize(W, H, grid, frozen, cfg.blocksize, cfg.dampening, cfg.column_order)
+        if cfg.scale_refit and isinstance(state, ggml_formats.GgufState):
+            codes = state.codes(W_new)
+            state = ggml_refit.refit(state, codes, W, H)
+            W_new = state.dequantized(codes)
         if damp > cfg.dampening:
             results.setdefault("_notes", []).append(f"{name}: GPTQ needed dampening {damp:g} (asked {cfg.dampening:g})")
         results[name] = on_grid(cfg, module, was_zero, W_new, state, output_sqnr(W.float(), W_new, H))

@@ -226,3 +226,24 @@ def test_formats_by_depth_are_searched_on_the_validation_text(tmp_path, tokenize
     assert record.achieved <= 4.85 + 1e-9 and record.block_bits == sorted(record.block_bits, reverse=True)
     state = model.model.layers[0].mlp.down_proj.quant_state
     assert state.fmt.name == record.block_grids[0]  # the model holds the chosen trial's grids, not the last one's
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q3_k", "q4_k", "q2_k", "q6_k"])
+def test_the_scale_refit_keeps_the_codes_lowers_the_output_error_and_never_raises_a_row(name):
+    """ggml_refit.refit after GPTQ: same codes, parameters still storable (the file decodes to
+    the weights), a lower total output error, and no row worse than GPTQ left it; zeros stay."""
+    from compress.algorithms.ggml_refit import refit, row_error
+
+    W, H = layer(zeros=0.3)
+    frozen = W == 0
+    Wq, _, state = gptq_quantize(W, H, FORMATS[name], frozen, act_order="group")
+    q = state.codes(Wq)
+    new = refit(state, q, W, H)
+    W2 = new.dequantized(q)
+    assert torch.equal(new.codes(W2), q)  # on its grid, with GPTQ's codes
+    before, after = row_error(W - Wq, H), row_error(W - W2, H)
+    assert bool((after <= before * (1 + 1e-6)).all()) and after.sum() < before.sum()
+    if FORMATS[name].holds_zero:
+        assert bool((W2[frozen] == 0).all())
+    if FORMATS[name].sub_bits:
+        assert int(new.sc.min()) >= (0 if FORMATS[name].asym else -(1 << (FORMATS[name].sub_bits - 1)))
