@@ -46,7 +46,7 @@ ROWS = {
     "rtn-q4_0": ([{"kind": "quantize", "method": "rtn", "grid": "q4_0"}], "q4_0", "round to nearest onto Q4_0 blocks (our scale search)"),
     "gptq-q4_k": ([gptq("q4_k")], "q4_k_m", "GPTQ onto Q4_K blocks (Q5_0 where rows are 576 wide)"),
     "gptq-q3_k": ([gptq("q3_k")], "q3_k_m", "GPTQ onto Q3_K blocks (Q4_0 where rows are 576 wide)"),
-    "gptq-q2_k": ([gptq("q2_k")], "q2_k", "GPTQ onto Q2_K blocks (Q4_0 where rows are 576 wide)"),
+    "gptq-q2_k": ([gptq("q2_k", pure=True)], "q2_k", "GPTQ onto Q2_K blocks (Q4_0 where rows are 576 wide)"),
     # formats by depth at the size of llama.cpp's mix: the target is that file's mean bits per weight
     # over the blocks' matrices (the other tensors are the same in both files)
     "atp-q4_k-at-q4_k_m": ([gptq("q4_k", allocation=ATP, bits_per_weight="q4_k_m")], "q4_k_m", "GPTQ, K-quant formats by depth (ATP) at Q4_K_M's size"),

@@ -48,7 +48,7 @@ def parse_args():
     p.add_argument("--runs", type=Path, default=Path("runs/bench-gguf-kld"))
     p.add_argument("--models", nargs="*", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--types", nargs="*", choices=TYPES, default=TYPES)
-    p.add_argument("--no-refit-models", nargs="*", default=["smollm2"], help="models that also get the rows without the scale refit")
+    p.add_argument("--refit", choices=["on", "off", "both"], default="both", help="our rows with the scale refit, without, or both")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--force", action="store_true")
     return p.parse_args()
@@ -116,7 +116,7 @@ def bench_model(args, model: str) -> dict:
         for variant, extra in (("llama.cpp", []), ("llama.cpp-imatrix", ["--imatrix", imatrix])):
             out = work / f"{variant}-{kind}.gguf"
             rows[f"{variant}-{kind}"] = row(args, model, f"{variant}-{kind}", lambda out=out, extra=extra, kind=kind: quantized(args, extra, f32, out, kind), logits)
-        refits = (True, False) if model in args.no_refit_models else (True,)
+        refits = {"on": (True,), "off": (False,), "both": (False, True)}[args.refit]
         for refit in refits:
             name = f"gptq-{kind}" + ("" if refit else "-norefit")
             rows[name] = row(args, model, name, lambda name=name, kind=kind, refit=refit: ours(args, model, name, kind, refit), logits)
@@ -138,8 +138,8 @@ def ours(args, model: str, name: str, kind: str, refit: bool) -> tuple[Path, dic
         "layer_grids": results["stages"][0]["layer_grids"]}
 
 
-WHAT = {"llama.cpp": "llama.cpp's quantizer", "llama.cpp-imatrix": "llama.cpp + imatrix", "gptq": "ours: GPTQ onto the mix, scales refitted",
-        "gptq-norefit": "ours: GPTQ onto the mix, no refit"}
+WHAT = {"llama.cpp": "llama.cpp's quantizer", "llama.cpp-imatrix": "llama.cpp + imatrix", "gptq-norefit": "ours: GPTQ onto the mix",
+        "gptq": "ours: GPTQ onto the mix, + scale refit"}
 
 
 def table(rows: dict) -> str:
