@@ -102,9 +102,12 @@ def super_scales(state: GgufState, q: torch.Tensor, r: Residual) -> None:
     for k in range(state.d.shape[1]):
         cols = slice(k * fmt.span, (k + 1) * fmt.span)
         subs = slice(k * fmt.subs, (k + 1) * fmt.subs)
-        fields = [("d", state.sc[:, subs].float())] + ([("dmin", -state.m[:, subs].float())] if fmt.asym else [])
-        for name, per_sub in fields:
-            V = q[:, cols] * per_sub.repeat_interleave(fmt.width, dim=1) if name == "d" else per_sub.repeat_interleave(fmt.width, dim=1)
+        def expand(t):
+            return t.float().repeat_interleave(fmt.width, dim=1)
+
+        # d multiplies sc * q; dmin multiplies -m
+        fields = [("d", q[:, cols] * expand(state.sc[:, subs]))] + ([("dmin", -expand(state.m[:, subs]))] if fmt.asym else [])
+        for name, V in fields:
             old = getattr(state, name)[:, k]
             new = fp16(old + best_step(*r.gain(V, cols)))
             if name == "dmin":

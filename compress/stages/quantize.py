@@ -406,8 +406,8 @@ def grid_plan(cfg: QuantizeConfig, L: int, beta: float, layers) -> list[str]:
 
 
 def plan_bits(cfg: QuantizeConfig, plan: list) -> list[float]:
-    if cfg.mix:  # measured per block from what each matrix got (measure)
-        return [None] * len(plan)
+    if cfg.mix:  # the mix's main format; measure replaces it by what each block's matrices stored
+        return [ggml_formats.FORMATS[ggml_mixes.MIXES[cfg.mix]].bits_per_weight] * len(plan)
     return [ggml_formats.FORMATS[p].bits_per_weight for p in plan] if cfg.grid is not None else list(plan)
 
 
