@@ -96,19 +96,19 @@ def save_block_grids(model, folder: Path) -> int:
     """The block parameters of every layer on a llama.cpp format (compress/algorithms/ggml_formats.py), so
     that a later `compress export --to gguf` writes the same blocks; returns how many layers."""
     store = store_of(model)
-    tensors, formats, file_types = {}, {}, {}
+    tensors, layers = {}, {}
     for i, block in store.each():  # the states are small: a streamed model's are gathered block by block
         for rel, m in block.named_modules():
             if isinstance(getattr(m, "quant_state", None), GgufState):
                 name = f"{store.prefix}.{i}.{rel}"
-                formats[name] = m.quant_state.fmt.name
-                if m.quant_state.file_type:
-                    file_types[name] = m.quant_state.file_type
+                layers[name] = {"format": m.quant_state.fmt.name, "file_type": m.quant_state.file_type}
                 tensors.update(ggml_formats.state_tensors(name, m.quant_state))
-    if not formats:
+    if not layers:
         return 0
-    save_file(tensors, str(folder / GRIDS_FILE), metadata={"formats": json.dumps(formats), "file_types": json.dumps(file_types)})
-    return len(formats)
+    # one metadata key: safetensors writes its metadata map in a per-process order, so two keys would
+    # make the same model's file differ byte for byte between runs
+    save_file(tensors, str(folder / GRIDS_FILE), metadata={"layers": json.dumps(layers)})
+    return len(layers)
 
 
 def load_block_grids(model, folder: Path) -> int:
@@ -118,8 +118,13 @@ def load_block_grids(model, folder: Path) -> int:
     if not path.is_file():
         return 0
     with safe_open(path, framework="pt") as f:
-        formats = json.loads(f.metadata()["formats"])
-        file_types = json.loads(f.metadata().get("file_types", "{}"))  # the mix that chose each format (absent before mixes)
+        metadata = f.metadata()
+        if "layers" in metadata:  # format and the mix that chose it, per layer
+            layers = json.loads(metadata["layers"])
+            formats = {name: entry["format"] for name, entry in layers.items()}
+            file_types = {name: entry["file_type"] for name, entry in layers.items()}
+        else:  # written before mixes: formats only
+            formats, file_types = json.loads(metadata["formats"]), {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     modules = dict(model.named_modules())
     for name, fmt in formats.items():
