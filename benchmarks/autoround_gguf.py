@@ -1,4 +1,5 @@
-"""AutoRound's own GGUF exports of SmolLM2-135M, as comparison anchors for benchmarks/gguf_grids.py.
+"""AutoRound's own GGUF exports of SmolLM2-135M (or another float32 HF folder), as comparison anchors
+for benchmarks/gguf_grids.py and benchmarks/gguf_kld.py (which scores its iters=0 files).
 
 Runs in a separate venv (auto-round pins its own stack; it must not touch .venv), never imports
 `compress`, and writes OUTSIDE the repository (default /tmp/autoround-out):
@@ -7,8 +8,9 @@ Runs in a separate venv (auto-round pins its own stack; it must not touch .venv)
     /tmp/autoround-venv/bin/pip install -c constraints.txt auto-round==0.16.1 torch==2.13.0 sentencepiece gguf
     /tmp/autoround-venv/bin/python benchmarks/autoround_gguf.py                      # every format, iters 200 and 0
     /tmp/autoround-venv/bin/python benchmarks/autoround_gguf.py --formats gguf:q4_0 --iters 0
+    /tmp/autoround-venv/bin/python benchmarks/autoround_gguf.py --iters 0 --model gemma3-270m --folder /tmp/gemma3-270m-hf
 
-Each run loads /tmp/smollm2-hf (float32, CPU, 2 threads), quantises with AutoRound (iters=200 is
+Each run loads the folder (default /tmp/smollm2-hf, float32, CPU, 2 threads), quantises with AutoRound (iters=200 is
 its default SignRound tuning; iters=0 is its "optimised RTN" mode) on 64 windows of 512 tokens of
 brown.txt, exports with quantize_and_save(format=...), and records format, iters, seconds (quantise
 + export), file and size in <out>/results.json. Windows are drawn as the project's calibration
@@ -30,7 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 MODEL = "/tmp/smollm2-hf"
 BROWN = "/work/shared/data/brown.txt"
-FORMATS = ["gguf:q4_0", "gguf:q4_k_m", "gguf:q3_k_m", "gguf:q2_k_s"]
+FORMATS = ["gguf:q4_0", "gguf:q4_k_m", "gguf:q3_k_m", "gguf:q2_k"]  # its q2_k_s is an alias of q2_k
 NSAMPLES, SEQLEN, SEED, SPARE = 64, 512, 0, 16
 CALIBRATION_PART = 0.875  # brown.txt is split calibration 0.7 : validation 0.1 in the project's recipes
 
@@ -46,17 +48,17 @@ def calibration_texts(tokenizer) -> list[str]:
     return texts
 
 
-def run(fmt: str, iters: int, texts: list[str], out: Path) -> dict:
-    tokenizer = AutoTokenizer.from_pretrained(MODEL)
-    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)  # fresh: AutoRound edits in place
-    folder = out / f"{fmt.split(':')[1]}-iters{iters}"
+def run(args, fmt: str, iters: int, texts: list[str]) -> dict:
+    tokenizer = AutoTokenizer.from_pretrained(args.folder)
+    model = AutoModelForCausalLM.from_pretrained(args.folder, dtype=torch.float32)  # fresh: AutoRound edits in place
+    folder = args.out / args.model / f"{fmt.split(':')[1]}-iters{iters}"
     start = time.perf_counter()
     ar = AutoRound(model, tokenizer, scheme=fmt, iters=iters, nsamples=NSAMPLES, seqlen=SEQLEN,
                    dataset=texts, device_map="cpu", seed=SEED)
     ar.quantize_and_save(output_dir=str(folder), format=fmt)
     seconds = time.perf_counter() - start
     (gguf_file,) = folder.rglob("*.gguf")
-    return {"format": fmt, "iters": iters, "seconds": round(seconds, 1), "gguf": str(gguf_file),
+    return {"model": args.model, "format": fmt, "iters": iters, "seconds": round(seconds, 1), "gguf": str(gguf_file),
             "mb": round(gguf_file.stat().st_size / 2**20, 2), "auto_round": auto_round.__version__}
 
 
@@ -65,17 +67,19 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", default=FORMATS)
     parser.add_argument("--iters", nargs="+", type=int, default=[200, 0], help="200 is AutoRound's default")
     parser.add_argument("--out", type=Path, default=Path("/tmp/autoround-out"))
+    parser.add_argument("--folder", type=Path, default=Path(MODEL), help="the model as a float32 HF folder")
+    parser.add_argument("--model", default="smollm2", help="its name in results.json (gguf_kld.py's model names)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     args.out.mkdir(parents=True, exist_ok=True)
-    texts = calibration_texts(AutoTokenizer.from_pretrained(MODEL))
+    texts = calibration_texts(AutoTokenizer.from_pretrained(args.folder))
     results_file = args.out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else []
     for fmt in args.formats:
         for iters in args.iters:
-            row = run(fmt, iters, texts, args.out)
+            row = run(args, fmt, iters, texts)
             print(json.dumps(row), flush=True)
-            results = [r for r in results if (r["format"], r["iters"]) != (fmt, iters)] + [row]
+            results = [r for r in results if (r.get("model", "smollm2"), r["format"], r["iters"]) != (args.model, fmt, iters)] + [row]
             results_file.write_text(json.dumps(results, indent=2) + "\n")
 
 

@@ -8,7 +8,13 @@ Rows per type (Q4_0, Q4_K_M, Q3_K_M, Q2_K):
   on the first 64 x 512 tokens of Brown, the calibration text; never the evaluation text);
 - ours: `quantize: {method: gptq, grid: <type>}`: GPTQ onto each matrix's own format in llama.cpp's
   mix (compress/algorithms/ggml_mixes.py), scales refitted after GPTQ (ggml_refit.py), 64 x 512 Brown
-  calibration windows; `export.gguf.types: [grid]`; and the same without the refit (SmolLM2).
+  calibration windows; `export.gguf.types: [grid]`; and the same without the refit (SmolLM2);
+  and with `scale_weights: obs` (--obs: each span's scale search weighs columns by GPTQ's own loss);
+- ours, formats by depth: `grid: q4_k | q3_k | q2_k` (pure), `allocation: atp` (beta searched, 4
+  trials), `bits_per_weight` = llama.cpp's file's mean over the block matrices and its token_embd
+  type, so the file is at most llama.cpp's bytes (Q4_0 has no row: nothing below Q4_0 in its family);
+- AutoRound iters=0 (its optimised round to nearest), made in its own venv by
+  benchmarks/autoround_gguf.py (--autoround names its output folder).
 Both families' shipped weights already sit on 4-bit grids (SmolLM2: Q4_1-like groups of 32;
 Gemma 3 270M: its Q4_K_M release); the F32 / F16 files hold those values exactly.
 
@@ -33,11 +39,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from gguf_grids import block_matrix_bits  # noqa: E402
 from sparsity import data_section, require_inputs, run_recipe  # noqa: E402  (the same token windows as the other tables)
 
 RESULTS = HERE / "results" / "gguf_kld"
 MODELS = {"smollm2": "smollm2-135m", "gemma3-270m": "gemma3-270m"}
 TYPES = ["q4_0", "q4_k_m", "q3_k_m", "q2_k"]
+ATP_GRID = {"q4_k_m": "q4_k", "q3_k_m": "q3_k", "q2_k": "q2_k"}  # formats by depth: the family of the type's main format
 EVAL_CHUNKS, CTX, IMATRIX_CHUNKS = 32, 512, 64
 
 
@@ -49,6 +57,9 @@ def parse_args():
     p.add_argument("--models", nargs="*", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--types", nargs="*", choices=TYPES, default=TYPES)
     p.add_argument("--refit", choices=["on", "off", "both"], default="both", help="our rows with the scale refit, without, or both")
+    p.add_argument("--obs", action="store_true", help="also our rows with scale_weights obs (GPTQ's own column weights in the scale search)")
+    p.add_argument("--atp", action="store_true", help="also the formats-by-depth rows (a 4-trial beta search each)")
+    p.add_argument("--autoround", type=Path, default=Path("/tmp/autoround-out"), help="benchmarks/autoround_gguf.py's output: its iters=0 files are scored")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--force", action="store_true")
     return p.parse_args()
@@ -120,7 +131,27 @@ def bench_model(args, model: str) -> dict:
         for refit in refits:
             name = f"gptq-{kind}" + ("" if refit else "-norefit")
             rows[name] = row(args, model, name, lambda name=name, kind=kind, refit=refit: ours(args, model, name, kind, refit), logits)
+        if args.obs:
+            name = f"gptq-{kind}-obs"
+            rows[name] = row(args, model, name, lambda name=name, kind=kind: ours(args, model, name, kind, False, "obs"), logits)
+        if args.atp and kind in ATP_GRID:
+            anchor = work / f"llama.cpp-{kind}.gguf"
+            rows[f"atp-{kind}"] = row(args, model, f"atp-{kind}", lambda kind=kind, anchor=anchor: by_depth(args, model, kind, anchor), logits)
+        made = autoround_file(args, model, kind)
+        if made is not None:
+            rows[f"autoround-{kind}"] = row(args, model, f"autoround-{kind}", lambda made=made: (made, {"source": str(made)}), logits)
     return rows
+
+
+def autoround_file(args, model: str, kind: str) -> Path | None:
+    """AutoRound's iters=0 file of this model and type, if benchmarks/autoround_gguf.py made one."""
+    results = args.autoround / "results.json"
+    if not results.is_file():
+        return None
+    for entry in json.loads(results.read_text()):
+        if entry.get("model", "smollm2") == model and entry["format"] == f"gguf:{kind}" and entry["iters"] == 0:
+            return Path(entry["gguf"])
+    return None
 
 
 def quantized(args, extra: list, f32: Path, out: Path, kind: str) -> tuple[Path, dict]:
@@ -128,8 +159,8 @@ def quantized(args, extra: list, f32: Path, out: Path, kind: str) -> tuple[Path,
     return out, {}
 
 
-def ours(args, model: str, name: str, kind: str, refit: bool) -> tuple[Path, dict]:
-    stage = {"kind": "quantize", "method": "gptq", "grid": kind, "scale_refit": refit}
+def ours(args, model: str, name: str, kind: str, refit: bool, scale_weights: str = "hessian") -> tuple[Path, dict]:
+    stage = {"kind": "quantize", "method": "gptq", "grid": kind, "scale_refit": refit, "scale_weights": scale_weights}
     results, metadata, wall = run_recipe(args.runs / model, name, recipe(args, model, name, [stage], ["grid"], check=True))
     entry = results["export"]["gguf"]["files"]["grid"]
     return args.runs / model / name / "gguf" / entry["file"], {
@@ -138,8 +169,28 @@ def ours(args, model: str, name: str, kind: str, refit: bool) -> tuple[Path, dic
         "layer_grids": results["stages"][0]["layer_grids"]}
 
 
+def by_depth(args, model: str, kind: str, anchor: Path) -> tuple[Path, dict]:
+    """GPTQ onto formats by depth (ATP) at llama.cpp's file's bytes: the same mean bits per weight
+    over the block matrices, and the same token_embd type (the other tensors are float in both)."""
+    from compress.model.gguf_file import GgufIndex
+
+    embedding = GgufIndex(anchor).types()["token_embd.weight"].lower()
+    stage = {"kind": "quantize", "method": "gptq", "grid": ATP_GRID[kind], "pure": kind == "q2_k",
+             "allocation": {"kind": "atp", "beta": "auto", "trials": 4}, "bits_per_weight": round(block_matrix_bits(anchor), 6)}
+    name = f"atp-{kind}"
+    body = recipe(args, model, name, [stage], ["grid"], check=True)
+    body["export"]["gguf"]["embedding_type"] = embedding
+    results, metadata, wall = run_recipe(args.runs / model, name, body)
+    entry, record = results["export"]["gguf"]["files"]["grid"], results["stages"][0]
+    return args.runs / model / name / "gguf" / entry["file"], {
+        "stage_seconds": record["seconds"], "wall_seconds": round(wall, 1), "tensor_types": entry["tensor_types"],
+        "bits_per_weight": stage["bits_per_weight"], "embedding_type": embedding, "block_grids": record["block_grids"],
+        "beta": record.get("beta"), "notes": results["export"]["gguf"]["notes"]}
+
+
 WHAT = {"llama.cpp": "llama.cpp's quantizer", "llama.cpp-imatrix": "llama.cpp + imatrix", "gptq-norefit": "ours: GPTQ onto the mix",
-        "gptq": "ours: GPTQ onto the mix, + scale refit"}
+        "gptq": "ours: GPTQ onto the mix, + scale refit", "gptq-obs": "ours: GPTQ onto the mix, scales weighted by GPTQ's loss (obs)",
+        "autoround": "AutoRound, iters=0", "atp": "ours: GPTQ, formats by depth (ATP)"}
 
 
 def table(rows: dict) -> str:

@@ -193,6 +193,17 @@ def prepared(W: torch.Tensor, H: torch.Tensor, nm, grid, blocksize: int, act_ord
     return W, H, blocksize, visiting_order(torch.diag(H), act_order, width), torch.diag(H).clone()
 
 
+def obs_importance(Hinv: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """1 / [U]_jj^2 per stored column (U: Hinv, the upper Cholesky factor of H^-1 in visiting
+    order): GPTQ's loss for rounding column j by e is e^2 / [U]_jj^2."""
+    visiting = 1 / torch.diag(Hinv) ** 2
+    if perm is None:
+        return visiting
+    stored = torch.empty_like(visiting)
+    stored[perm] = visiting
+    return stored
+
+
 def rounding_for(grid, perm, act_order, rows: int, cols: int, importance: torch.Tensor, device):
     if grid is None:
         return Pruned()
@@ -231,6 +242,7 @@ def obs_compress(
     blocksize: int = 128,
     dampening: float = 0.01,
     act_order: bool | str = False,
+    scale_weights: str = "hessian",
 ) -> tuple[torch.Tensor, float, QuantState | GgufState | None]:
     """Compressed and updated copy of W (rows, cols) in float32, the damping fraction used, and
     the grid state when quantising.
@@ -242,7 +254,10 @@ def obs_compress(
     zeros are exact only for the symmetric formats (frozen zeros of asymmetric ones are rounded
     like any weight). act_order: the order columns are visited in (see visiting_order): False (as
     stored), True (descending diag(H), GPTQ's desc_act; not for block formats, whose blocks are
-    runs of stored columns) or "group" (group-aware reordering).
+    runs of stored columns) or "group" (group-aware reordering). scale_weights (block formats):
+    what weighs each column in a span's scale search: "hessian" diag(H) (llama-imatrix's statistic),
+    or "obs" 1 / [U]_jj^2 with U the Cholesky factor of H^-1, the weight GPTQ's own loss gives a
+    column's rounding error once the later columns compensate it.
     """
     W, H, blocksize, perm, importance = prepared(W, H, nm, grid, blocksize, act_order)
     rows, cols = W.shape
@@ -250,6 +265,8 @@ def obs_compress(
         W, H = W[:, perm], H[perm][:, perm]
         frozen = None if frozen is None else frozen[:, perm]
     Hinv, damp_used = inverse_hessian_factor(H, dampening)
+    if scale_weights == "obs":
+        importance = obs_importance(Hinv, perm)
     rounding = rounding_for(grid, perm, act_order, rows, cols, importance, W.device)
 
     for i1 in range(0, cols, blocksize):
@@ -304,6 +321,8 @@ def gptq_quantize(
     blocksize: int = 128,
     dampening: float = 0.01,
     act_order: bool | str = False,
+    scale_weights: str = "hessian",
 ) -> tuple[torch.Tensor, float, QuantState]:
     """GPTQ: W on its grid, float32; frozen weights (an earlier stage's zeros) end exactly zero."""
-    return obs_compress(W, H, frozen=frozen, grid=grid, blocksize=blocksize, dampening=dampening, act_order=act_order)
+    return obs_compress(W, H, frozen=frozen, grid=grid, blocksize=blocksize, dampening=dampening, act_order=act_order,
+                        scale_weights=scale_weights)

@@ -91,12 +91,18 @@ class QuantizeConfig(Config):
     # error under H, codes unchanged (compress/algorithms/ggml_refit.py). Off by default: measured no
     # better on held-out text (SmolLM2 KLD to F16: Q4_0 0.1244 with against 0.1224 without; Q4_K_M 0.0249 both)
     scale_refit: bool = False
+    # gptq + grid: what weighs each column in a block's scale search: diag(H) (llama-imatrix's
+    # statistic), or "obs": 1 / [chol(H^-1)]_jj^2, GPTQ's own weight for a column's rounding error
+    scale_weights: Literal["hessian", "obs"] = "hessian"
     allocation: BitsAllocation = UniformAllocation()
     targets: LayerPatterns = [".*"]  # regexes on full module names of Linears inside decoder blocks
     ignore: LayerPatterns = []
 
     @model_validator(mode="after")
     def _consistent(self):
+        tuned = [key for key in ("scale_refit", "scale_weights") if getattr(self, key) != type(self).model_fields[key].default]
+        if tuned and (self.method != "gptq" or self.grid is None):
+            raise ValueError(f"{' and '.join(tuned)} tune GPTQ onto llama.cpp's block formats: they need method gptq with a grid")
         if self.method == "bnb":
             if self.grid is not None:
                 raise ValueError("grid (llama.cpp block formats) applies to gptq and rtn; bnb takes format")
@@ -323,7 +329,7 @@ def quantize_layer(cfg: QuantizeConfig, name: str, module, target, results: dict
             W_new = W_new.masked_fill(frozen, 0)  # q = 0 decodes to exactly 0
         results[name] = on_grid(cfg, module, was_zero, W_new, state)
     else:
-        W_new, damp, state = gptq_quantize(W, H, grid, frozen, cfg.blocksize, cfg.dampening, cfg.column_order)
+        W_new, damp, state = gptq_quantize(W, H, grid, frozen, cfg.blocksize, cfg.dampening, cfg.column_order, cfg.scale_weights)
         if cfg.scale_refit and isinstance(state, ggml_formats.GgufState):
             codes = state.codes(W_new)
             state = ggml_refit.refit(state, codes, W, H)

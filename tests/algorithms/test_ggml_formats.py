@@ -247,3 +247,36 @@ def test_the_scale_refit_keeps_the_codes_lowers_the_output_error_and_never_raise
         assert bool((W2[frozen] == 0).all())
     if FORMATS[name].sub_bits:
         assert int(new.sc.min()) >= (0 if FORMATS[name].asym else -(1 << (FORMATS[name].sub_bits - 1)))
+
+
+def test_obs_scale_weights_are_gptqs_own_loss_per_column():
+    """scale_weights obs: 1 / [chol(H^-1)]_jj^2: the first column's is its damped H entry less
+    what every later column can compensate (its Schur complement), the last column's, which
+    nothing follows, its damped H entry; with a diagonal H it is diag(H) (damped), the hessian
+    weights; the pass with them stays on the grid."""
+    from compress.algorithms.obs import inverse_hessian_factor, obs_importance
+
+    W, H = layer()
+    U, frac = inverse_hessian_factor(H, 0.01)
+    weights = obs_importance(U, None)
+    damped = H + frac * H.diagonal().mean() * torch.eye(H.shape[0])
+    schur = damped[0, 0] - damped[0, 1:] @ torch.linalg.solve(damped[1:, 1:], damped[1:, 0])
+    assert float(weights[0]) == pytest.approx(float(schur), rel=1e-3)
+    assert float(weights[-1]) == pytest.approx(float(damped[-1, -1]), rel=1e-4)
+    assert bool((weights <= damped.diagonal() * (1 + 1e-4)).all())  # compensation only lowers a column's cost
+    diagonal = torch.diag(H.diagonal())
+    U, frac = inverse_hessian_factor(diagonal, 0.01)
+    assert torch.allclose(obs_importance(U, None), diagonal.diagonal() + frac * diagonal.diagonal().mean(), rtol=1e-4)
+    perm = torch.randperm(H.shape[0], generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(obs_importance(U[perm][:, perm], perm), obs_importance(U, None), rtol=1e-5)
+    Wq, _, state = gptq_quantize(W, H, FORMATS["q4_k"], act_order="group", scale_weights="obs")
+    assert torch.equal(state.dequantized(state.codes(Wq)), Wq)
+
+
+def test_scale_tuning_needs_gptq_onto_a_grid():
+    from compress.stages.quantize import QuantizeConfig
+
+    for bad in ({"method": "rtn", "grid": "q4_0", "scale_weights": "obs"}, {"method": "gptq", "bits": 4, "scale_refit": True}):
+        with pytest.raises(ValidationError, match="method gptq with a grid"):
+            QuantizeConfig(**bad)
+    assert QuantizeConfig(method="gptq", grid="q4_k_m", scale_weights="obs").scale_weights == "obs"
