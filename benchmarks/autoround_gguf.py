@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 MODEL = "/tmp/smollm2-hf"
 BROWN = "/work/shared/data/brown.txt"
-FORMATS = ["gguf:q4_0", "gguf:q4_k_m", "gguf:q3_k_m", "gguf:q2_k"]  # its q2_k_s is an alias of q2_k
+FORMATS = ["gguf:q4_0", "gguf:q4_k_m", "gguf:q3_k_m", "gguf:q2_k_s"]  # its only Q2_K scheme (q2_k is not one)
 NSAMPLES, SEQLEN, SEED, SPARE = 64, 512, 0, 16
 CALIBRATION_PART = 0.875  # brown.txt is split calibration 0.7 : validation 0.1 in the project's recipes
 

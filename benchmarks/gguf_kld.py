@@ -149,7 +149,8 @@ def autoround_file(args, model: str, kind: str) -> Path | None:
     if not results.is_file():
         return None
     for entry in json.loads(results.read_text()):
-        if entry.get("model", "smollm2") == model and entry["format"] == f"gguf:{kind}" and entry["iters"] == 0:
+        formats = (f"gguf:{kind}", "gguf:q2_k_s") if kind == "q2_k" else (f"gguf:{kind}",)  # AutoRound's Q2_K scheme is named q2_k_s
+        if entry.get("model", "smollm2") == model and entry["format"] in formats and entry["iters"] == 0:
             return Path(entry["gguf"])
     return None
 
