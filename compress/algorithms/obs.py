@@ -232,6 +232,33 @@ def nm_group_mask(W1, d, drop, drop_scale, i: int, nm: tuple[int, int]) -> None:
     drop_scale[i : i + m] = drop[i : i + m] / d[i : i + m]
 
 
+def compress_columns(W, Hinv, frozen, rounding, i1: int, i2: int, sparsity: float, nm) -> None:
+    """Columns i1..i2 of W, in place: each pruned or rounded in turn, its error spread over the
+    block's later columns, then lazily over the columns still to come (GPTQ's lazy batch update)."""
+    # The block's columns as rows (count, rows): every per-column step below reads and writes
+    # contiguous memory.
+    W1 = W[:, i1:i2].t().contiguous()
+    Hinv1 = Hinv[i1:i2, i1:i2]
+    d = torch.diag(Hinv1).unsqueeze(1)  # (count, 1)
+    drop = block_mask(W1, d, frozen, i1, i2, sparsity if nm is None else 0.0)
+    Err1 = torch.empty_like(W1)
+    drop_scale = drop / d  # err = w * drop_scale: w / [H^-1]_ii where pruned, 0 where kept
+    for i in range(i2 - i1):
+        if nm is not None and i % nm[1] == 0:  # choose the group's mask on the updated weights
+            nm_group_mask(W1, d, drop, drop_scale, i, nm)
+        q = rounding.column(W1, W, drop, i1, i2, i)
+        if q is None:
+            torch.mul(W1[i], drop_scale[i], out=Err1[i])  # two tensor ops per column
+        else:
+            torch.sub(W1[i], q, out=Err1[i]).div_(d[i])
+            W1[i] = q
+        W1[i + 1 :].addr_(Hinv1[i, i + 1 :], Err1[i], alpha=-1)  # spread the error over later columns
+
+    # pruned weights exactly zero, kept ones as updated (or on their grid)
+    W[:, i1:i2] = (W1 if rounding.on_grid else W1 * ~drop).t()
+    W[:, i2:].addmm_(Err1.t(), Hinv[i1:i2, i2:], alpha=-1)  # lazy update of the columns still to come
+
+
 def obs_compress(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -270,29 +297,7 @@ def obs_compress(
     rounding = rounding_for(grid, perm, act_order, rows, cols, importance, W.device)
 
     for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        # The block's columns as rows (count, rows): every per-column step below reads and writes
-        # contiguous memory.
-        W1 = W[:, i1:i2].t().contiguous()
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        d = torch.diag(Hinv1).unsqueeze(1)  # (count, 1)
-        drop = block_mask(W1, d, frozen, i1, i2, sparsity if nm is None else 0.0)
-        Err1 = torch.empty_like(W1)
-        drop_scale = drop / d  # err = w * drop_scale: w / [H^-1]_ii where pruned, 0 where kept
-        for i in range(i2 - i1):
-            if nm is not None and i % nm[1] == 0:  # choose the group's mask on the updated weights
-                nm_group_mask(W1, d, drop, drop_scale, i, nm)
-            q = rounding.column(W1, W, drop, i1, i2, i)
-            if q is None:
-                torch.mul(W1[i], drop_scale[i], out=Err1[i])  # two tensor ops per column
-            else:
-                torch.sub(W1[i], q, out=Err1[i]).div_(d[i])
-                W1[i] = q
-            W1[i + 1 :].addr_(Hinv1[i, i + 1 :], Err1[i], alpha=-1)  # spread the error over later columns
-
-        # pruned weights exactly zero, kept ones as updated (or on their grid)
-        W[:, i1:i2] = (W1 if rounding.on_grid else W1 * ~drop).t()
-        W[:, i2:].addmm_(Err1.t(), Hinv[i1:i2, i2:], alpha=-1)  # lazy update of the columns still to come
+        compress_columns(W, Hinv, frozen, rounding, i1, min(i1 + blocksize, cols), sparsity, nm)
 
     state = rounding.state(perm)
     if perm is not None:
