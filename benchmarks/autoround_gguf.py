@@ -8,7 +8,14 @@ Runs in a separate venv (auto-round pins its own stack; it must not touch .venv)
     /tmp/autoround-venv/bin/pip install -c constraints.txt auto-round==0.16.1 torch==2.13.0 sentencepiece gguf
     /tmp/autoround-venv/bin/python benchmarks/autoround_gguf.py                      # every format, iters 200 and 0
     /tmp/autoround-venv/bin/python benchmarks/autoround_gguf.py --formats gguf:q4_0 --iters 0
-    /tmp/autoround-venv/bin/python benchmarks/autoround_gguf.py --iters 0 --model gemma3-270m --folder /tmp/gemma3-270m-hf
+    L=.venv/share/atp-compress/llama.cpp-0.3.36   # llama.cpp's converter as `compress install-converter` put it
+    LLAMA_CPP_ROOT=$L PYTHONPATH=$L/gguf-py /tmp/autoround-venv/bin/python benchmarks/autoround_gguf.py \
+        --iters 0 --model gemma3-270m --folder /tmp/gemma3-270m-hf
+
+Gemma 3 needs the two variables: AutoRound 0.16.1's bundled conversion code names
+gguf.MODEL_ARCH.GEMMA4_ASSISTANT, which the gguf 0.19.0 that pip installs beside it lacks, so its Gemma
+module fails to import; LLAMA_CPP_ROOT points AutoRound at llama.cpp's own conversion/ package and
+PYTHONPATH at the gguf-py of the same tree. Llama (SmolLM2) converts with the bundled code.
 
 Each run loads the folder (default /tmp/smollm2-hf, float32, CPU, 2 threads), quantises with AutoRound (iters=200 is
 its default SignRound tuning; iters=0 is its "optimised RTN" mode) on 64 windows of 512 tokens of
